@@ -1,0 +1,210 @@
+"""
+The fleet: every configured DMR endpoint and what we know about it now.
+
+An :class:`EndpointState` owns one endpoint's live state: health status,
+model list, in-flight count, concurrency slots and circuit breaker.  The
+:class:`Fleet` owns the set of them, keyed by name, and survives reloads:
+an endpoint whose configuration is unchanged keeps its state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from .breaker import CircuitBreaker
+from .config import Config, EndpointConfig
+from .models import normalise_model
+
+UNKNOWN = "unknown"
+HEALTHY = "healthy"
+BUSY = "busy"
+UNHEALTHY = "unhealthy"
+OFFLINE = "offline"
+ROUTABLE_STATUSES = frozenset({HEALTHY, BUSY})
+
+log = Logger()
+
+
+class QueueFull(Exception):
+    """The endpoint's wait queue is full."""
+
+
+class QueueTimeout(Exception):
+    """A request waited longer than ``queue_timeout`` for a slot."""
+
+
+class EndpointState:
+    """Live state of one endpoint: health, models, load, slots, breaker."""
+
+    def __init__(self, config: EndpointConfig, clock: IReactorTime, breaker_failures: int, breaker_cooldown: float):
+        self.config = config
+        self.name = config.name
+        self._clock = clock
+        self.status = UNKNOWN
+        self.status_reason = "not checked yet"
+        self.models: list[dict[str, object]] = []
+        self.model_keys: frozenset[str] = frozenset()
+        self.models_known = False
+        self.models_updated: float | None = None
+        self.in_flight = 0
+        self.request_count = 0
+        self.failure_count = 0
+        self.consecutive_check_failures = 0
+        self.last_check: float | None = None
+        self.last_latency_ms: float | None = None
+        self.next_check_due = 0.0
+        self.breaker = CircuitBreaker(clock, breaker_failures, breaker_cooldown)
+        self._waiters: deque[tuple[Deferred[None], IDelayedCall]] = deque()
+        self.removed = False
+
+    # -- routing view
+
+    @property
+    def routable(self) -> bool:
+        """Healthy or busy, and the breaker lets requests through."""
+        return self.status in ROUTABLE_STATUSES and not self.removed and self.breaker.allows()
+
+    def has_model(self, key: str) -> bool:
+        return key in self.model_keys
+
+    def set_models(self, models: list[dict[str, object]]) -> None:
+        self.models = models
+        self.model_keys = frozenset(normalise_model(str(m["id"])) for m in models)
+        self.models_known = True
+        self.models_updated = self._clock.seconds()
+
+    def issues(self) -> list[str]:
+        out: list[str] = []
+        if self.status not in ROUTABLE_STATUSES:
+            out.append(f"{self.status}: {self.status_reason}")
+        if self.breaker.state != "closed":
+            out.append(f"circuit breaker {self.breaker.state} after {self.breaker.failures} consecutive failures")
+        if self.consecutive_check_failures > 3:
+            out.append("unstable")
+        return out
+
+    # -- concurrency slots
+
+    @property
+    def has_free_slot(self) -> bool:
+        limit = self.config.max_concurrent
+        return limit == 0 or self.in_flight < limit
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def acquire(self) -> Deferred[None] | None:
+        """
+        Take a slot.  ``None`` means taken at once; otherwise a Deferred that
+        fires when a slot is handed over, or fails with :class:`QueueFull`
+        / :class:`QueueTimeout`.  Cancelling it leaves the queue.
+        """
+        if self.has_free_slot and not self._waiters:
+            self.in_flight += 1
+            return None
+        if len(self._waiters) >= self.config.queue_size:
+            raise QueueFull(self.name)
+
+        def cancel(d: Deferred[None]) -> None:
+            self._drop_waiter(d)
+
+        d: Deferred[None] = Deferred(cancel)
+        timer = self._clock.callLater(self.config.queue_timeout, self._expire, d)
+        self._waiters.append((d, timer))
+        return d
+
+    def _drop_waiter(self, d: Deferred[None]) -> None:
+        for entry in self._waiters:
+            if entry[0] is d:
+                self._waiters.remove(entry)
+                if entry[1].active():
+                    entry[1].cancel()
+                return
+
+    def _expire(self, d: Deferred[None]) -> None:
+        for entry in self._waiters:
+            if entry[0] is d:
+                self._waiters.remove(entry)
+                d.errback(QueueTimeout(self.name))
+                return
+
+    def release(self) -> None:
+        """Give a slot back, handing it straight to the oldest waiter."""
+        self.in_flight -= 1
+        while self._waiters and self.has_free_slot:
+            d, timer = self._waiters.popleft()
+            if timer.active():
+                timer.cancel()
+            self.in_flight += 1
+            d.callback(None)
+
+    def fail_waiters(self, reason: Exception) -> None:
+        """Fail every queued request (the endpoint went away)."""
+        while self._waiters:
+            d, timer = self._waiters.popleft()
+            if timer.active():
+                timer.cancel()
+            d.errback(reason)
+
+
+class Fleet:
+    """All endpoints by name, in configuration order."""
+
+    def __init__(self, config: Config, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.config = config
+        self.endpoints: dict[str, EndpointState] = {}
+        self.apply(config)
+
+    def __iter__(self) -> Iterator[EndpointState]:
+        return iter(self.endpoints.values())
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    def get(self, name: str) -> EndpointState | None:
+        return self.endpoints.get(name)
+
+    def apply(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        """
+        Reconcile with ``config``.  Returns the names added, removed and
+        changed.  Unchanged endpoints keep all their state; changed ones
+        keep their counters and models but are re-checked.
+        """
+        old = self.endpoints
+        new: dict[str, EndpointState] = {}
+        added: list[str] = []
+        changed: list[str] = []
+        proxy = config.proxy
+        for ep_config in config.endpoints:
+            state = old.get(ep_config.name)
+            if state is None:
+                state = EndpointState(ep_config, self._clock, proxy.breaker_failures, proxy.breaker_cooldown)
+                added.append(ep_config.name)
+            elif state.config != ep_config:
+                if state.config.url != ep_config.url or state.config.model_url != ep_config.model_url:
+                    state.status = UNKNOWN
+                    state.status_reason = "configuration changed"
+                    state.models_known = False
+                state.config = ep_config
+                state.next_check_due = 0.0
+                changed.append(ep_config.name)
+            state.breaker.threshold = proxy.breaker_failures
+            state.breaker.cooldown = proxy.breaker_cooldown
+            new[ep_config.name] = state
+        removed = [name for name in old if name not in new]
+        for name in removed:
+            old[name].removed = True
+            old[name].fail_waiters(CancelledError(f"endpoint {name} was removed from the configuration"))
+        self.endpoints = new
+        self.config = config
+        return added, removed, changed
+
+    def routable(self) -> list[EndpointState]:
+        return [ep for ep in self.endpoints.values() if ep.routable]

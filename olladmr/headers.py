@@ -1,0 +1,118 @@
+"""
+Header hygiene between the client and an upstream DMR.
+
+Hop-by-hop headers (RFC 9110 section 7.6.1, plus every header a
+``Connection`` header names) never cross the proxy in either direction.
+Client credentials stay with the proxy unless an endpoint asks for them;
+upstreams cannot set ``X-Olla-*`` headers or cookies on our clients.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Set by the proxy itself on the way up.
+_REQUEST_MANAGED = frozenset(
+    {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
+)
+CLIENT_CREDENTIALS = frozenset({b"authorization", b"cookie", b"x-api-key", b"proxy-authorization"})
+_RESPONSE_DROPPED = frozenset({b"set-cookie"})
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """The header names listed in ``Connection`` (lower-cased)."""
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
+
+
+def _is_hop(name: bytes, named: frozenset[bytes]) -> bool:
+    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in named
+
+
+def upstream_request_headers(
+    incoming: Headers,
+    *,
+    request_id: bytes,
+    client_ip: bytes,
+    scheme: bytes,
+    endpoint_headers: Iterable[tuple[bytes, bytes]] = (),
+    forward_credentials: bool = False,
+) -> Headers:
+    """
+    Build the headers for the upstream request from the client's.
+
+    Adds ``X-Olla-Request-ID``, ``X-Forwarded-For`` (the client address
+    appended to any existing chain), ``X-Forwarded-Host`` and
+    ``X-Forwarded-Proto``, then the endpoint's configured headers.
+    """
+    named = connection_tokens(incoming)
+    out = Headers()
+    put = out.setRawHeaders
+    for name, values in incoming.getAllRawHeaders():
+        lname = name.lower()
+        if _is_hop(lname, named) or lname in _REQUEST_MANAGED or lname.startswith(b"x-olla-"):
+            continue
+        if lname in CLIENT_CREDENTIALS and not forward_credentials:
+            continue
+        put(lname, list(values))
+    chain = incoming.getRawHeaders(b"x-forwarded-for")
+    forwarded = b", ".join([*chain, client_ip]) if chain else client_ip
+    put(b"x-forwarded-for", [forwarded])
+    host = incoming.getRawHeaders(b"host")
+    if host:
+        put(b"x-forwarded-host", [host[0]])
+    put(b"x-forwarded-proto", [scheme])
+    put(b"x-olla-request-id", [request_id])
+    for name, value in endpoint_headers:
+        put(name.lower(), [value])
+    return out
+
+
+def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:
+    """
+    Copy the upstream's end-to-end response headers onto ``outgoing``.
+
+    ``Content-Length`` is kept (the body is relayed unchanged); framing is
+    otherwise left to twisted.web.
+    """
+    named = connection_tokens(upstream)
+    put = outgoing.setRawHeaders
+    for name, values in upstream.getAllRawHeaders():
+        lname = name.lower()
+        if _is_hop(lname, named) or lname.startswith(b"x-olla-") or lname in _RESPONSE_DROPPED:
+            continue
+        put(lname, list(values))
+
+
+_PRINTABLE = frozenset(range(0x21, 0x7F))
+
+
+def client_request_id(headers: Headers) -> bytes | None:
+    """The client's ``X-Request-ID`` if it is 1-128 printable ASCII characters."""
+    values = headers.getRawHeaders(b"x-request-id")
+    if not values:
+        return None
+    value = values[0]
+    if 0 < len(value) <= 128 and _PRINTABLE.issuperset(value):
+        return value
+    return None

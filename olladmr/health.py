@@ -1,0 +1,252 @@
+"""
+The health monitor: one ``LoopingCall`` per endpoint, at that endpoint's
+own ``check_interval``, plus model discovery.
+
+Each check is ``GET health_check_url`` bounded by ``check_timeout``:
+
+* ``healthy``: a 2xx answer (an empty model list is healthy: DMR lists
+  only pulled models and loads them lazily);
+* ``busy``: a 2xx answer slower than ``proxy.busy_threshold`` (still routable);
+* ``unhealthy``: an answer that is not 2xx;
+* ``offline``: connection refused, reset or timed out.
+
+Failing endpoints back off (their interval doubles up to a cap) and return
+to their normal interval on the first success.  The first round of checks
+completes before :attr:`HealthMonitor.first_round` fires, so the listener
+can wait for it.  Status changes are logged once, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from .fleet import BUSY, HEALTHY, OFFLINE, UNHEALTHY, EndpointState, Fleet
+from .models import model_ids
+from .upstream import BAD_RESPONSE, USER_AGENT, UpstreamClient, UpstreamFailure, parse_json, read_body
+
+log = Logger()
+
+BACKOFF_CAP = 60.0
+MAX_LIST_BYTES = 10 * 1024 * 1024
+
+
+class HealthMonitor(Service):
+    """Owns the periodic checks and model discovery of every endpoint."""
+
+    name = "health"
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        client: UpstreamClient,
+        clock: IReactorTime,
+        busy_threshold: Callable[[], float],
+        discovery_interval: Callable[[], float],
+    ) -> None:
+        self.fleet = fleet
+        self.client = client
+        self.clock = clock
+        self._busy_threshold = busy_threshold
+        self._discovery_interval = discovery_interval
+        self._loops: dict[str, tuple[LoopingCall, float]] = {}
+        self._checking: set[str] = set()
+        self._soon: dict[str, object] = {}
+        self.first_round: Deferred[None] = Deferred()
+        self.listeners: list[Callable[[EndpointState, str, str], None]] = []
+
+    # -- service lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        firsts = self.reconcile()
+        DeferredList(firsts, consumeErrors=True).addCallback(lambda _: self.first_round.callback(None))
+
+    def stopService(self) -> None:
+        super().stopService()
+        for loop, _ in self._loops.values():
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        for call in self._soon.values():
+            if call.active():  # type: ignore[attr-defined]
+                call.cancel()  # type: ignore[attr-defined]
+        self._soon.clear()
+
+    def reconcile(self) -> list[Deferred[None]]:
+        """Start loops for new or re-timed endpoints, stop those of removed ones."""
+        started: list[Deferred[None]] = []
+        for name in list(self._loops):
+            ep = self.fleet.get(name)
+            loop, interval = self._loops[name]
+            if ep is None or ep.config.check_interval != interval:
+                if loop.running:
+                    loop.stop()
+                del self._loops[name]
+        for ep in self.fleet:
+            if ep.name in self._loops:
+                if ep.next_check_due == 0.0 and ep.name not in self._checking:
+                    started.append(self.check(ep))
+                continue
+            loop = LoopingCall(self._tick, ep.name)
+            loop.clock = self.clock
+            self._loops[ep.name] = (loop, ep.config.check_interval)
+            started.append(self.check(ep))
+            loop.start(ep.config.check_interval, now=False).addErrback(
+                lambda f, name=ep.name: log.failure("health loop for {endpoint} died", f, endpoint=name)
+            )
+        return started
+
+    # -- checks
+
+    def _tick(self, name: str) -> Deferred[None] | None:
+        ep = self.fleet.get(name)
+        if ep is None or name in self._checking or self.clock.seconds() < ep.next_check_due:
+            return None
+        return self.check(ep)
+
+    def check(self, ep: EndpointState) -> Deferred[None]:
+        """Check ``ep`` now.  Never fails: every error becomes a status."""
+        self._checking.add(ep.name)
+        d = ensureDeferred(self._check(ep))
+
+        def done(result: object) -> None:
+            self._checking.discard(ep.name)
+            if hasattr(result, "getTraceback"):
+                log.failure("health check of {endpoint} crashed", result, endpoint=ep.name)  # type: ignore[arg-type]
+
+        d.addBoth(done)
+        return d
+
+    async def _fetch(self, ep: EndpointState, path: str) -> tuple[int, bytes]:
+        url = (ep.config.url + path).encode()
+        headers = Headers({b"user-agent": [USER_AGENT], b"accept": [b"application/json"]})
+        for name, value in ep.config.headers:
+            headers.setRawHeaders(name.encode(), [value.encode()])
+        timeout = ep.config.check_timeout
+        try:
+            response = await self.client.request(ep.name, b"GET", url, headers, None, header_timeout=timeout)
+        except UpstreamFailure as failure:
+            if not failure.stale_connection:
+                raise
+            response = await self.client.request(
+                ep.name, b"GET", url, headers, None, fresh=True, header_timeout=timeout
+            )
+        body_d = read_body(response, MAX_LIST_BYTES)
+        body_d.addTimeout(timeout, self.clock)
+        try:
+            body = await body_d
+        except Exception as exc:
+            raise UpstreamFailure(ep.name, BAD_RESPONSE, f"could not read the answer: {exc}") from None
+        return response.code, body
+
+    async def _check(self, ep: EndpointState) -> None:
+        config = ep.config
+        started = self.clock.seconds()
+        try:
+            code, body = await self._fetch(ep, config.health_check_url)
+        except UpstreamFailure as failure:
+            status = UNHEALTHY if failure.kind == BAD_RESPONSE else OFFLINE
+            self._record(ep, status, f"{failure.kind}: {failure.detail}", started)
+            return
+        latency = self.clock.seconds() - started
+        if not 200 <= code < 300:
+            self._record(ep, UNHEALTHY, f"HTTP {code} from {config.health_check_url}", started)
+            return
+        if latency > self._busy_threshold():
+            self._record(ep, BUSY, f"answered in {latency * 1000:.0f}ms", started)
+        else:
+            self._record(ep, HEALTHY, "ok", started)
+        if config.model_url == config.health_check_url:
+            self._take_models(ep, body)
+        elif not ep.models_known or (ep.models_updated or 0) + self._discovery_interval() <= self.clock.seconds():
+            await self.discover(ep)
+
+    async def discover(self, ep: EndpointState) -> None:
+        """Fetch ``model_url`` into the endpoint's model list."""
+        try:
+            code, body = await self._fetch(ep, ep.config.model_url)
+        except UpstreamFailure as failure:
+            log.warn("model discovery on {endpoint} failed: {detail}", endpoint=ep.name, detail=failure.detail)
+            return
+        if code != 200:
+            log.warn("model discovery on {endpoint} got HTTP {code}", endpoint=ep.name, code=code)
+            return
+        self._take_models(ep, body)
+
+    def _take_models(self, ep: EndpointState, body: bytes) -> None:
+        models = model_ids(parse_json(body))
+        if models is None:
+            log.warn(
+                "{endpoint}: {path} did not return an OpenAI model list; keeping the previous one",
+                endpoint=ep.name,
+                path=ep.config.model_url,
+            )
+            return
+        before = ep.model_keys
+        ep.set_models(models)
+        if ep.model_keys != before:
+            log.info(
+                "{endpoint} models: {models}",
+                endpoint=ep.name,
+                models=", ".join(str(m["id"]) for m in models) or "(none pulled)",
+            )
+
+    def _record(self, ep: EndpointState, status: str, reason: str, started: float) -> None:
+        now = self.clock.seconds()
+        ep.last_check = now
+        ep.last_latency_ms = round((now - started) * 1000, 1)
+        healthy = status in (HEALTHY, BUSY)
+        if healthy:
+            ep.consecutive_check_failures = 0
+            ep.next_check_due = 0.0
+        else:
+            ep.consecutive_check_failures += 1
+            ep.next_check_due = now + self.backoff(ep)
+        self._set_status(ep, status, reason)
+
+    def backoff(self, ep: EndpointState) -> float:
+        """Delay before the next check of a failing endpoint: doubling, capped."""
+        interval = ep.config.check_interval
+        doublings = max(0, ep.consecutive_check_failures - 1)
+        return min(interval * (2 ** min(doublings, 16)), max(BACKOFF_CAP, interval))
+
+    def _set_status(self, ep: EndpointState, status: str, reason: str) -> None:
+        old = ep.status
+        ep.status_reason = reason
+        if old == status:
+            return
+        ep.status = status
+        emit = log.info if status in (HEALTHY, BUSY) else log.warn
+        emit(
+            "endpoint {endpoint} is now {status} (was {old}): {reason}",
+            endpoint=ep.name,
+            status=status,
+            old=old,
+            reason=reason,
+        )
+        for listener in self.listeners:
+            listener(ep, old, status)
+
+    def mark_offline(self, ep: EndpointState, reason: str) -> None:
+        """Real traffic could not connect: offline now, re-checked soon."""
+        if ep.removed:
+            return
+        ep.consecutive_check_failures += 1
+        self._set_status(ep, OFFLINE, reason)
+        if ep.name in self._soon or not self.running:
+            return
+        delay = min(1.0, ep.config.check_interval)
+
+        def recheck() -> None:
+            self._soon.pop(ep.name, None)
+            if ep.name not in self._checking and not ep.removed:
+                self.check(ep)
+
+        self._soon[ep.name] = self.clock.callLater(delay, recheck)

@@ -1,0 +1,76 @@
+"""
+Log output: ``twisted.logger`` events rendered as text or JSON lines,
+filtered by level.  Level and format can change at runtime (reload).
+
+The daemon's service declares this observer to the twistd application
+(see :func:`install_on`), so ``twistd -n olladmr`` uses it without any
+``--logger`` flag; an explicit ``--logger`` still wins.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsJSON,
+    formatEventAsClassicLogText,
+)
+from zope.interface import implementer
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+
+@implementer(ILogObserver)
+class SwitchableOutput:
+    """Writes events to a stream as classic text or as one JSON object per line."""
+
+    def __init__(self, stream: IO[str], fmt: str = "text") -> None:
+        self.stream = stream
+        self.format = fmt
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.format == "json":
+            text = eventAsJSON(event) + "\n"
+        else:
+            text = formatEventAsClassicLogText(event)
+        if not text:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class LogControl:
+    """Owns the process's log observer: its level predicate and output format."""
+
+    def __init__(self, level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> None:
+        self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+        self.output = SwitchableOutput(stream or sys.stdout, fmt)
+        self.observer = FilteringLogObserver(self.output, [self.predicate])
+        self.level = level
+
+    def configure(self, level: str, fmt: str) -> None:
+        self.level = level
+        self.predicate.setLogLevelForNamespace("", LEVELS[level])
+        self.output.format = fmt
+
+
+def install_on(application: Any, control: LogControl) -> None:
+    """Make ``control``'s observer the application's, unless one is set already."""
+    getter = getattr(application, "getComponent", None)
+    if getter is None or getter(ILogObserver, None) is not None:
+        return
+    application.setComponent(ILogObserver, control.observer)

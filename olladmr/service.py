@@ -1,0 +1,192 @@
+"""
+The service tree: one :class:`OllaService` owning the configuration, the
+fleet, the upstream client, the proxy, the route tree, the listening port
+and (as child services) the health monitor and the config reloader.
+
+Start-up order: bind the port (before privileges are shed, so a bind
+failure stops the daemon with one line), pause accepting, run the first
+round of health checks, then accept.  So the first request never meets an
+endpoint in state ``unknown``.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import __version__
+from .config import Config
+from .fleet import Fleet
+from .health import HealthMonitor
+from .logs import LogControl, install_on
+from .models import Catalogue
+from .proxy import Proxy
+from .routes import OllaApp
+from .site import OllaSite
+from .upstream import UpstreamClient
+
+log = Logger()
+
+
+class ListenError(SystemExit):
+    """The daemon cannot listen where it was told to; ends the process with one line."""
+
+
+class OllaService(MultiService):
+    """Owns the running daemon: config, fleet, proxy, site, port, child services."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor: Any,
+        listen: str | None = None,
+        config_path: str | None = None,
+        log_control: LogControl | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.config_path = config_path
+        self.log_control = log_control or LogControl(config.logging.level, config.logging.format)
+        self.listen_description = listen or config.server.listen
+        self.started_at = reactor.seconds()
+        self.loaded_at = self.started_at
+        self.client = UpstreamClient(reactor, config.proxy)
+        self.fleet = Fleet(config, reactor)
+        self.catalogue = Catalogue(self.fleet)
+        self.proxy = Proxy(self.fleet, self.client, reactor, config)
+        self.health = HealthMonitor(
+            self.fleet,
+            self.client,
+            reactor,
+            busy_threshold=lambda: self.config.proxy.busy_threshold,
+            discovery_interval=lambda: self.config.model_discovery_interval,
+        )
+        self.health.setServiceParent(self)
+        self.proxy.health = self.health
+        self.app = OllaApp(self)
+        self.site = OllaSite(self.app.resource(), reactor, config.server.request_limits.max_body_size)
+        self.port: IListeningPort | None = None
+        self.serving: Deferred[None] = Deferred()
+        self.draining = False
+
+    # -- twistd integration
+
+    def setServiceParent(self, parent: Any) -> None:
+        install_on(parent, self.log_control)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        if self.port is not None:
+            return
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ListenError(f"olladmr: invalid listen address {self.listen_description!r}: {exc}") from None
+        result: list[Any] = []
+        endpoint.listen(self.site).addBoth(result.append)
+        if not result:
+            raise ListenError(f"olladmr: listening on {self.listen_description!r} did not complete at start-up")
+        outcome = result[0]
+        if isinstance(outcome, Failure):
+            raise ListenError(
+                f"olladmr: cannot listen on {self.listen_description}: {outcome.getErrorMessage()}"
+            )
+        self.port = outcome
+        pause = getattr(outcome, "stopReading", None)
+        if pause is not None:
+            pause()  # accept nothing until the first health round is done
+
+    def startService(self) -> None:
+        self._bind()
+        super().startService()
+        if self.config.ignored:
+            log.warn(
+                "{source}: ignoring keys olladmr does not use: {keys}",
+                source=self.config.source,
+                keys=", ".join(self.config.ignored),
+            )
+        self.health.first_round.addCallback(self._accept)
+
+    def _accept(self, _: object = None) -> None:
+        if not self.running or self.port is None:
+            return
+        resume = getattr(self.port, "startReading", None)
+        if resume is not None:
+            resume()
+        log.info(
+            "olladmr {version} listening on {address} (config: {source}); endpoints: {endpoints}",
+            version=__version__,
+            address=self.address,
+            source=self.config.source,
+            endpoints=", ".join(
+                f"{ep.name}={ep.config.url} [{ep.status}]" for ep in self.fleet
+            ),
+        )
+        if not self.serving.called:
+            self.serving.callback(None)
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            return self.listen_description
+        host = self.port.getHost()
+        if hasattr(host, "port"):
+            return f"{host.host}:{host.port}"
+        return str(getattr(host, "name", host))
+
+    def stopService(self) -> Deferred[None]:
+        # twistd re-raises SIGTERM/SIGINT at exit so the process "dies by signal";
+        # a drained, orderly stop is a success: exit status 0.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
+        port, self.port = self.port, None
+        stopping: Deferred[Any] = succeed(None)
+        if port is not None:
+            stopping = Deferred.fromCoroutine(_maybe(port.stopListening()))
+        stopping.addCallback(lambda _: super(OllaService, self).stopService())
+        stopping.addCallback(lambda _: self.client.close())
+        return stopping
+
+    # -- readiness
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        routable = self.fleet.routable()
+        if not routable:
+            return False, "no endpoint is routable"
+        return True, f"{len(routable)} of {len(self.fleet)} endpoints routable"
+
+    def status(self) -> dict[str, Any]:
+        from .status import service_status
+
+        return service_status(self)
+
+    def endpoints_status(self) -> dict[str, Any]:
+        from .status import endpoints_status
+
+        return endpoints_status(self)
+
+    def models_status(self) -> dict[str, Any]:
+        from .status import models_status
+
+        return models_status(self)
+
+
+async def _maybe(value: Any) -> Any:
+    if isinstance(value, Deferred):
+        return await value
+    return value

@@ -1,0 +1,58 @@
+"""
+The twistd entry point: command-line options and ``makeService``.
+
+``twistd -n olladmr [--config FILE] [--listen ENDPOINT]``.  A configuration
+or listen-address problem ends the process before it listens, with one line
+on stderr (file, key path, problem) and exit status 1 -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from .config import ConfigError, find_config, resolve_config
+from .service import OllaService
+
+
+class Options(usage.Options):
+    """``twistd olladmr`` options."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    longdesc = (
+        "An OpenAI-compatible proxy in front of Docker Model Runner servers. "
+        "Config lookup: --config, $OLLA_CONFIG_FILE, ./config.yaml, /etc/olladmr/config.yaml, built-in defaults."
+    )
+    optParameters = [
+        ["config", "c", None, "YAML configuration file."],
+        [
+            "listen",
+            "l",
+            None,
+            "Twisted endpoint to listen on (e.g. tcp:40114:interface=127.0.0.1, unix:/run/olladmr.sock); "
+            "overrides server.host/server.port.",
+        ],
+    ]
+
+
+def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mapping[str, str] = os.environ) -> OllaService:
+    """Build the service tree from parsed options (or exit with one line)."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    explicit = options.get("config")
+    try:
+        config = resolve_config(explicit, environ)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    listen = options.get("listen")
+    if listen:
+        try:
+            endpoints.serverFromString(reactor, listen)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--listen {listen}: not a valid Twisted endpoint description ({exc})") from None
+    return OllaService(config, reactor=reactor, listen=listen, config_path=find_config(explicit, environ))

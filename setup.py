@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="olladmr",
+    version="0.1.0",
+    description="An event-driven, OpenAI-compatible proxy for Docker Model Runner servers (Twisted)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/olladmr_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "treq>=24.9.1",
+        "klein>=24.8.0",
+        "pyyaml>=6.0",
+        "service-identity>=24.1.0",
+        "prometheus-client>=0.20.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-twisted>=1.14.2",
+            "openai>=1.40",
+            "hypothesis>=6.100",
+        ]
+    },
+    license="MIT",
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)

@@ -1,0 +1,106 @@
+"""The real `twistd -n olladmr` process: plugin discovery, one-line config errors, serving, clean exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+from conftest import in_thread, within
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("OLLA_CONFIG_FILE", None)
+    return env
+
+
+def test_plugin_is_discoverable():
+    """twistd lists the olladmr plugin (tapname `olladmr`)."""
+    out = subprocess.run(TWISTD + ["--help"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert "olladmr" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("endpoints:\n  - {url: 'http://a:1', check_interval: ten}\n", ': endpoints[0].check_interval: expected a duration such as "10s", got "ten"'),
+        ("server: {port: 1\n", ": line 2 column 1: invalid YAML"),
+        (None, ": file not found"),
+    ],
+)
+def test_config_errors_stop_twistd_with_one_line(tmp_path, content, expected):
+    """A bad config stops the daemon before it listens: exit 1, one line naming file/key/problem, no traceback."""
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    out = subprocess.run(
+        TWISTD + ["-n", "--pidfile=", "olladmr", "--config", str(path)],
+        capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=60,
+    )
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"{path}{expected}"] or (len(lines) == 1 and lines[0].startswith(str(path)) and expected in lines[0])
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+class _Watcher(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[None] = Deferred()
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"listening on" in self.output and not self.listening.called:
+            self.listening.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_then_exits_cleanly_on_sigterm(tmp_path, fake):
+    """`twistd -n olladmr --listen ...` serves OpenAI SDK requests and exits 0 on SIGTERM."""
+    import openai
+
+    port = _free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"endpoints:\n  - {{url: '{fake.url}', name: box}}\n")
+    watcher = _Watcher()
+    process = reactor.spawnProcess(
+        watcher, sys.executable,
+        TWISTD + ["-n", "--pidfile=", "olladmr", "--config", str(cfg), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        env=_env(), path=str(tmp_path),
+    )
+    try:
+        await within(watcher.listening, 30, "the daemon to listen")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/olla/dmr/engines/v1", api_key="x", max_retries=0)
+        reply = await in_thread(client.chat.completions.create, model="smollm2", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "Hello, world!"
+    finally:
+        if process.pid:
+            process.signalProcess("TERM")
+    code = await within(watcher.ended, 30, "the daemon to exit")
+    assert code == 0, watcher.output.decode()
+    assert b"Traceback" not in watcher.output
