@@ -4,7 +4,10 @@ A per-endpoint circuit breaker fed by real traffic.
 ``closed``: requests flow; consecutive failures are counted.  After
 ``threshold`` of them the breaker opens: the endpoint is not routable for
 ``cooldown`` seconds.  Then it is ``half-open``: exactly one trial request
-may go; its success closes the breaker, its failure opens it again.
+may go; its success closes the breaker, its failure opens it again.  A
+trial whose outcome is never reported (the client left, the attempt was
+abandoned) stops blocking after another ``cooldown``, so the breaker
+cannot stay half-open for ever.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self.failures = 0
         self._opened_at: float | None = None
-        self._trial_out = False
+        self._trial_out: float | None = None  # when the half-open trial was sent
 
     @property
     def state(self) -> str:
@@ -41,27 +44,36 @@ class CircuitBreaker:
         if state == CLOSED:
             return True
         if state == HALF_OPEN:
-            return not self._trial_out
+            return self._trial_out is None or self._clock.seconds() - self._trial_out >= self.cooldown
         return False
 
     def on_attempt(self) -> None:
         """A request is being sent; in half-open it is the trial."""
         if self._opened_at is not None and self.state == HALF_OPEN:
-            self._trial_out = True
+            self._trial_out = self._clock.seconds()
 
     def on_success(self) -> None:
         self.failures = 0
         self._opened_at = None
-        self._trial_out = False
+        self._trial_out = None
 
     def on_failure(self) -> bool:
         """Count a failure; returns True when this failure (re)opened the breaker."""
         self.failures += 1
         if self._opened_at is not None or self.failures >= self.threshold:
             self._opened_at = self._clock.seconds()
-            self._trial_out = False
+            self._trial_out = None
             return True
         return False
+
+    def trial_now(self) -> None:
+        """
+        Skip the rest of the cool-down: an open breaker becomes half-open at
+        once (used when a health check finds a dead endpoint back online).
+        """
+        if self._opened_at is not None:
+            self._opened_at = min(self._opened_at, self._clock.seconds() - self.cooldown)
+            self._trial_out = None
 
     def retry_after(self) -> float:
         """Seconds until the breaker lets a trial through (0 if it does now)."""

@@ -73,7 +73,12 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.source}: {where}{self.problem}"
+        return _one_line(f"{self.source}: {where}{self.problem}")
+
+
+def _one_line(text: str) -> str:
+    """Escape line breaks and other control characters so a message stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # --------------------------------------------------------------------------

@@ -107,7 +107,11 @@ class HealthMonitor(Service):
 
     def _tick(self, name: str) -> Deferred[None] | None:
         ep = self.fleet.get(name)
-        if ep is None or name in self._checking or self.clock.seconds() < ep.next_check_due:
+        if ep is None or name in self._checking:
+            return None
+        # Half an interval of slack: the tick meant for ``next_check_due`` may run a
+        # little early relative to the check it is timed from (reactor jitter).
+        if self.clock.seconds() < ep.next_check_due - ep.config.check_interval / 2:
             return None
         return self.check(ep)
 
@@ -208,7 +212,8 @@ class HealthMonitor(Service):
             ep.next_check_due = 0.0
         else:
             ep.consecutive_check_failures += 1
-            ep.next_check_due = now + self.backoff(ep)
+            # from the start of this check, so a slow failure (a timeout) does not add a tick
+            ep.next_check_due = started + self.backoff(ep)
         self._set_status(ep, status, reason)
 
     def backoff(self, ep: EndpointState) -> float:
@@ -223,6 +228,10 @@ class HealthMonitor(Service):
         if old == status:
             return
         ep.status = status
+        if old == OFFLINE and status in (HEALTHY, BUSY):
+            # Back online: let one trial request through now instead of
+            # waiting out a cool-down that connection failures started.
+            ep.breaker.trial_now()
         emit = log.info if status in (HEALTHY, BUSY) else log.warn
         emit(
             "endpoint {endpoint} is now {status} (was {old}): {reason}",
@@ -238,7 +247,8 @@ class HealthMonitor(Service):
         """Real traffic could not connect: offline now, re-checked soon."""
         if ep.removed:
             return
-        ep.consecutive_check_failures += 1
+        # Not counted towards backoff: only real checks are (many requests can
+        # fail together, and the endpoint must be re-checked soon, not late).
         self._set_status(ep, OFFLINE, reason)
         if ep.name in self._soon or not self.running:
             return

@@ -17,6 +17,12 @@ _HEX_ID = re.compile(r"^(sha256:)?([0-9a-f]{12}|[0-9a-f]{64})$")
 _REGISTRY_ALIASES = ("docker.io/", "index.docker.io/", "registry-1.docker.io/")
 
 
+def _has_registry(name: str) -> bool:
+    """Whether the first path segment names a registry (``host.tld/``, ``host:port/``, ``localhost/``)."""
+    first, slash, _ = name.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
+
+
 def normalise_model(name: str) -> str:
     """The canonical routing key of a model reference (``ai/smollm2:latest``)."""
     text = name.strip()
@@ -34,6 +40,10 @@ def normalise_model(name: str) -> str:
     for prefix in _REGISTRY_ALIASES:
         if base.startswith(prefix):
             base = base[len(prefix) :]
+            if _has_registry(base):
+                # a Docker Hub repository named like a registry ("docker.io/hf.co/x"):
+                # keep the Hub prefix, or the key would not normalise to itself
+                base = "docker.io/" + base
             break
     if "/" not in base:
         base = "ai/" + base
