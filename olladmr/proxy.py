@@ -96,6 +96,16 @@ class Proxy:
         self.observers: list[ExchangeObserver] = []
         self.health: HealthHooks | None = None
         self.active: set[Exchange] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires when no exchange is in flight (at once if none is)."""
+        d: Deferred[None] = Deferred(lambda d: self._idle_waiters.remove(d) if d in self._idle_waiters else None)
+        if not self.active:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
 
     def configure(self, config: Config) -> None:
         """Use ``config`` for new exchanges; running ones keep what they started with."""
@@ -114,6 +124,10 @@ class Proxy:
 
     def done(self, exchange: Exchange) -> None:
         self.active.discard(exchange)
+        if not self.active and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         for observer in self.observers:
             try:
                 observer.exchange_done(exchange.record)
@@ -164,6 +178,12 @@ class Exchange:
         if total > 0:
             self._deadline = self.proxy.clock.callLater(total, self._request_timed_out)
         self._next()
+
+    def abort(self) -> None:
+        """Cut this exchange off (shutdown deadline): the client connection is aborted."""
+        transport = getattr(self.request, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
     def _request_finished(self, result: object) -> None:
         if isinstance(result, Failure) and not self.completed:

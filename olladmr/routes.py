@@ -216,6 +216,15 @@ class OllaApp:
         _allow(request, "GET")
         return _json(request, self.service.models_status())
 
+    @app.route("/internal/reload", methods=ALL_METHODS)
+    def reload(self, request: IRequest) -> bytes:
+        """Reload the configuration file, like SIGHUP; off unless server.admin.reload_endpoint."""
+        if not self.service.config.server.reload_endpoint:
+            raise not_found("the reload endpoint is disabled (server.admin.reload_endpoint: false)", "unknown_route")
+        _allow(request, "POST")
+        result = self.service.reloader.reload()
+        return _json(request, {"reloaded": result.ok, "summary": result.summary}, 200 if result.ok else 400)
+
     @app.route("/version", methods=ALL_METHODS)
     def version(self, request: IRequest) -> bytes:
         _allow(request, "GET")

@@ -28,6 +28,7 @@ from .health import HealthMonitor
 from .logs import LogControl, install_on
 from .models import Catalogue
 from .proxy import Proxy
+from .reload import ConfigReloader
 from .routes import OllaApp
 from .site import OllaSite
 from .upstream import UpstreamClient
@@ -72,6 +73,9 @@ class OllaService(MultiService):
         )
         self.health.setServiceParent(self)
         self.proxy.health = self.health
+        self.reloader = ConfigReloader(self, config_path, reactor)
+        self.reloader.setServiceParent(self)
+        self.listen_overridden = listen is not None
         self.app = OllaApp(self)
         self.site = OllaSite(self.app.resource(), reactor, config.server.request_limits.max_body_size)
         self.port: IListeningPort | None = None
@@ -148,17 +152,68 @@ class OllaService(MultiService):
         return str(getattr(host, "name", host))
 
     def stopService(self) -> Deferred[None]:
+        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then stop."""
+        self._clear_exit_signal()
+        self.draining = True
+        port, self.port = self.port, None
+        return Deferred.fromCoroutine(self._stop(port))
+
+    async def _stop(self, port: IListeningPort | None) -> None:
+        if port is not None:
+            await _maybe(port.stopListening())
+        active = len(self.proxy.active)
+        if active:
+            timeout = self.config.server.shutdown_timeout
+            log.info("draining {count} in-flight requests (up to {timeout}s)", count=active, timeout=timeout)
+            drained = self.proxy.when_idle()
+            drained.addTimeout(timeout, self.reactor)
+            try:
+                await drained
+            except Exception:
+                left = list(self.proxy.active)
+                log.warn("shutdown_timeout reached: aborting {count} requests", count=len(left))
+                for exchange in left:
+                    exchange.abort()
+        await _maybe(super().stopService())
+        await self.client.close()
+        self._clear_exit_signal()
+
+    def _clear_exit_signal(self) -> None:
         # twistd re-raises SIGTERM/SIGINT at exit so the process "dies by signal";
         # a drained, orderly stop is a success: exit status 0.
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             self.reactor._exitSignal = None
-        port, self.port = self.port, None
-        stopping: Deferred[Any] = succeed(None)
-        if port is not None:
-            stopping = Deferred.fromCoroutine(_maybe(port.stopListening()))
-        stopping.addCallback(lambda _: super(OllaService, self).stopService())
-        stopping.addCallback(lambda _: self.client.close())
-        return stopping
+
+    # -- reload
+
+    def apply_config(self, config: Config) -> str:
+        """Switch to ``config`` atomically; returns a one-line summary of what changed."""
+        old = self.config
+        added, removed, changed = self.fleet.apply(config)
+        self.proxy.configure(config)
+        self.site.max_body_size = config.server.request_limits.max_body_size
+        self.log_control.configure(config.logging.level, config.logging.format)
+        self.config = config
+        self.loaded_at = self.reactor.seconds()
+        if self.running:
+            self.health.reconcile()
+        parts = []
+        for label, names in (("added", added), ("removed", removed), ("changed", changed)):
+            if names:
+                parts.append(f"{label} {', '.join(names)}")
+        for section in ("proxy", "logging"):
+            if getattr(old, section) != getattr(config, section):
+                parts.append(f"{section} settings changed")
+        if old.server.request_limits != config.server.request_limits:
+            parts.append("request limits changed")
+        if not self.listen_overridden and old.server.listen != config.server.listen:
+            log.warn(
+                "the listen address changed to {new}; it takes effect only after a restart (still on {old})",
+                new=config.server.listen,
+                old=self.listen_description,
+            )
+            parts.append("listen address change needs a restart")
+        return "; ".join(parts) or "no changes"
 
     # -- readiness
 

@@ -104,3 +104,20 @@ async def test_twistd_serves_then_exits_cleanly_on_sigterm(tmp_path, fake):
     code = await within(watcher.ended, 30, "the daemon to exit")
     assert code == 0, watcher.output.decode()
     assert b"Traceback" not in watcher.output
+
+
+def test_systemd_unit_verifies():
+    """contrib/systemd/olladmr.service passes `systemd-analyze verify` (when the tool exists)."""
+    import shutil
+
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = os.path.join(ROOT, "contrib", "systemd", "olladmr.service")
+    text = open(unit).read()
+    for line in ("Type=simple", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "NoNewPrivileges=true"):
+        assert line in text
+    out = subprocess.run([tool, "verify", unit], capture_output=True, text=True, timeout=60)
+    problems = [l for l in out.stderr.splitlines() if "olladmr.service" in l and "Command /opt/olladmr" not in l
+                and "User=" not in l and "Failed to " not in l]
+    assert problems == [], out.stderr
