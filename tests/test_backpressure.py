@@ -59,6 +59,7 @@ async def test_non_reading_client_pauses_upstream_and_bounds_memory(daemon_facto
     (exchange,) = daemon.service.proxy.active
     transport = exchange.request.channel.transport
     buffered = len(transport.dataBuffer) + transport._tempDataLen
+    print(f"backpressure: upstream produced {produced} of {BODY_SIZE} bytes; olladmr holds {buffered} bytes")
     assert buffered < 2 * 1024 * 1024, buffered  # what olladmr itself holds in memory for this client
     client.transport.resumeProducing()
     await eventually(lambda: client.closed.called, 30, "the whole body to arrive")
