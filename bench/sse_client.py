@@ -39,7 +39,9 @@ class Stats:
     events: int = 0
     errors: int = 0
     first_error: str = ""
-    ttfc: list[float] = field(default_factory=list)  # seconds, per stream
+    ttfc: list[float] = field(default_factory=list)  # seconds, per stream, from writing the request
+    start: list[float] = field(default_factory=list)  # seconds, per stream, from connecting (if it had to)
+    rates: list[float] = field(default_factory=list)  # events/s per stream, first to last event
     chunk_delay: list[float] = field(default_factory=list)  # seconds, per event (maybe sampled)
     elapsed: float = 0.0
 
@@ -64,6 +66,7 @@ class _Conn(asyncio.Protocol):
         self.lost = False
         self.sent_at = 0.0
         self.first_at = 0.0
+        self.last_at = 0.0
         self.events = 0
         self.delays: list[float] | None = None
         self.sample_every = 1
@@ -91,6 +94,7 @@ class _Conn(asyncio.Protocol):
         self.ev = b""
         self.events = 0
         self.first_at = 0.0
+        self.last_at = 0.0
         self.delays = delays
         self.sample_every = sample_every
         assert self.transport is not None
@@ -174,6 +178,7 @@ class _Conn(asyncio.Protocol):
                     if self.first is not None and not self.first.done():
                         self.first.set_result(None)
                 self.events += 1
+                self.last_at = now
                 if self.delays is not None and self.events % self.sample_every == 0:
                     self.delays.append(now - float(ev[at + len(_TS) : ev.find(b"}", at, end)]))
             pos = end + 2
@@ -251,6 +256,7 @@ async def run_streams(
                 if time.monotonic() > hard_stop:
                     stats.error("timeout")
                     return
+                began = time.monotonic()
                 if conn is None or conn.lost or not conn.keep_alive:
                     if conn is not None and conn.transport is not None:
                         conn.transport.close()
@@ -269,6 +275,9 @@ async def run_streams(
                 stats.events += conn.events
                 if conn.first_at:
                     stats.ttfc.append(conn.first_at - conn.sent_at)
+                    stats.start.append(conn.first_at - began)
+                    if conn.events > 1 and conn.last_at > conn.first_at:
+                        stats.rates.append((conn.events - 1) / (conn.last_at - conn.first_at))
         except OSError as exc:
             stats.error(f"{type(exc).__name__}: {exc}")
         finally:
