@@ -76,6 +76,12 @@ class UpstreamFailure(Exception):
         return self.kind in SAFE_KINDS
 
 
+def _cancelled(failure: Failure) -> bool:
+    """Twisted wraps a cancelled request in ResponseNeverReceived/RequestTransmissionFailed."""
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(r.check(CancelledError) for r in reasons)
+
+
 def _first_reason(failure: Failure) -> BaseException:
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
@@ -237,8 +243,8 @@ class UpstreamClient:
                 return Failure(
                     UpstreamFailure(endpoint, HEADER_TIMEOUT, f"no response headers within {timeout:g}s", reused=reused)
                 )
-            if result.check(CancelledError):
-                return result
+            if result.check(CancelledError) or _cancelled(result):
+                return Failure(CancelledError())
             return Failure(classify(endpoint, result, reused=reused, timeout=timeout))
 
         d.addBoth(settled)
