@@ -60,6 +60,7 @@ class HealthMonitor(Service):
         self._soon: dict[str, object] = {}
         self.first_round: Deferred[None] = Deferred()
         self.listeners: list[Callable[[EndpointState, str, str], None]] = []
+        self.observe_check: Callable[[str, str, float], None] | None = None
 
     # -- service lifecycle
 
@@ -206,6 +207,8 @@ class HealthMonitor(Service):
         now = self.clock.seconds()
         ep.last_check = now
         ep.last_latency_ms = round((now - started) * 1000, 1)
+        if self.observe_check is not None:
+            self.observe_check(ep.name, status, now - started)
         healthy = status in (HEALTHY, BUSY)
         if healthy:
             ep.consecutive_check_failures = 0

@@ -74,3 +74,35 @@ def install_on(application: Any, control: LogControl) -> None:
     if getter is None or getter(ILogObserver, None) is not None:
         return
     application.setComponent(ILogObserver, control.observer)
+
+
+class AccessLog:
+    """Emits one ``olladmr.access`` event per request, with its fields as event keys."""
+
+    def __init__(self) -> None:
+        from twisted.logger import Logger
+
+        self.log = Logger(namespace="olladmr.access")
+
+    def exchange_done(self, record: Any) -> None:
+        """A proxied request ended (completed, failed or abandoned)."""
+        self.log.info(
+            "{request_id} {client} {method} {path} model={model} endpoint={endpoint} -> {status} "
+            "{bytes}B ttfb={ttfb_ms}ms total={total_ms}ms tokens={prompt_tokens}/{completion_tokens} {outcome}",
+            **record.fields(),
+        )
+
+    def local_request(self, request: Any, elapsed: float) -> None:
+        """A request olladmr answered itself (errors, status, models list)."""
+        client = request.getClientAddress()
+        self.log.info(
+            "{request_id} {client} {method} {path} -> {status} {bytes}B total={total_ms}ms {outcome}",
+            request_id=request.request_id,
+            client=getattr(client, "host", "") or "",
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1"),
+            status=request.code,
+            bytes=request.sentLength,
+            total_ms=round(elapsed * 1000, 2),
+            outcome="ok" if request.code < 400 else "rejected",
+        )

@@ -12,7 +12,7 @@ the client goes away, whatever is pending upstream is cancelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,7 +28,7 @@ from .errors import ClientError, bad_gateway, gateway_timeout, unavailable, writ
 from .fleet import EndpointState, Fleet, QueueFull, QueueTimeout
 from .headers import copy_response_headers, upstream_request_headers
 from .routing import RoutingDecision, route
-from .streaming import CLIENT_DISCONNECTED, OK, REQUEST_TIMEOUT, ResponseRelay, StreamWatch
+from .streaming import CLIENT_DISCONNECTED, OK, REQUEST_TIMEOUT, ResponseRelay, StreamWatch, UsageTail
 from .upstream import HEADER_TIMEOUT, UpstreamClient, UpstreamFailure, body_producer, read_body
 
 log = Logger()
@@ -71,7 +71,40 @@ class ExchangeRecord:
     attempts: int = 0
     failovers: int = 0
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    streamed: bool = False
+    usage: dict[str, Any] | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Completion tokens over generation time (streams: headers to end; otherwise until headers)."""
+        tokens = (self.usage or {}).get("completion_tokens")
+        if not isinstance(tokens, int) or tokens <= 0 or self.headers_at is None:
+            return None
+        seconds = (self.ended - self.headers_at) if self.streamed else (self.headers_at - self.arrived)
+        return tokens / seconds if seconds > 0 else None
+
+    def fields(self) -> dict[str, Any]:
+        """The access-log fields of this exchange."""
+        ttfb = None if self.headers_at is None else round((self.headers_at - self.arrived) * 1000, 2)
+        usage = self.usage or {}
+        return {
+            "request_id": self.request_id,
+            "client": self.client,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "bytes": self.bytes_sent,
+            "ttfb_ms": ttfb,
+            "total_ms": round((self.ended - self.arrived) * 1000, 2),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "attempts": self.attempts,
+            "failovers": self.failovers,
+            "outcome": self.outcome,
+            "error": self.error,
+        }
 
 
 class ExchangeObserver(TypingProtocol):
@@ -406,14 +439,19 @@ class Exchange:
             StreamWatch() if is_sse else None,
             self._relay_done,
             endpoint.name,
+            UsageTail() if response.code < 300 and self.call.model is not None else None,
         )
+        self.record.streamed = is_sse
         self._relay = relay
         response.deliverBody(relay)
 
     def _relay_done(self, outcome: str, sent: int) -> None:
         self.record.bytes_sent = sent
-        if self._relay is not None:
-            self.record.first_byte_at = self._relay.first_byte_at
+        relay = self._relay
+        if relay is not None:
+            self.record.first_byte_at = relay.first_byte_at
+            if relay.usage is not None:
+                self.record.usage = relay.usage.usage()
         self._release()
         self._complete(outcome)
 

@@ -72,9 +72,11 @@ class ConfigReloader(Service):
             config = self.loader(self.path)
         except ConfigError as error:
             self.failures += 1
+            self.target.metrics.reloads.labels("failure").inc()
             log.error("reload failed, keeping the running configuration: {error}", error=str(error))
             return ReloadResult(False, str(error))
         summary = self.target.apply_config(config)
         self.reloads += 1
+        self.target.metrics.reloads.labels("success").inc()
         log.info("reloaded {path}: {summary}", path=self.path, summary=summary)
         return ReloadResult(True, summary)

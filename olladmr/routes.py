@@ -24,6 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import __version__
 from .errors import ClientError, bad_request, not_found, too_large
+from .metrics import CONTENT_TYPE
 from .models import normalise_model
 from .proxy import Proxy, ProxyCall
 
@@ -99,6 +100,7 @@ class ProxyResource(Resource):
         self._call = call
 
     def render(self, request: IRequest) -> int:
+        request.proxied = True  # type: ignore[attr-defined]
         self._proxy.handle(request, self._call)
         return NOT_DONE_YET
 
@@ -224,6 +226,15 @@ class OllaApp:
         _allow(request, "POST")
         result = self.service.reloader.reload()
         return _json(request, {"reloaded": result.ok, "summary": result.summary}, 200 if result.ok else 400)
+
+    @app.route("/internal/metrics", methods=ALL_METHODS)
+    def metrics(self, request: IRequest) -> bytes:
+        """Prometheus text format, rendered on the reactor thread from the service's own registry."""
+        _allow(request, "GET")
+        body = self.service.metrics.render()
+        request.responseHeaders.setRawHeaders(b"content-type", [CONTENT_TYPE])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        return body
 
     @app.route("/version", methods=ALL_METHODS)
     def version(self, request: IRequest) -> bytes:

@@ -25,7 +25,8 @@ from . import __version__
 from .config import Config
 from .fleet import Fleet
 from .health import HealthMonitor
-from .logs import LogControl, install_on
+from .logs import AccessLog, LogControl, install_on
+from .metrics import Metrics
 from .models import Catalogue
 from .proxy import Proxy
 from .reload import ConfigReloader
@@ -76,8 +77,14 @@ class OllaService(MultiService):
         self.reloader = ConfigReloader(self, config_path, reactor)
         self.reloader.setServiceParent(self)
         self.listen_overridden = listen is not None
+        self.metrics = Metrics(self.fleet, lambda: len(self.proxy.active))
+        self.access_log = AccessLog()
+        self.proxy.observers += [self.metrics, self.access_log]
+        self.health.observe_check = self.metrics.health_checks_observe
+        self.metrics.config_loaded.set(self.loaded_at)
         self.app = OllaApp(self)
         self.site = OllaSite(self.app.resource(), reactor, config.server.request_limits.max_body_size)
+        self.site.access_log = self.access_log
         self.port: IListeningPort | None = None
         self.serving: Deferred[None] = Deferred()
         self.draining = False
@@ -195,6 +202,7 @@ class OllaService(MultiService):
         self.log_control.configure(config.logging.level, config.logging.format)
         self.config = config
         self.loaded_at = self.reactor.seconds()
+        self.metrics.config_loaded.set(self.loaded_at)
         if self.running:
             self.health.reconcile()
         parts = []

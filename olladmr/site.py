@@ -95,5 +95,9 @@ class OllaSite(server.Site):
         """A process-unique id: a random boot prefix and a counter."""
         return f"{self._prefix}-{next(self._ids):x}".encode()
 
+    access_log: Any = None  # an AccessLog; proxied requests are logged by their exchange
+
     def log(self, request: Any) -> None:
-        """twisted.web's own access log is replaced by olladmr's access events."""
+        """twisted.web's access log hook: olladmr's own event for requests it answered itself."""
+        if self.access_log is not None and not getattr(request, "proxied", False):
+            self.access_log.local_request(request, self.clock.seconds() - getattr(request, "arrived", 0.0))

@@ -52,8 +52,14 @@ def endpoints_status(service: OllaService) -> dict[str, Any]:
 
 
 def models_status(service: OllaService) -> dict[str, Any]:
+    """Every known model with its endpoints, plus request counts and latency percentiles."""
     listing = service.catalogue.olla_list(include_unavailable=True)
-    return {"models": listing["data"], "total_models": listing["total"]}
+    stats = service.metrics.model_stats
+    models = []
+    for entry in listing["data"]:
+        models.append({**entry, **stats.summary(entry["key"])})
+    others = {name: stats.summary(name) for name in stats.requests if name not in {m["key"] for m in models}}
+    return {"models": models, "total_models": listing["total"], "unlisted": others}
 
 
 def service_status(service: OllaService) -> dict[str, Any]:
@@ -69,6 +75,14 @@ def service_status(service: OllaService) -> dict[str, Any]:
         "balancer": service.proxy.balancer.name,
         "draining": service.draining,
         "active_requests": len(service.proxy.active),
+        "requests": {
+            "total": service.metrics.total,
+            "succeeded": service.metrics.succeeded,
+            "success_rate": (
+                round(service.metrics.succeeded / service.metrics.total, 4) if service.metrics.total else None
+            ),
+        },
+        "reloads": {"succeeded": service.reloader.reloads, "failed": service.reloader.failures},
         "endpoints": {
             "total": len(eps),
             "healthy": sum(1 for ep in eps if ep.status == "healthy"),

@@ -67,6 +67,50 @@ class StreamWatch:
         return self._tail == b"" or self._tail.endswith(b"\n\n") or self._tail.endswith(b"\r\n\r\n")
 
 
+class UsageTail:
+    """
+    Keeps the last few KB of a response body to read the upstream's
+    ``usage`` object from at the end (the final SSE chunk or the JSON
+    body); the relayed bytes are untouched.
+    """
+
+    __slots__ = ("_tail",)
+    SIZE = 8192
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, data: bytes) -> None:
+        tail = self._tail + data if len(data) < self.SIZE else data
+        self._tail = tail[-self.SIZE :] if len(tail) > self.SIZE else tail
+
+    def usage(self) -> dict[str, object] | None:
+        return parse_usage(self._tail)
+
+
+def parse_usage(tail: bytes) -> dict[str, object] | None:
+    """The last complete ``"usage": {...}`` object in ``tail``, if any."""
+    at = tail.rfind(b'"usage"')
+    while at >= 0:
+        start = tail.find(b"{", at)
+        if start >= 0 and tail[at + 7 : start].strip(b" \t\r\n:") == b"":
+            depth = 0
+            for index in range(start, len(tail)):
+                char = tail[index]
+                if char == 0x7B:
+                    depth += 1
+                elif char == 0x7D:
+                    depth -= 1
+                    if depth == 0:
+                        try:
+                            value = json.loads(tail[start : index + 1])
+                        except ValueError:
+                            break
+                        return value if isinstance(value, dict) else None
+        at = tail.rfind(b'"usage"', 0, at)
+    return None
+
+
 def sse_error_event(message: str, code: str) -> bytes:
     """One SSE event carrying an OpenAI-shaped error."""
     payload = json.dumps(
@@ -93,11 +137,13 @@ class ResponseRelay(Protocol):
         watch: StreamWatch | None,
         on_done: Callable[[str, int], None],
         endpoint: str,
+        usage: UsageTail | None = None,
     ) -> None:
         self.request = request
         self._clock = clock
         self._read_timeout = read_timeout
         self.watch = watch
+        self.usage = usage
         self._on_done = on_done
         self._endpoint = endpoint
         self.bytes = 0
@@ -119,6 +165,8 @@ class ResponseRelay(Protocol):
             self._timer.reset(self._read_timeout)
         if self.watch is not None:
             self.watch.feed(data)
+        if self.usage is not None:
+            self.usage.feed(data)
         if not self.client_gone:
             self.request.write(data)
 

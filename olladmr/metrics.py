@@ -1,0 +1,191 @@
+"""
+Prometheus metrics and in-process statistics.
+
+:class:`Metrics` owns one ``prometheus_client`` registry per service (no
+global state, so tests and reloads stay isolated).  Request counters and
+histograms are updated once per finished exchange; endpoint state (up,
+status, breaker, in flight, queue) is read at scrape time by a collector,
+so nothing is done per request for it.  Label cardinality is bounded:
+a model that no endpoint lists is counted under ``other``.
+
+:class:`ModelStats` keeps per-model request counts and a bounded window of
+latencies for the p50/p95/p99 in ``/internal/status/models``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from . import __version__
+from .models import normalise_model
+from .streaming import OK
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
+    from .proxy import ExchangeRecord
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
+OTHER_MODEL = "other"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_STATUSES = ("unknown", "healthy", "busy", "unhealthy", "offline")
+_BREAKER = {"closed": 0, "half-open": 1, "open": 2}
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if status else "none"
+
+
+class _FleetCollector:
+    """Reads endpoint state at scrape time."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("olladmr_endpoint_up", "1 when the endpoint is routable", labels=["endpoint"])
+        status = GaugeMetricFamily(
+            "olladmr_endpoint_status", "1 for the endpoint's current health status", labels=["endpoint", "status"]
+        )
+        breaker = GaugeMetricFamily(
+            "olladmr_endpoint_breaker_state", "circuit breaker: 0 closed, 1 half-open, 2 open", labels=["endpoint"]
+        )
+        in_flight = GaugeMetricFamily("olladmr_endpoint_in_flight", "requests in flight", labels=["endpoint"])
+        queued = GaugeMetricFamily("olladmr_endpoint_queued", "requests waiting for a slot", labels=["endpoint"])
+        models = GaugeMetricFamily("olladmr_endpoint_models", "models the endpoint lists", labels=["endpoint"])
+        for ep in self.fleet:
+            up.add_metric([ep.name], 1 if ep.routable else 0)
+            for name in _STATUSES:
+                status.add_metric([ep.name, name], 1 if ep.status == name else 0)
+            breaker.add_metric([ep.name], _BREAKER[ep.breaker.state])
+            in_flight.add_metric([ep.name], ep.in_flight)
+            queued.add_metric([ep.name], ep.queued)
+            models.add_metric([ep.name], len(ep.models))
+        yield from (up, status, breaker, in_flight, queued, models)
+
+
+class ModelStats:
+    """Per-model request counts and a bounded latency window."""
+
+    WINDOW = 1000
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+        self.latencies: dict[str, deque[float]] = {}
+
+    def add(self, model: str, seconds: float, ok: bool) -> None:
+        self.requests[model] = self.requests.get(model, 0) + 1
+        if not ok:
+            self.failures[model] = self.failures.get(model, 0) + 1
+        window = self.latencies.get(model)
+        if window is None:
+            window = self.latencies[model] = deque(maxlen=self.WINDOW)
+        window.append(seconds)
+
+    def summary(self, model: str) -> dict[str, Any]:
+        window = sorted(self.latencies.get(model, ()))
+
+        def pct(p: float) -> float | None:
+            if not window:
+                return None
+            return round(window[min(len(window) - 1, int(p * len(window)))] * 1000, 2)
+
+        return {
+            "requests": self.requests.get(model, 0),
+            "failures": self.failures.get(model, 0),
+            "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
+        }
+
+
+class Metrics:
+    """Owns the registry, the request metrics and the running totals."""
+
+    def __init__(self, fleet: Fleet, in_flight: Callable[[], int]) -> None:
+        self.fleet = fleet
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "olladmr_requests", "proxied requests", ["endpoint", "model", "route", "status_class"], registry=r
+        )
+        self.outcomes = Counter("olladmr_request_outcomes", "how proxied requests ended", ["outcome"], registry=r)
+        self.duration = Histogram(
+            "olladmr_request_duration_seconds", "arrival to last byte", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttfb = Histogram(
+            "olladmr_time_to_first_byte_seconds", "arrival to upstream headers", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        Gauge("olladmr_requests_in_flight", "proxied requests in flight", registry=r).set_function(in_flight)
+        self.upstream_bytes = Counter(
+            "olladmr_upstream_response_bytes", "response body bytes relayed", ["endpoint"], registry=r
+        )
+        self.failovers = Counter("olladmr_failovers", "attempts moved to another endpoint", registry=r)
+        self.tokens = Counter("olladmr_tokens", "tokens reported by upstream usage", ["model", "kind"], registry=r)
+        self.tokens_per_second = Histogram(
+            "olladmr_completion_tokens_per_second", "generation speed", ["model"],
+            buckets=(1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000), registry=r,
+        )
+        self.health_checks = Histogram(
+            "olladmr_health_check_duration_seconds", "health check time", ["endpoint", "result"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.reloads = Counter("olladmr_config_reloads", "configuration reloads", ["result"], registry=r)
+        self.config_loaded = Gauge(
+            "olladmr_config_loaded_timestamp_seconds", "when the running configuration was loaded", registry=r
+        )
+        info = Gauge("olladmr_info", "olladmr build information", ["version"], registry=r)
+        info.labels(__version__).set(1)
+        r.register(_FleetCollector(fleet))
+        self.model_stats = ModelStats()
+        self.total = 0
+        self.succeeded = 0
+
+    def model_label(self, model: str | None) -> str:
+        """The model's canonical name if some endpoint lists it, else ``other`` (bounded labels)."""
+        if not model:
+            return "none"
+        key = normalise_model(model)
+        for ep in self.fleet:
+            if key in ep.model_keys:
+                return key
+        return OTHER_MODEL
+
+    # -- ExchangeObserver
+
+    def exchange_done(self, record: ExchangeRecord) -> None:
+        model = self.model_label(record.model)
+        endpoint = record.endpoint or "none"
+        ok = record.outcome == OK and 0 < record.status < 500
+        self.total += 1
+        self.succeeded += ok
+        self.requests.labels(endpoint, model, record.route, status_class(record.status)).inc()
+        self.outcomes.labels(record.outcome).inc()
+        total = max(0.0, record.ended - record.arrived)
+        self.duration.labels(record.route).observe(total)
+        if record.headers_at is not None:
+            self.ttfb.labels(record.route).observe(max(0.0, record.headers_at - record.arrived))
+        if record.bytes_sent and record.endpoint:
+            self.upstream_bytes.labels(endpoint).inc(record.bytes_sent)
+        if record.failovers:
+            self.failovers.inc(record.failovers)
+        usage = record.usage
+        if usage:
+            for kind in ("prompt_tokens", "completion_tokens"):
+                value = usage.get(kind)
+                if isinstance(value, int) and value >= 0:
+                    self.tokens.labels(model, kind.split("_")[0]).inc(value)
+            rate = record.tokens_per_second
+            if rate is not None:
+                self.tokens_per_second.labels(model).observe(rate)
+        self.model_stats.add(model, total, ok)
+
+    def health_checks_observe(self, endpoint: str, result: str, seconds: float) -> None:
+        self.health_checks.labels(endpoint, result).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
