@@ -45,9 +45,13 @@ async def test_reload_swaps_endpoints_while_a_stream_finishes_on_the_old_one(tmp
         await within(collector.first, 5, "first chunk")
         survivor = service.fleet.get("fake-1")
         survivor.request_count = 41
-        _write(cfg, fakes[1], fakes[2])
+        doc = yaml.safe_load(cfg.read_text())
+        doc["endpoints"] = [doc["endpoints"][1], {"url": fakes[2].url, "name": fakes[2].name}]
+        doc["endpoints"][0]["priority"] = 7  # fake-1 changes, fake-0 goes, fake-2 arrives
+        cfg.write_text(yaml.safe_dump(doc))
         result = service.reloader.reload()
         assert result.ok and "added fake-2" in result.summary and "removed fake-0" in result.summary
+        assert "changed fake-1" in result.summary and service.fleet.get("fake-1").config.priority == 7
         assert service.fleet.get("fake-1") is survivor and survivor.request_count == 41  # state kept
         fakes[0].hold.callback(None)
         body = await within(collector.done, 5, "end of the old stream")
@@ -71,8 +75,15 @@ async def test_shutdown_drains_in_flight_streams(daemon_factory, fake):
     fake.hold = Deferred()
     _, collector = await _stream(daemon)
     await within(collector.first, 5, "first chunk")
+    port = daemon.port
     stopping = daemon.service.stopService()
     assert daemon.service.draining and not stopping.called
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.protocol import Protocol
+
+    with pytest.raises(ConnectionRefusedError):  # no new connections while draining
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
     fake.hold.callback(None)
     body = await within(collector.done, 5, "the stream to finish")
     assert body.endswith(b"data: [DONE]\n\n")
@@ -141,3 +152,32 @@ async def test_sighup_reloads_and_sigterm_drains_real_twistd(tmp_path, fakes):
     assert code == 0, watcher.output.decode()
     assert b"Traceback" not in watcher.output
     await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_endpoint_is_opt_in(tmp_path, fake):
+    """POST /internal/reload is 404 unless server.admin.reload_endpoint is true; then it reloads."""
+    from conftest import Daemon
+    from olladmr.config import load_config
+
+    cfg = tmp_path / "config.yaml"
+    _write(cfg, fake)
+    service = OllaService(load_config(str(cfg)), reactor=reactor, listen="tcp:0:interface=127.0.0.1", config_path=str(cfg))
+    service.startService()
+    await service.serving
+    daemon = Daemon(service)
+    try:
+        response, _ = await daemon.request("POST", "/internal/reload")
+        assert response.code == 404
+        _write(cfg, fake, server={"admin": {"reload_endpoint": True}})
+        service.reloader.reload()
+        response, body = await daemon.request("POST", "/internal/reload")
+        assert response.code == 200 and json.loads(body)["reloaded"] is True
+        cfg.write_text("server: {port: nope}\n")
+        response, body = await daemon.request("POST", "/internal/reload")
+        assert response.code == 400 and "server.port" in json.loads(body)["summary"]
+        _, metrics = await daemon.request("GET", "/internal/metrics")
+        assert b'olladmr_config_reloads_total{result="failure"} 1.0' in metrics
+    finally:
+        await service.stopService()
+        await daemon.pool.closeCachedConnections()
