@@ -79,13 +79,21 @@ def install_on(application: Any, control: LogControl) -> None:
 class AccessLog:
     """Emits one ``olladmr.access`` event per request, with its fields as event keys."""
 
-    def __init__(self) -> None:
+    def __init__(self, control: LogControl | None = None) -> None:
         from twisted.logger import Logger
 
         self.log = Logger(namespace="olladmr.access")
+        self._control = control
+
+    @property
+    def enabled(self) -> bool:
+        """False when the level filters info events out: then none is even built."""
+        return self._control is None or self._control.level == "debug" or self._control.level == "info"
 
     def exchange_done(self, record: Any) -> None:
         """A proxied request ended (completed, failed or abandoned)."""
+        if not self.enabled:
+            return
         self.log.info(
             "{request_id} {client} {method} {path} model={model} endpoint={endpoint} -> {status} "
             "{bytes}B ttfb={ttfb_ms}ms total={total_ms}ms tokens={prompt_tokens}/{completion_tokens} {outcome}",
@@ -94,6 +102,8 @@ class AccessLog:
 
     def local_request(self, request: Any, elapsed: float) -> None:
         """A request olladmr answered itself (errors, status, models list)."""
+        if not self.enabled:
+            return
         client = request.getClientAddress()
         self.log.info(
             "{request_id} {client} {method} {path} -> {status} {bytes}B total={total_ms}ms {outcome}",

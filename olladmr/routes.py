@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import twisted
 from klein import Klein
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .service import OllaService
 
 DMR_PREFIX = b"/olla/dmr"
+log = Logger()
 ENGINE_PREFIXES = ("/olla/dmr/engines/v1", "/olla/dmr/engines/llama.cpp/v1", "/olla/dmr/engines/vllm/v1")
 INFERENCE = ("chat/completions", "completions", "embeddings")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
@@ -89,6 +91,47 @@ def _parse_model(request: Any) -> str:
     return model
 
 
+def render_error(request: IRequest, error: ClientError) -> bytes:
+    for name, value in error.headers.items():
+        request.responseHeaders.setRawHeaders(name, [value])
+    return _json_bytes(request, error.status, error.body())
+
+
+def internal_error(request: IRequest, failure: Failure) -> bytes:
+    """A bug in olladmr: logged with its traceback, answered 500 JSON (never an HTML traceback)."""
+    log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
+    return render_error(
+        request, ClientError(500, "internal error in olladmr (logged)", "server_error", "internal_error")
+    )
+
+
+class IndexedRoutes(Resource):
+    """
+    The route tree's front door.  The inference routes (the hot path) are
+    found by one dict lookup on the exact path and call the same handler the
+    Klein table maps them to; every other request goes through Klein.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: OllaApp, klein_resource: Resource) -> None:
+        super().__init__()
+        self._app = app
+        self._klein = klein_resource
+        self._exact = {f"{prefix}/{op}".encode(): op for prefix in ENGINE_PREFIXES for op in INFERENCE}
+
+    def render(self, request: IRequest) -> Any:
+        op = self._exact.get(request.path)
+        if op is None or request.method != b"POST":
+            return self._klein.render(request)
+        try:
+            return self._app.inference(request, op).render(request)
+        except ClientError as error:
+            return render_error(request, error)
+        except Exception:
+            return internal_error(request, Failure())
+
+
 class ProxyResource(Resource):
     """Hands one validated request to the proxy, which owns its response (``NOT_DONE_YET``)."""
 
@@ -113,17 +156,19 @@ class OllaApp:
     def __init__(self, service: OllaService) -> None:
         self.service = service
 
-    def resource(self) -> Any:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        """The root resource: the Klein route tree behind an exact-path index for the hot routes."""
+        return IndexedRoutes(self, self.app.resource())
 
     # -- errors
 
     @app.handle_errors(ClientError)
     def _client_error(self, request: IRequest, failure: Failure) -> bytes:
-        error: ClientError = failure.value
-        for name, value in error.headers.items():
-            request.responseHeaders.setRawHeaders(name, [value])
-        return _json_bytes(request, error.status, error.body())
+        return render_error(request, failure.value)
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        return internal_error(request, failure)
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:

@@ -78,7 +78,7 @@ class OllaService(MultiService):
         self.reloader.setServiceParent(self)
         self.listen_overridden = listen is not None
         self.metrics = Metrics(self.fleet, lambda: len(self.proxy.active))
-        self.access_log = AccessLog()
+        self.access_log = AccessLog(self.log_control)
         self.proxy.observers += [self.metrics, self.access_log]
         self.health.observe_check = self.metrics.health_checks_observe
         self.metrics.config_loaded.set(self.loaded_at)

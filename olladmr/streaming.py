@@ -88,25 +88,21 @@ class UsageTail:
         return parse_usage(self._tail)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def parse_usage(tail: bytes) -> dict[str, object] | None:
     """The last complete ``"usage": {...}`` object in ``tail``, if any."""
     at = tail.rfind(b'"usage"')
     while at >= 0:
         start = tail.find(b"{", at)
         if start >= 0 and tail[at + 7 : start].strip(b" \t\r\n:") == b"":
-            depth = 0
-            for index in range(start, len(tail)):
-                char = tail[index]
-                if char == 0x7B:
-                    depth += 1
-                elif char == 0x7D:
-                    depth -= 1
-                    if depth == 0:
-                        try:
-                            value = json.loads(tail[start : index + 1])
-                        except ValueError:
-                            break
-                        return value if isinstance(value, dict) else None
+            try:
+                value, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return value
         at = tail.rfind(b'"usage"', 0, at)
     return None
 

@@ -130,6 +130,21 @@ class _TrackingPool(HTTPConnectionPool):
         return super().getConnection(key, endpoint)
 
 
+class _EndpointCachingAgent(Agent):
+    """An Agent that builds each upstream's client endpoint once, not per request."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def _getEndpoint(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = super()._getEndpoint(uri)
+        return endpoint
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """A request body already in memory, written in one go."""
@@ -201,8 +216,10 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = proxy.max_idle_connections
         self.pool.cachedConnectionTimeout = proxy.idle_connection_timeout
         self.pool.retryAutomatically = False
-        self._agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self.pool)
-        self._fresh_agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self._fresh_pool)
+        self._agent = _EndpointCachingAgent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self.pool)
+        self._fresh_agent = _EndpointCachingAgent(
+            self._reactor, connectTimeout=proxy.connection_timeout, pool=self._fresh_pool
+        )
 
     def request(
         self,
