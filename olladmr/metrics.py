@@ -144,6 +144,15 @@ class Metrics:
         self.model_stats = ModelStats()
         self.total = 0
         self.succeeded = 0
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: label sets are bounded, lookups are per request."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def model_label(self, model: str | None) -> str:
         """The model's canonical name if some endpoint lists it, else ``other`` (bounded labels)."""
@@ -163,14 +172,15 @@ class Metrics:
         ok = record.outcome == OK and 0 < record.status < 500
         self.total += 1
         self.succeeded += ok
-        self.requests.labels(endpoint, model, record.route, status_class(record.status)).inc()
-        self.outcomes.labels(record.outcome).inc()
+        child = self._child
+        child(self.requests, endpoint, model, record.route, status_class(record.status)).inc()
+        child(self.outcomes, record.outcome).inc()
         total = max(0.0, record.ended - record.arrived)
-        self.duration.labels(record.route).observe(total)
+        child(self.duration, record.route).observe(total)
         if record.headers_at is not None:
-            self.ttfb.labels(record.route).observe(max(0.0, record.headers_at - record.arrived))
+            child(self.ttfb, record.route).observe(max(0.0, record.headers_at - record.arrived))
         if record.bytes_sent and record.endpoint:
-            self.upstream_bytes.labels(endpoint).inc(record.bytes_sent)
+            child(self.upstream_bytes, endpoint).inc(record.bytes_sent)
         if record.failovers:
             self.failovers.inc(record.failovers)
         usage = record.usage
@@ -178,10 +188,10 @@ class Metrics:
             for kind in ("prompt_tokens", "completion_tokens"):
                 value = usage.get(kind)
                 if isinstance(value, int) and value >= 0:
-                    self.tokens.labels(model, kind.split("_")[0]).inc(value)
+                    child(self.tokens, model, kind.split("_")[0]).inc(value)
             rate = record.tokens_per_second
             if rate is not None:
-                self.tokens_per_second.labels(model).observe(rate)
+                child(self.tokens_per_second, model).observe(rate)
         self.model_stats.add(model, total, ok)
 
     def health_checks_observe(self, endpoint: str, result: str, seconds: float) -> None:

@@ -27,6 +27,7 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
+    URI,
     ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
@@ -130,19 +131,16 @@ class _TrackingPool(HTTPConnectionPool):
         return super().getConnection(key, endpoint)
 
 
-class _EndpointCachingAgent(Agent):
-    """An Agent that builds each upstream's client endpoint once, not per request."""
+class _Target:
+    """One upstream origin, parsed once: pool key, client endpoint, Host header."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+    __slots__ = ("key", "endpoint", "uri", "host")
 
-    def _getEndpoint(self, uri: Any) -> Any:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoints[key] = super()._getEndpoint(uri)
-        return endpoint
+    def __init__(self, agent: Agent, origin: bytes) -> None:
+        self.uri = URI.fromBytes(origin + b"/")
+        self.key = (self.uri.scheme, self.uri.host, self.uri.port)
+        self.endpoint = agent._getEndpoint(self.uri)
+        self.host = agent._computeHostValue(self.uri.scheme, self.uri.host, self.uri.port)
 
 
 @implementer(IBodyProducer)
@@ -216,10 +214,10 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = proxy.max_idle_connections
         self.pool.cachedConnectionTimeout = proxy.idle_connection_timeout
         self.pool.retryAutomatically = False
-        self._agent = _EndpointCachingAgent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self.pool)
-        self._fresh_agent = _EndpointCachingAgent(
-            self._reactor, connectTimeout=proxy.connection_timeout, pool=self._fresh_pool
-        )
+        self._agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self.pool)
+        self._fresh_agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self._fresh_pool)
+        self._targets: dict[bytes, _Target] = {}
+        self._fresh_targets: dict[bytes, _Target] = {}
 
     def request(
         self,
@@ -240,7 +238,7 @@ class UpstreamClient:
         timeout = self.proxy.response_header_timeout if header_timeout is None else header_timeout
         agent = self._fresh_agent if fresh else self._agent
         self.pool.last_reused = False
-        d = agent.request(method, url, headers, body)
+        d = self._send(agent, method, url, headers, body, fresh)
         reused = self.pool.last_reused and not fresh
         timed_out = False
 
@@ -266,6 +264,25 @@ class UpstreamClient:
 
         d.addBoth(settled)
         return d
+
+    def _send(
+        self, agent: Agent, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None, fresh: bool
+    ) -> Deferred[IResponse]:
+        """
+        ``agent.request`` without re-parsing the origin on every call: the
+        origin's pool key, endpoint and Host header are computed once.
+        """
+        scheme, sep, rest = url.partition(b"://")
+        netloc, slash, path = rest.partition(b"/")
+        origin = scheme + sep + netloc
+        targets = self._fresh_targets if fresh else self._targets
+        target = targets.get(origin)
+        if target is None:
+            target = targets[origin] = _Target(agent, origin)
+        headers.setRawHeaders(b"host", [target.host])
+        return agent._requestWithEndpoint(
+            target.key, target.endpoint, method, target.uri, headers, body, slash + path or b"/"
+        )
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
