@@ -61,7 +61,13 @@ class ConfigReloader(Service):
             self._previous = None
 
     def _on_sighup(self, signum: int, frame: object) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self._reload_all)
+
+    def _reload_all(self) -> None:
+        self.reload()
+        workers = getattr(self.target, "workers", None)
+        if workers is not None:
+            workers.signal_all("HUP")  # each worker re-reads the same file
 
     def reload(self) -> ReloadResult:
         """Re-read, validate and apply the configuration file."""

@@ -11,6 +11,7 @@ endpoint in state ``unknown``.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -33,6 +34,7 @@ from .reload import ConfigReloader
 from .routes import OllaApp
 from .site import OllaSite
 from .upstream import UpstreamClient
+from .workers import WorkerPool, adopt, family_of, watch_master
 
 log = Logger()
 
@@ -52,8 +54,13 @@ class OllaService(MultiService):
         listen: str | None = None,
         config_path: str | None = None,
         log_control: LogControl | None = None,
+        workers: int = 1,
+        inherit: tuple[int, int] | None = None,
+        worker_index: int = 0,
     ) -> None:
         super().__init__()
+        self.inherit = inherit
+        self.worker_index = worker_index
         self.reactor = reactor
         self.config = config
         self.config_path = config_path
@@ -76,7 +83,19 @@ class OllaService(MultiService):
         self.proxy.health = self.health
         self.reloader = ConfigReloader(self, config_path, reactor)
         self.reloader.setServiceParent(self)
-        self.listen_overridden = listen is not None
+        self.listen_overridden = listen is not None or inherit is not None
+        self.workers: WorkerPool | None = None
+        if workers > 1 and inherit is None:
+            argv = ["-n", "--pidfile=", "olladmr"] + (["--config", config_path] if config_path else [])
+            self.workers = WorkerPool(
+                reactor,
+                workers,
+                fd=lambda: self.port.fileno(),  # type: ignore[union-attr]
+                family=lambda: family_of(self.port),
+                argv=argv,
+                shutdown_timeout=lambda: self.config.server.shutdown_timeout,
+            )
+            self.workers.setServiceParent(self)
         self.metrics = Metrics(self.fleet, lambda: len(self.proxy.active))
         self.access_log = AccessLog(self.log_control)
         self.proxy.observers += [self.metrics, self.access_log]
@@ -101,6 +120,12 @@ class OllaService(MultiService):
 
     def _bind(self) -> None:
         if self.port is not None:
+            return
+        if self.inherit is not None:
+            fd, family = self.inherit
+            self.port = adopt(self.reactor, fd, family, self.site)
+            self.port.stopReading()  # type: ignore[attr-defined]
+            watch_master(self.reactor, self._master_gone)
             return
         try:
             endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
@@ -131,6 +156,11 @@ class OllaService(MultiService):
             )
         self.health.first_round.addCallback(self._accept)
 
+    def _master_gone(self) -> None:
+        if self.running:
+            log.warn("worker {index}: the master process is gone; shutting down", index=self.worker_index)
+            self.reactor.stop()
+
     def _accept(self, _: object = None) -> None:
         if not self.running or self.port is None:
             return
@@ -138,8 +168,9 @@ class OllaService(MultiService):
         if resume is not None:
             resume()
         log.info(
-            "olladmr {version} listening on {address} (config: {source}); endpoints: {endpoints}",
+            "olladmr {version} {role} listening on {address} (config: {source}); endpoints: {endpoints}",
             version=__version__,
+            role=f"worker {self.worker_index} (pid {os.getpid()})" if self.inherit else f"master (pid {os.getpid()})",
             address=self.address,
             source=self.config.source,
             endpoints=", ".join(
@@ -166,6 +197,8 @@ class OllaService(MultiService):
         return Deferred.fromCoroutine(self._stop(port))
 
     async def _stop(self, port: IListeningPort | None) -> None:
+        if self.workers is not None:
+            self.workers.terminate()  # they drain in parallel with us
         if port is not None:
             await _maybe(port.stopListening())
         active = len(self.proxy.active)

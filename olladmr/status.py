@@ -7,6 +7,7 @@ Plain functions over the running service; no credentials are ever shown
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -70,6 +71,9 @@ def service_status(service: OllaService) -> dict[str, Any]:
         "version": __version__,
         "uptime_s": round(now - service.started_at, 3),
         "listen": service.address,
+        "pid": os.getpid(),
+        "worker": service.worker_index,
+        "workers": service.workers.count if service.workers is not None else 1,
         "config_file": service.config.source,
         "config_loaded_at": service.loaded_at,
         "balancer": service.proxy.balancer.name,

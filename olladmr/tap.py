@@ -35,7 +35,15 @@ class Options(usage.Options):
             "Twisted endpoint to listen on (e.g. tcp:40114:interface=127.0.0.1, unix:/run/olladmr.sock); "
             "overrides server.host/server.port.",
         ],
+        ["workers", "w", 1, "Processes serving the listening socket (tcp: or unix: listen addresses).", int],
+        ["inherit-fd", None, None, "(internal) serve on this inherited listening socket", int],
+        ["inherit-family", None, None, "(internal) address family of the inherited socket", int],
+        ["worker-index", None, 0, "(internal) this worker's number", int],
     ]
+
+    def postOptions(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
 
 
 def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mapping[str, str] = os.environ) -> OllaService:
@@ -55,4 +63,20 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
             endpoints.serverFromString(reactor, listen)
         except (ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"--listen {listen}: not a valid Twisted endpoint description ({exc})") from None
-    return OllaService(config, reactor=reactor, listen=listen, config_path=find_config(explicit, environ))
+    workers = int(options.get("workers") or 1)
+    description = listen or config.server.listen
+    if workers > 1 and not description.startswith(("tcp:", "unix:")):
+        raise SystemExit(f"--workers {workers}: needs a tcp: or unix: listen address, not {description!r}")
+    path = find_config(explicit, environ)
+    inherit = None
+    if options.get("inherit-fd") is not None:
+        inherit = (int(options["inherit-fd"]), int(options["inherit-family"]))
+    return OllaService(
+        config,
+        reactor=reactor,
+        listen=listen,
+        config_path=path,
+        workers=workers,
+        inherit=inherit,
+        worker_index=int(options.get("worker-index") or 0),
+    )

@@ -121,3 +121,50 @@ def test_systemd_unit_verifies():
     problems = [l for l in out.stderr.splitlines() if "olladmr.service" in l and "Command /opt/olladmr" not in l
                 and "User=" not in l and "Failed to " not in l]
     assert problems == [], out.stderr
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_workers_share_the_socket_and_follow_signals(tmp_path, fake):
+    """--workers 2: two processes answer on one port; SIGHUP reloads both; SIGTERM stops both, exit 0."""
+    import json
+
+    from conftest import eventually
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+    port = _free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"endpoints:\n  - {{url: '{fake.url}', name: box}}\n")
+    watcher = _Watcher()
+    process = reactor.spawnProcess(
+        watcher, sys.executable,
+        TWISTD + ["-n", "--pidfile=", "olladmr", "--config", str(cfg), "--workers", "2",
+                  "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        env=_env(), path=str(tmp_path),
+    )
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, pool=pool)
+    pids: set[int] = set()
+    try:
+        await eventually(lambda: watcher.output.count(b"listening on") >= 2, 30, "master and worker to listen")
+
+        async def ask() -> None:
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}/internal/status".encode())
+            pids.add(json.loads(await readBody(response))["pid"])
+
+        for _ in range(200):
+            await ask()
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+        process.signalProcess("HUP")
+        await eventually(lambda: watcher.output.count(b"reloaded ") == 2, 10, "both processes to reload")
+        process.signalProcess("TERM")
+        code = await within(watcher.ended, 30, "the daemon to exit")
+    finally:
+        if not watcher.ended.called:
+            process.signalProcess("KILL")
+    assert code == 0, watcher.output.decode()
+    assert watcher.output.count(b"Server Shut Down") == 2
+    assert b"Traceback" not in watcher.output
+    await pool.closeCachedConnections()

@@ -1,0 +1,178 @@
+"""
+Several processes on one listening socket (``--workers N``).
+
+The twistd process (the *master*) binds the socket as usual and serves on it
+itself; :class:`WorkerPool` then starts ``N - 1`` worker processes that
+adopt the same socket (passed as file descriptor 3) and run the same
+service tree, each with its own health monitor.  The kernel hands each new
+connection to one of them.
+
+Signals: the master forwards SIGHUP (reload) to every worker after
+reloading itself, and on shutdown sends SIGTERM and waits for the workers
+to drain (up to ``server.shutdown_timeout`` plus a grace period, then
+SIGKILL).  A worker whose master disappears (its stdin pipe closes) shuts
+down by itself.  A worker that dies unexpectedly is restarted after a
+short delay.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+log = Logger()
+
+WORKER_FD = 3
+_RESTART_DELAY = 1.0
+
+
+def family_of(port: Any) -> int:
+    """The address family of a listening port's socket."""
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        raise ValueError("this listening port has no socket to share")
+    return sock.family
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker process: relays nothing, tells the pool when it ends."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.started = 0.0
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+        self.pool._ended(self, reason.value)
+
+
+class WorkerPool(Service):
+    """Owns the worker processes of a master: start, signal forwarding, drain, restart."""
+
+    name = "workers"
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        fd: Callable[[], int],
+        family: Callable[[], int],
+        argv: list[str],
+        shutdown_timeout: Callable[[], float],
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self._fd = fd
+        self._family = family
+        self.argv = argv
+        self._shutdown_timeout = shutdown_timeout
+        self.workers: dict[int, tuple[_Worker, Any]] = {}
+        self._stopping = False
+        self._quick_deaths = 0
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        worker = _Worker(self, index)
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *self.argv,
+                "--inherit-fd", str(WORKER_FD), "--inherit-family", str(int(self._family())),
+                "--worker-index", str(index)]
+        transport = self.reactor.spawnProcess(
+            worker, sys.executable, args, env=os.environ.copy(),
+            childFDs={0: "w", 1: 1, 2: 2, WORKER_FD: self._fd()},
+        )
+        worker.started = self.reactor.seconds()
+        self.workers[index] = (worker, transport)
+        log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
+
+    def _ended(self, worker: _Worker, reason: Any) -> None:
+        current = self.workers.get(worker.index)
+        if current is None or current[0] is not worker:
+            return
+        del self.workers[worker.index]
+        if self._stopping:
+            return
+        quick = self.reactor.seconds() - worker.started < 10
+        self._quick_deaths = self._quick_deaths + 1 if quick else 0
+        if self._quick_deaths >= 5:
+            log.critical("worker {index} keeps dying at start-up ({reason}); not restarting it", index=worker.index,
+                         reason=reason)
+            return
+        log.error("worker {index} exited unexpectedly ({reason}); restarting it", index=worker.index, reason=reason)
+        self.reactor.callLater(_RESTART_DELAY * (1 + self._quick_deaths), self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping and index not in self.workers:
+            self._spawn(index)
+
+    def signal_all(self, name: str) -> None:
+        """Send a signal (``"HUP"``, ``"TERM"``, ...) to every running worker."""
+        for _, transport in list(self.workers.values()):
+            try:
+                transport.signalProcess(name)
+            except Exception:  # already gone
+                pass
+
+    def terminate(self) -> None:
+        """Ask every worker to drain and exit (once)."""
+        if not self._stopping:
+            self._stopping = True
+            self.signal_all("TERM")
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        ended = [worker.ended for worker, _ in self.workers.values()]
+        self.terminate()
+        if not ended:
+            return Deferred.fromCoroutine(_none())
+        all_ended = DeferredList(ended)
+        grace = self._shutdown_timeout() + 5.0
+
+        def kill() -> None:
+            if not all_ended.called:
+                log.warn("workers did not stop within {grace}s: killing them", grace=grace)
+                self.signal_all("KILL")
+
+        timer = self.reactor.callLater(grace, kill)
+        all_ended.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return all_ended
+
+
+async def _none() -> None:
+    return None
+
+
+class _MasterWatch(protocol.Protocol):
+    """In a worker: when the master's pipe on stdin closes, stop."""
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self.on_lost = on_lost
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.on_lost()
+
+
+def watch_master(reactor: Any, on_lost: Callable[[], None]) -> None:
+    """Call ``on_lost`` when stdin (the pipe from the master) closes."""
+    from twisted.internet import stdio
+
+    stdio.StandardIO(_MasterWatch(on_lost), reactor=reactor)
+
+
+def adopt(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """Listen on an inherited, already-bound socket."""
+    port = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)  # adoptStreamPort duplicated it
+    return port
+
