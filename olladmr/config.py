@@ -40,7 +40,7 @@ LOG_FORMATS = ("text", "json")
 # They are accepted (so an Olla file loads) and reported as ignored.
 _OLLA_IGNORED: dict[str, frozenset[str]] = {
     "": frozenset({"model_registry", "translators", "engineering", "dashboard", "model_aliases"}),
-    "server": frozenset({"request_logging", "write_timeout", "idle_timeout"}),
+    "server": frozenset({"request_logging", "write_timeout"}),
     "proxy": frozenset(
         {
             "engine",
@@ -203,6 +203,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     read_header_timeout: float = 10.0
     read_timeout: float = 30.0
+    idle_timeout: float = 120.0
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     reload_endpoint: bool = False
 
@@ -535,6 +536,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
         shutdown_timeout=srv.duration("shutdown_timeout", 30.0),
         read_header_timeout=srv.duration("read_header_timeout", 10.0),
         read_timeout=srv.duration("read_timeout", 30.0),
+        idle_timeout=srv.duration("idle_timeout", 120.0),
         request_limits=request_limits,
         reload_endpoint=reload_endpoint,
     )

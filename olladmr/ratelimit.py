@@ -30,7 +30,7 @@ import ipaddress
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Union
+from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -224,11 +224,13 @@ class _BucketTable:
         found = buckets[ident] = TokenBucket(self.per_minute, self.capacity, now)
         return found
 
-    def reshape(self, per_minute: int, capacity: int) -> None:
+    def reshape(self, per_minute: int, capacity: int, now: float) -> None:
+        """Apply a new rate and capacity to every bucket (tokens earned so far count at the old rate)."""
         if (per_minute, capacity) == (self.per_minute, self.capacity):
             return
         self.per_minute, self.capacity = per_minute, capacity
         for bucket in self.buckets.values():
+            bucket.refill(now)
             bucket.reshape(per_minute, capacity)
 
     def sweep(self, now: float) -> int:
@@ -243,8 +245,7 @@ class _BucketTable:
 # Decisions
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """
     The outcome of one :meth:`RateLimiter.check`.
 
@@ -252,7 +253,8 @@ class Decision:
     limited), ``remaining`` its whole tokens left, ``reset`` the unix time
     at which it is full again and ``retry_after`` the whole seconds to wait
     before a retry can succeed (0 when allowed).  ``scope`` names the
-    binding bucket: ``global``, ``ip``, ``key`` or ``health``.
+    binding bucket: ``global``, ``ip``, ``key`` or ``health``.  (A named
+    tuple: immutable and cheap to build on every request.)
     """
 
     allowed: bool
@@ -373,20 +375,20 @@ class RateLimiter:
         else:
             self._global.refill(now)
             self._global.reshape(rpm, config.capacity(rpm))
-        self._ip = self._table(self._ip, config.per_ip_requests_per_minute)
-        self._key = self._table(self._key, config.per_key_requests_per_minute)
-        self._health = self._table(self._health, config.health_requests_per_minute)
+        self._ip = self._table(self._ip, config.per_ip_requests_per_minute, now)
+        self._key = self._table(self._key, config.per_key_requests_per_minute, now)
+        self._health = self._table(self._health, config.health_requests_per_minute, now)
         if self._sweeper is not None and self._sweeper.running and self._sweeper.interval != config.cleanup_interval:
             self.stop()
             self.start()
 
-    def _table(self, table: _BucketTable | None, rpm: int) -> _BucketTable | None:
+    def _table(self, table: _BucketTable | None, rpm: int, now: float) -> _BucketTable | None:
         if rpm <= 0:
             return None
         capacity = self._config.capacity(rpm)
         if table is None:
             return _BucketTable(rpm, capacity, self._max_clients)
-        table.reshape(rpm, capacity)
+        table.reshape(rpm, capacity, now)
         return table
 
     # -- who is asking
@@ -438,22 +440,36 @@ class RateLimiter:
         """
         now = self._clock.seconds()
         if health:
-            if self._health is None:
+            table = self._health
+            if table is None:
                 return UNLIMITED
-            return self._decide(now, ((self._health.bucket(client, now), self._health.per_minute, "health"),))
+            return self._single(now, table.bucket(client, now), table.per_minute, "health")
+        ip, keys, glob = self._ip, self._key, self._global
+        if key_id is None or keys is None:
+            if glob is None:  # the common shapes: one bucket or none
+                return UNLIMITED if ip is None else self._single(now, ip.bucket(client, now), ip.per_minute, "ip")
+            if ip is None:
+                return self._single(now, glob, self._config.global_requests_per_minute, "global")
         applied: list[tuple[TokenBucket, int, str]] = []
-        if self._ip is not None:
-            applied.append((self._ip.bucket(client, now), self._ip.per_minute, "ip"))
-        if key_id is not None and self._key is not None:
-            applied.append((self._key.bucket(key_id, now), self._key.per_minute, "key"))
-        if self._global is not None:
-            applied.append((self._global, self._config.global_requests_per_minute, "global"))
-        if not applied:
-            return UNLIMITED
-        return self._decide(now, applied)
+        if ip is not None:
+            applied.append((ip.bucket(client, now), ip.per_minute, "ip"))
+        if key_id is not None and keys is not None:
+            applied.append((keys.bucket(key_id, now), keys.per_minute, "key"))
+        if glob is not None:
+            applied.append((glob, self._config.global_requests_per_minute, "global"))
+        return self._many(now, applied)
 
     @staticmethod
-    def _decide(now: float, applied: Iterable[tuple[TokenBucket, int, str]]) -> Decision:
+    def _single(now: float, bucket: TokenBucket, rpm: int, scope: str) -> Decision:
+        """The decision for one bucket (the hot path: no lists, one refill)."""
+        if bucket.refill(now) < 1.0:
+            return Decision(False, rpm, 0, math.ceil(now + bucket.full_in()), max(1, math.ceil(bucket.wait())), scope)
+        tokens = bucket.tokens = bucket.tokens - 1.0
+        return Decision(True, rpm, min(rpm, int(tokens)), math.ceil(now + bucket.full_in()), 0, scope)
+
+    @staticmethod
+    def _many(now: float, applied: Sequence[tuple[TokenBucket, int, str]]) -> Decision:
+        """The decision for several buckets: refused by the one with the longest wait, else all pay."""
         blocked: tuple[TokenBucket, int, str] | None = None
         for entry in applied:
             bucket = entry[0]
@@ -461,29 +477,14 @@ class RateLimiter:
                 blocked = entry
         if blocked is not None:
             bucket, rpm, scope = blocked
-            return Decision(
-                allowed=False,
-                limit=rpm,
-                remaining=0,
-                reset=math.ceil(now + bucket.full_in()),
-                retry_after=max(1, math.ceil(bucket.wait())),
-                scope=scope,
-            )
-        binding: tuple[TokenBucket, int, str] | None = None
+            return Decision(False, rpm, 0, math.ceil(now + bucket.full_in()), max(1, math.ceil(bucket.wait())), scope)
+        binding = applied[0]
         for entry in applied:
             entry[0].tokens -= 1.0
-            if binding is None or entry[0].tokens < binding[0].tokens:
+            if entry[0].tokens < binding[0].tokens:
                 binding = entry
-        assert binding is not None
         bucket, rpm, scope = binding
-        return Decision(
-            allowed=True,
-            limit=rpm,
-            remaining=min(rpm, int(bucket.tokens)),
-            reset=math.ceil(now + bucket.full_in()),
-            retry_after=0,
-            scope=scope,
-        )
+        return Decision(True, rpm, min(rpm, int(bucket.tokens)), math.ceil(now + bucket.full_in()), 0, scope)
 
     # -- concurrency
 

@@ -102,7 +102,7 @@ class OllaService(MultiService):
         self.health.observe_check = self.metrics.health_checks_observe
         self.metrics.config_loaded.set(self.loaded_at)
         self.app = OllaApp(self)
-        self.site = OllaSite(self.app.resource(), reactor, config.server.request_limits.max_body_size)
+        self.site = OllaSite(self.app.resource(), reactor, config.server)
         self.site.access_log = self.access_log
         self.port: IListeningPort | None = None
         self.serving: Deferred[None] = Deferred()
@@ -231,7 +231,7 @@ class OllaService(MultiService):
         old = self.config
         added, removed, changed = self.fleet.apply(config)
         self.proxy.configure(config)
-        self.site.max_body_size = config.server.request_limits.max_body_size
+        self.site.configure(config.server)
         self.log_control.configure(config.logging.level, config.logging.format)
         self.config = config
         self.loaded_at = self.reactor.seconds()

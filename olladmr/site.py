@@ -18,11 +18,130 @@ from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web import server
 from twisted.web.resource import IResource
 
+from .config import ServerConfig
+from .errors import error_body
 from .headers import client_request_id
+
+log = Logger()
+
+
+class OllaChannel(HTTPChannel):
+    """
+    HTTP/1.1 server connection with olladmr's limits: header block size
+    (431), time to receive the headers and the body (408), and early
+    answers (413) without reading what we will not use.  A rejected
+    connection answers, half-closes, discards what the client still sends
+    and is aborted after a few seconds.
+    """
+
+    _header_timer: IDelayedCall | None = None
+    _body_timer: IDelayedCall | None = None
+    _rejected = False
+    LINGER = 5.0
+
+    def _olla(self) -> OllaSite | None:
+        site = getattr(self, "site", None)
+        return site if isinstance(site, OllaSite) else None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._rejected:
+            return
+        site = self._olla()
+        if site is not None:
+            if self._receivedHeaderSize == 0 and self._header_timer is None and site.read_header_timeout > 0:
+                self._header_timer = site.clock.callLater(site.read_header_timeout, self._too_slow, "headers")
+            if self._receivedHeaderSize + len(line) > site.max_header_size:
+                self.reject(
+                    431,
+                    "request_header_fields_too_large",
+                    f"the request line and headers exceed {site.max_header_size} bytes "
+                    "(server.request_limits.max_header_size)",
+                )
+                return
+        super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._rejected:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel("_header_timer")
+        site = self._olla()
+        if site is not None and self.length != 0 and site.read_timeout > 0:
+            self._body_timer = site.clock.callLater(site.read_timeout, self._too_slow, "body")
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._cancel("_body_timer")
+        super().allContentReceived()
+
+    def _cancel(self, name: str) -> None:
+        timer = getattr(self, name)
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            setattr(self, name, None)
+
+    def _too_slow(self, what: str) -> None:
+        setattr(self, "_header_timer" if what == "headers" else "_body_timer", None)
+        setting = "server.read_header_timeout" if what == "headers" else "server.read_timeout"
+        self.reject(408, "request_timeout", f"the request {what} did not arrive in time ({setting})")
+
+    def reject(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` now with an OpenAI-shaped error and end the connection politely."""
+        if self._rejected or self.transport is None:
+            return
+        self._rejected = True
+        self._cancel("_header_timer")
+        self._cancel("_body_timer")
+        site = self._olla()
+        rid = site.new_request_id() if site is not None else b"-"
+        body = error_body(message, "invalid_request_error", code)
+        phrase = RESPONSES.get(status) or (b"Request Header Fields Too Large" if status == 431 else b"Error")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\nx-olla-request-id: %s\r\n\r\n%s" % (status, phrase, len(body), rid, body)
+        )
+        self.setTimeout(None)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:
+            self.transport.loseConnection()
+        (site.clock if site is not None else _reactor()).callLater(self.LINGER, self._abort)
+        log.info("rejected a request with {status}: {message}", status=status, message=message)
+
+    def _abort(self) -> None:
+        if self.transport is not None and self.transport.connected:
+            self.transport.abortConnection()
+
+    def readConnectionLost(self) -> None:
+        if self._rejected:
+            self.transport.loseConnection()
+        else:
+            super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel("_header_timer")
+        self._cancel("_body_timer")
+        super().connectionLost(reason)
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class OllaRequest(server.Request):
@@ -43,8 +162,7 @@ class OllaRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
-            self.body_too_large = True
-            self.content = io.BytesIO()
+            self._refuse_body()
             return
         super().gotLength(length)
 
@@ -53,11 +171,24 @@ class OllaRequest(server.Request):
             return
         self._body_seen += len(data)
         if self._body_seen > self._limit():
-            self.body_too_large = True
-            self.content.close()
-            self.content = io.BytesIO()
+            self._refuse_body()
             return
         super().handleContentChunk(data)
+
+    def _refuse_body(self) -> None:
+        """413 at once: the rest of the body is never read into memory or disk."""
+        self.body_too_large = True
+        content = getattr(self, "content", None)
+        if content is not None:
+            content.close()
+        self.content = io.BytesIO()
+        reject = getattr(self.channel, "reject", None)
+        if reject is not None:
+            reject(
+                413,
+                "request_too_large",
+                f"request body is larger than the limit of {self._limit()} bytes (server.request_limits.max_body_size)",
+            )
 
     def process(self) -> None:
         rid = client_request_id(self.requestHeaders)
@@ -81,13 +212,22 @@ class OllaSite(server.Site):
     """Serves the route tree; owns request ids and the body size limit."""
 
     requestFactory = OllaRequest
+    protocol = OllaChannel  # plain HTTP/1.1: no HTTP/2 negotiation wrapper
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, resource: IResource, clock: IReactorTime, max_body_size: int) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False)
+    def __init__(self, resource: IResource, clock: IReactorTime, server: ServerConfig) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)
         self.clock = clock
-        self.max_body_size = max_body_size
+        self.configure(server)
+
+    def configure(self, server: ServerConfig) -> None:
+        """Apply (new) limits and timeouts; connections read them per request."""
+        self.max_body_size = server.request_limits.max_body_size
+        self.max_header_size = server.request_limits.max_header_size
+        self.read_header_timeout = server.read_header_timeout
+        self.read_timeout = server.read_timeout
+        self.timeOut = server.idle_timeout or None
         self._prefix = os.urandom(4).hex()
         self._ids = count(1)
 
