@@ -21,10 +21,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+
+from .auth import AuthConfig, parse_auth
+from .cors import CorsConfig, parse_cors
+from .ratelimit import RateLimitConfig, parse_rate_limits
 
 T = TypeVar("T")
 
@@ -179,6 +184,16 @@ class EndpointConfig:
     max_concurrent: int = 0  # 0: no limit
     queue_size: int = 64
     queue_timeout: float = 30.0
+    forward_client_auth: bool = False
+    auth_header: bytes | None = field(default=None, repr=False)  # outbound credentials: never shown
+
+    @cached_property
+    def encoded_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The headers added to every upstream request (configured ones, then outbound auth)."""
+        out = tuple((name.encode(), value.encode()) for name, value in self.headers)
+        if self.auth_header is not None:
+            out += ((b"authorization", self.auth_header),)
+        return out
 
     @property
     def display_url(self) -> str:
@@ -206,6 +221,9 @@ class ServerConfig:
     idle_timeout: float = 120.0
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     reload_endpoint: bool = False
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
     @property
     def listen(self) -> str:
@@ -447,7 +465,40 @@ def _parse_headers(section: _Section, key: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _parse_endpoint(item: object, path: str, source: str, sink: list[str]) -> EndpointConfig:
+def _parse_outbound_auth(parent: _Section, environ: Mapping[str, str]) -> bytes | None:
+    """``auth: {type: bearer, token | token_file | token_env}`` -> the Authorization header value."""
+    if not parent.has("auth"):
+        parent.raw("auth")
+        return None
+    sec = parent.section("auth", "endpoint.auth")
+    kind = sec.choice("type", "bearer", ("bearer",))
+    sources = [key for key in ("token", "token_file", "token_env") if sec.has(key)]
+    if len(sources) != 1:
+        raise sec.error("token", "give exactly one of token, token_file or token_env")
+    source = sources[0]
+    value = sec.string(source, "")
+    if source == "token_file":
+        try:
+            with open(value, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise sec.error(source, f"cannot read {value}: {exc.strerror or exc}") from None
+    elif source == "token_env":
+        token = environ.get(value, "").strip()
+        if not token:
+            raise sec.error(source, f"environment variable {value} is not set or empty")
+    else:
+        token = value.strip()
+    if not token or any(c in token for c in "\r\n\x00 "):
+        raise sec.error(source, "the token is empty or contains spaces or line breaks")
+    sec.finish()
+    assert kind == "bearer"
+    return b"Bearer " + token.encode("utf-8")
+
+
+def _parse_endpoint(
+    item: object, path: str, source: str, sink: list[str], environ: Mapping[str, str] = os.environ
+) -> EndpointConfig:
     if not isinstance(item, dict):
         raise ConfigError(source, path, f"expected a mapping with at least a url, got {_show(item)}")
     sec = _Section(item, path, source, "endpoint", sink)
@@ -479,17 +530,21 @@ def _parse_endpoint(item: object, path: str, source: str, sink: list[str]) -> En
         max_concurrent=sec.integer("max_concurrent", 0, minimum=0),
         queue_size=sec.integer("queue_size", 64, minimum=0),
         queue_timeout=sec.duration("queue_timeout", 30.0),
+        forward_client_auth=sec.boolean("forward_client_auth", False),
+        auth_header=_parse_outbound_auth(sec, environ),
     )
     sec.finish()
     return endpoint
 
 
-def _parse_endpoints(items: Iterable[object], path: str, source: str, sink: list[str]) -> tuple[EndpointConfig, ...]:
+def _parse_endpoints(
+    items: Iterable[object], path: str, source: str, sink: list[str], environ: Mapping[str, str] = os.environ
+) -> tuple[EndpointConfig, ...]:
     endpoints: list[EndpointConfig] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         where = f"{path}[{index}]"
-        ep = _parse_endpoint(item, where, source, sink)
+        ep = _parse_endpoint(item, where, source, sink, environ)
         if ep.name in seen:
             raise ConfigError(
                 source, f"{where}.name", f'duplicate endpoint name "{ep.name}" (also {path}[{seen[ep.name]}])'
@@ -499,7 +554,7 @@ def _parse_endpoints(items: Iterable[object], path: str, source: str, sink: list
     return tuple(endpoints)
 
 
-def parse_config(document: object, source: str = "<config>") -> Config:
+def parse_config(document: object, source: str = "<config>", environ: Mapping[str, str] = os.environ) -> Config:
     """
     Validate a parsed YAML document into a :class:`Config`.
 
@@ -539,6 +594,9 @@ def parse_config(document: object, source: str = "<config>") -> Config:
         idle_timeout=srv.duration("idle_timeout", 120.0),
         request_limits=request_limits,
         reload_endpoint=reload_endpoint,
+        rate_limits=parse_rate_limits(srv.section("rate_limits")),
+        auth=parse_auth(srv.section("auth"), environ),
+        cors=parse_cors(srv.section("cors")),
     )
     srv.finish()
 
@@ -562,9 +620,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
     if disc_type != "static":
         raise disc.error("type", f'only "static" discovery is supported, got {_show(disc_type)}')
     static = disc.section("static")
-    endpoints = _parse_endpoints(
-        static.sequence("endpoints"), "discovery.static.endpoints", source, sink
-    )
+    endpoints = _parse_endpoints(static.sequence("endpoints"), "discovery.static.endpoints", source, sink, environ)
     static.finish()
     md = disc.section("model_discovery", "discovery.model_discovery")
     md.boolean("enabled", True)
@@ -577,7 +633,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
     if short:
         if endpoints:
             raise top.error("endpoints", "give endpoints either here or under discovery.static.endpoints, not both")
-        endpoints = _parse_endpoints(short, "endpoints", source, sink)
+        endpoints = _parse_endpoints(short, "endpoints", source, sink, environ)
 
     log = top.section("logging")
     logging = LoggingConfig(
@@ -604,7 +660,7 @@ def parse_config(document: object, source: str = "<config>") -> Config:
     )
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, environ: Mapping[str, str] = os.environ) -> Config:
     """Read and validate the YAML file at ``path``."""
     try:
         with open(path, "rb") as handle:
@@ -620,7 +676,7 @@ def load_config(path: str) -> Config:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(path, where, f"invalid YAML: {problem}") from None
-    return parse_config(document, source=path)
+    return parse_config(document, source=path, environ=environ)
 
 
 SEARCH_PATH = ("./config.yaml", "/etc/olladmr/config.yaml")

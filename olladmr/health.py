@@ -132,8 +132,8 @@ class HealthMonitor(Service):
     async def _fetch(self, ep: EndpointState, path: str) -> tuple[int, bytes]:
         url = (ep.config.url + path).encode()
         headers = Headers({b"user-agent": [USER_AGENT], b"accept": [b"application/json"]})
-        for name, value in ep.config.headers:
-            headers.setRawHeaders(name.encode(), [value.encode()])
+        for name, value in ep.config.encoded_headers:
+            headers.setRawHeaders(name, [value])
         timeout = ep.config.check_timeout
         try:
             response = await self.client.request(ep.name, b"GET", url, headers, None, header_timeout=timeout)

@@ -128,6 +128,7 @@ class Proxy:
         self.balancer: Balancer = make_balancer(config.proxy.load_balancer)
         self.observers: list[ExchangeObserver] = []
         self.health: HealthHooks | None = None
+        self.gate: Any = None  # olladmr.gate.Gate: credentials policy and response headers
         self.active: set[Exchange] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -313,7 +314,8 @@ class Exchange:
             request_id=request.request_id.encode(),
             client_ip=(getattr(client, "host", "") or "unix").encode(),
             scheme=b"https" if request.isSecure() else b"http",
-            endpoint_headers=[(k.encode(), v.encode()) for k, v in config.headers],
+            endpoint_headers=config.encoded_headers,
+            forward_credentials=config.forward_client_auth and (self.proxy.gate is None or self.proxy.gate.forwards_credentials),
         )
         url = config.url.encode() + self.call.upstream_path
         d = self.proxy.client.request(
@@ -409,6 +411,8 @@ class Exchange:
         out = request.responseHeaders
         out.removeHeader(b"server")
         copy_response_headers(response.headers, out)
+        if self.proxy.gate is not None:
+            self.proxy.gate.decorate(request, out)
         request.defaultContentType = None
         setter = out.setRawHeaders
         setter(b"x-olla-endpoint", [endpoint.name.encode()])

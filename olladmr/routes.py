@@ -117,14 +117,18 @@ class IndexedRoutes(Resource):
     def __init__(self, app: OllaApp, klein_resource: Resource) -> None:
         super().__init__()
         self._app = app
+        self._gate = app.service.gate
         self._klein = klein_resource
         self._exact = {f"{prefix}/{op}".encode(): op for prefix in ENGINE_PREFIXES for op in INFERENCE}
 
     def render(self, request: IRequest) -> Any:
-        op = self._exact.get(request.path)
-        if op is None or request.method != b"POST":
-            return self._klein.render(request)
         try:
+            early = self._gate.admit(request)
+            if early is not None:
+                return early
+            op = self._exact.get(request.path)
+            if op is None or request.method != b"POST":
+                return self._klein.render(request)
             return self._app.inference(request, op).render(request)
         except ClientError as error:
             return render_error(request, error)

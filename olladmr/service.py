@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from .config import Config
 from .fleet import Fleet
+from .gate import Gate
 from .health import HealthMonitor
 from .logs import AccessLog, LogControl, install_on
 from .metrics import Metrics
@@ -96,6 +97,8 @@ class OllaService(MultiService):
                 shutdown_timeout=lambda: self.config.server.shutdown_timeout,
             )
             self.workers.setServiceParent(self)
+        self.gate = Gate(config.server, reactor)
+        self.proxy.gate = self.gate
         self.metrics = Metrics(self.fleet, lambda: len(self.proxy.active))
         self.access_log = AccessLog(self.log_control)
         self.proxy.observers += [self.metrics, self.access_log]
@@ -148,6 +151,7 @@ class OllaService(MultiService):
     def startService(self) -> None:
         self._bind()
         super().startService()
+        self.gate.start()
         if self.config.ignored:
             log.warn(
                 "{source}: ignoring keys olladmr does not use: {keys}",
@@ -215,6 +219,7 @@ class OllaService(MultiService):
                 for exchange in left:
                     exchange.abort()
         await _maybe(super().stopService())
+        self.gate.stop()
         await self.client.close()
         self._clear_exit_signal()
 
@@ -232,6 +237,7 @@ class OllaService(MultiService):
         added, removed, changed = self.fleet.apply(config)
         self.proxy.configure(config)
         self.site.configure(config.server)
+        self.gate.configure(config.server)
         self.log_control.configure(config.logging.level, config.logging.format)
         self.config = config
         self.loaded_at = self.reactor.seconds()

@@ -287,6 +287,8 @@ class _Exchange:
             request.setHeader(b"server", b"llama.cpp")
         if length is not None:
             request.setHeader(b"content-length", b"%d" % length)
+        for name, value in self.fake.extra_headers:
+            request.responseHeaders.addRawHeader(name, value)
 
     def write(self, data: bytes) -> None:
         """Write ``data`` now, unless the response is over."""
@@ -490,6 +492,7 @@ class FakeDMR:
         self.big_body = 0
         self.models_status = 200
         self.models_delay = 0.0
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # added to every response the fake starts
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         self._disconnect_claims = 0
