@@ -35,6 +35,7 @@ log = Logger()
 
 BACKEND_TYPE = b"docker-model-runner"
 _LOADING_MARKER = b"Loading model"
+MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
 _SSE = b"text/event-stream"
 
 
@@ -365,6 +366,17 @@ class Exchange:
         if self.gone or self.completed:
             response.deliverBody(_Discard())
             self._release()
+            return
+        size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
+        if size > MAX_UPSTREAM_HEADER_BYTES:
+            response.deliverBody(_Discard())
+            self._release()
+            endpoint.failure_count += 1
+            endpoint.breaker.on_failure()
+            self._fail(
+                bad_gateway(f"endpoint {endpoint.name} sent {size} bytes of response headers (limit "
+                            f"{MAX_UPSTREAM_HEADER_BYTES})", "upstream_headers_too_large")
+            )
             return
         if response.code == 503 and self._has_alternative():
             # DMR builds before v1.0.11 could answer llama.cpp's 503 "Loading

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+from urllib.parse import unquote_to_bytes
 from typing import TYPE_CHECKING, Any
 
 import twisted
@@ -21,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from . import __version__
 from .errors import ClientError, bad_request, not_found, too_large
@@ -105,6 +106,24 @@ def internal_error(request: IRequest, failure: Failure) -> bytes:
     )
 
 
+def _check_routable(request: IRequest) -> None:
+    """What Klein/werkzeug would refuse outside its error handling: answer it as JSON first."""
+    method = request.method.decode("latin-1")
+    if method not in ALL_METHODS:
+        raise ClientError(
+            405,
+            f"method {method[:32]!r} is not supported; olladmr serves {', '.join(ALL_METHODS)}",
+            "invalid_request_error",
+            "method_not_allowed",
+            {b"allow": ", ".join(ALL_METHODS).encode()},
+        )
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+        (request.getHeader(b"host") or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("the URL path or Host header is not valid UTF-8", "invalid_url") from None
+
+
 class IndexedRoutes(Resource):
     """
     The route tree's front door.  The inference routes (the hot path) are
@@ -128,8 +147,11 @@ class IndexedRoutes(Resource):
                 return early
             op = self._exact.get(request.path)
             if op is None or request.method != b"POST":
+                _check_routable(request)
                 return self._klein.render(request)
             return self._app.inference(request, op).render(request)
+        except HTTPException as exc:  # werkzeug refusing the URL or Host while binding
+            return render_error(request, ClientError(exc.code or 400, exc.description or exc.name, code="bad_request"))
         except ClientError as error:
             return render_error(request, error)
         except Exception:
@@ -170,9 +192,6 @@ class OllaApp:
     def _client_error(self, request: IRequest, failure: Failure) -> bytes:
         return render_error(request, failure.value)
 
-    @app.handle_errors(Exception)
-    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        return internal_error(request, failure)
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -189,6 +208,11 @@ class OllaApp:
             {b"allow": ", ".join(valid).encode()},
         )
         return self._client_error(request, Failure(error))
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        """Registered last: Klein tries error handlers in order, so routing errors are matched first."""
+        return internal_error(request, failure)
 
     def _no_route(self, request: IRequest) -> ClientError:
         path = request.path.decode("latin-1")
