@@ -1,0 +1,38 @@
+"""TLS on the listening side: `--listen ssl:...` serves HTTPS with the same routes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from conftest import config_for
+from OpenSSL.crypto import FILETYPE_PEM
+from twisted.internet import reactor, ssl
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, readBody
+
+from olladmr.service import OllaService
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_listener(tmp_path, fake):
+    """A self-signed certificate on an ssl: endpoint: the OpenAI routes answer over HTTPS."""
+    key = ssl.KeyPair.generate(size=2048)
+    cert = key.selfSignedCert(1, CN="localhost")
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(key.dump(FILETYPE_PEM) + cert.dumpPEM())
+    service = OllaService(
+        config_for(fake), reactor=reactor, listen=f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}"
+    )
+    service.startService()
+    await service.serving
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert.dumpPEM()))
+        agent = Agent(reactor, contextFactory=policy, pool=pool)
+        port = service.port.getHost().port
+        response = await agent.request(b"GET", f"https://localhost:{port}/olla/dmr/engines/v1/models".encode())
+        body = json.loads(await readBody(response))
+        assert response.code == 200 and {m["id"] for m in body["data"]} == {"ai/smollm2", "ai/llama3.2"}
+    finally:
+        await service.stopService()
+        await pool.closeCachedConnections()
