@@ -11,6 +11,7 @@ for routing only; the body sent upstream is never rewritten.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 _HEX_ID = re.compile(r"^(sha256:)?([0-9a-f]{12}|[0-9a-f]{64})$")
@@ -23,8 +24,9 @@ def _has_registry(name: str) -> bool:
     return bool(slash) and ("." in first or ":" in first or first == "localhost")
 
 
+@lru_cache(maxsize=4096)
 def normalise_model(name: str) -> str:
-    """The canonical routing key of a model reference (``ai/smollm2:latest``)."""
+    """The canonical routing key of a model reference (``ai/smollm2:latest``); memoised, bounded."""
     text = name.strip()
     if _HEX_ID.match(text):
         return text

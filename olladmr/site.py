@@ -138,6 +138,20 @@ class OllaChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+_date_cache: list[Any] = [-1, b""]
+
+
+def _http_date(clock: IReactorTime | None) -> bytes:
+    """The Date header value, formatted once per second."""
+    now = int(clock.seconds()) if clock is not None else None
+    if now is None:
+        return datetimeToString()
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = datetimeToString(now)
+    return _date_cache[1]
+
+
 def _reactor() -> Any:
     from twisted.internet import reactor
 
@@ -198,7 +212,7 @@ class OllaRequest(server.Request):
         self.site = self.channel.site
         # Like server.Request.process, minus the Server header (no version advertising).
         headers = self.responseHeaders
-        headers.setRawHeaders(b"date", [datetimeToString()])
+        headers.setRawHeaders(b"date", [_http_date(self._olla_site.clock if self._olla_site else None)])
         headers.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))

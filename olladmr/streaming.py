@@ -75,7 +75,7 @@ class UsageTail:
     """
 
     __slots__ = ("_tail",)
-    SIZE = 8192
+    SIZE = 2048  # the final usage chunk (llama.cpp: usage + timings) fits; kept small per stream
 
     def __init__(self) -> None:
         self._tail = b""
