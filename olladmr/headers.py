@@ -92,8 +92,9 @@ def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:
     """
     Copy the upstream's end-to-end response headers onto ``outgoing``.
 
-    ``Content-Length`` is kept (the body is relayed unchanged); framing is
-    otherwise left to twisted.web.
+    Twisted's HTTP client keeps framing headers (``Content-Length``,
+    ``Transfer-Encoding``, ``Connection``) out of ``response.headers``; the
+    proxy restores ``Content-Length`` from ``response.length``.
     """
     named = connection_tokens(upstream)
     put = outgoing.setRawHeaders

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 
 from .balancer import Balancer, make_balancer
 from .config import Config
@@ -187,6 +187,7 @@ class Exchange:
         self._deadline: IDelayedCall | None = None
         self.gone = False
         self.completed = False
+        self._cancelling = False
         client = request.getClientAddress()
         self.record = ExchangeRecord(
             request_id=request.request_id,
@@ -239,6 +240,7 @@ class Exchange:
             return
         if self._pending is not None:
             pending, self._pending = self._pending, None
+            self._cancelling = True
             pending.cancel()
         self._release()
         self._fail(
@@ -327,7 +329,10 @@ class Exchange:
 
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
-        if failure.check(CancelledError):
+        if failure.check(CancelledError) or self.gone or self.completed or self._cancelling:
+            # We cancelled it (the client left, or a deadline): whatever Twisted
+            # reports (ConnectingCancelledError, a lookup error, ...) says nothing
+            # about the endpoint.
             self._release()
             if not self.completed and self.gone:
                 self._complete(CLIENT_DISCONNECTED)
@@ -423,6 +428,9 @@ class Exchange:
         out = request.responseHeaders
         out.removeHeader(b"server")
         copy_response_headers(response.headers, out)
+        if response.length is not UNKNOWN_LENGTH:
+            # Twisted's client takes Content-Length out of the headers; give it back.
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
         if self.proxy.gate is not None:
             self.proxy.gate.decorate(request, out)
         request.defaultContentType = None
