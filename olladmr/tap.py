@@ -9,6 +9,7 @@ on stderr (file, key path, problem) and exit status 1 -- never a traceback.
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any, Mapping
 
 from twisted.internet import endpoints
@@ -46,8 +47,20 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be at least 1")
 
 
+def _tune_pypy() -> None:
+    """On PyPy, let the JIT trace Twisted's long call chains (default limit: no speed-up)."""
+    if platform.python_implementation() == "PyPy":
+        try:
+            import pypyjit  # type: ignore[import-not-found]
+
+            pypyjit.set_param("trace_limit=16000")
+        except Exception:  # pragma: no cover - other PyPy versions
+            pass
+
+
 def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mapping[str, str] = os.environ) -> OllaService:
     """Build the service tree from parsed options (or exit with one line)."""
+    _tune_pypy()
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
