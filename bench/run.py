@@ -355,10 +355,6 @@ def write_olladmr_config(tmp: Path, port: int, static_port: int, sse_port: int) 
   shutdown_timeout: 1s
 proxy:
   load_balancer: priority
-  # wrk drops its in-flight requests when it stops; olladmr (as of this suite's first version)
-  # counts a client leaving before the upstream's headers as an upstream failure, which would
-  # open the circuit breaker for 30 s between scenarios.  The bench measures throughput, so:
-  breaker_failures: 1000000
 endpoints:
   - url: "http://127.0.0.1:{static_port}"
     name: static
