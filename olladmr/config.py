@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .auth import AuthConfig, parse_auth
+from .errors import show_value as _show
 from .cors import CorsConfig, parse_cors
 from .ratelimit import RateLimitConfig, parse_rate_limits
 
@@ -151,17 +152,6 @@ def parse_size(value: object) -> int:
     if match is None:
         raise ValueError(value)
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
-
-
-def _show(value: object) -> str:
-    """Render a bad value the way a person wrote it: strings quoted."""
-    if isinstance(value, str):
-        return f'"{value}"'
-    if value is None:
-        return "nothing"
-    if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    return repr(value)
 
 
 # --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from twisted.web.http_headers import Headers
 
 from .errors import ClientError
+from .errors import show_value as _show
 
 if TYPE_CHECKING:  # config.py may import this module: no runtime import back
     from .config import _Section
@@ -64,10 +65,6 @@ class CorsConfig:
     exposed_headers: tuple[str, ...] = DEFAULT_EXPOSED_HEADERS
     allow_credentials: bool = False
     max_age: int = 600
-
-
-def _show(value: object) -> str:
-    return f'"{value}"' if isinstance(value, str) else "a list" if isinstance(value, list) else repr(value)
 
 
 def _strings(section: _Section, key: str, default: tuple[str, ...], check: re.Pattern[str], what: str) -> tuple[str, ...]:

@@ -13,6 +13,17 @@ from dataclasses import dataclass, field
 from twisted.web.iweb import IRequest
 
 
+def show_value(value: object) -> str:
+    """Render a bad configuration value the way a person wrote it: strings quoted."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value)
+
+
 @dataclass
 class ClientError(Exception):
     """An error answer for the client: status, message, OpenAI type and code."""

@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from .errors import ClientError
+from .errors import show_value as _quote
 
 if TYPE_CHECKING:
     from .config import _Section
@@ -87,16 +88,6 @@ OLLA_DEFAULTS = RateLimitConfig(
     health_requests_per_minute=1000,
     burst_size=50,
 )
-
-
-def _quote(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if value is None:
-        return "nothing"
-    if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    return repr(value)
 
 
 def parse_rate_limits(section: _Section) -> RateLimitConfig:
