@@ -12,26 +12,30 @@ from __future__ import annotations
 
 import json
 import platform
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
-from typing import TYPE_CHECKING, Any
 
 import twisted
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .errors import ClientError, bad_request, not_found, too_large
-from .metrics import CONTENT_TYPE
-from .models import normalise_model
-from .proxy import Proxy, ProxyCall
-
-if TYPE_CHECKING:
-    from .service import OllaService
+from .edge.gate import Admission, Gate
+from .edge.site import OllaRequest
+from .errors import ClientError, bad_request, internal_error, method_not_allowed, not_found, prepare_error, too_large
+from .fleet.catalogue import Catalogue
+from .fleet.models import normalise_model
+from .ops.lifecycle import Lifecycle
+from .ops.metrics import CONTENT_TYPE, Metrics
+from .ops.status import StatusReport
+from .proxy.headers import add_response_headers
+from .proxy.proxy import Proxy
+from .proxy.record import ProxyCall
+from .reload import ReloadResult
 
 DMR_PREFIX = b"/olla/dmr"
 log = Logger()
@@ -41,36 +45,29 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRAC
 _TABLE = "/olla/dmr/engines[/llama.cpp|/vllm]/v1/{models,chat/completions,completions,embeddings}"
 
 
-def _json(request: IRequest, payload: object, status: int = 200) -> bytes:
+def _json(request: OllaRequest, payload: object, status: int = 200) -> bytes:
     return _json_bytes(request, status, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
 
 
-def _json_bytes(request: IRequest, status: int, body: bytes) -> bytes:
+def _json_bytes(request: OllaRequest, status: int, body: bytes) -> bytes:
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     return body
 
 
-def _allow(request: IRequest, *methods: str) -> None:
+def _allow(request: OllaRequest, *methods: str) -> None:
     """Raise a 405 ClientError unless the request's method is one of ``methods``."""
     method = request.method.decode("latin-1")
     if method in methods or (method == "HEAD" and "GET" in methods):
         return
-    allowed = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
-    raise ClientError(
-        405,
-        f"method {method} is not allowed on {request.path.decode('latin-1')}; allowed: {allowed}",
-        "invalid_request_error",
-        "method_not_allowed",
-        {b"allow": allowed.encode()},
-    )
+    raise method_not_allowed(method, methods + (("HEAD",) if "GET" in methods else ()), request.path.decode("latin-1"))
 
 
-def _parse_model(request: Any) -> str:
+def _parse_model(request: OllaRequest) -> str:
     """The ``model`` of a JSON inference body, or a 400/413 ClientError."""
     if request.body_too_large:
-        raise too_large(request.site.max_body_size)
+        raise too_large(request.channel.site.limits.max_body_size)  # type: ignore[union-attr]
     content = request.content
     content.seek(0)
     raw = content.read()
@@ -92,31 +89,17 @@ def _parse_model(request: Any) -> str:
     return model
 
 
-def render_error(request: IRequest, error: ClientError) -> bytes:
-    for name, value in error.headers.items():
-        request.responseHeaders.setRawHeaders(name, [value])
-    return _json_bytes(request, error.status, error.body())
-
-
-def internal_error(request: IRequest, failure: Failure) -> bytes:
+def internal_error_answer(request: OllaRequest, failure: Failure) -> bytes:
     """A bug in olladmr: logged with its traceback, answered 500 JSON (never an HTML traceback)."""
     log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
-    return render_error(
-        request, ClientError(500, "internal error in olladmr (logged)", "server_error", "internal_error")
-    )
+    return prepare_error(request, internal_error())
 
 
-def _check_routable(request: IRequest) -> None:
+def _check_routable(request: OllaRequest) -> None:
     """What Klein/werkzeug would refuse outside its error handling: answer it as JSON first."""
     method = request.method.decode("latin-1")
     if method not in ALL_METHODS:
-        raise ClientError(
-            405,
-            f"method {method[:32]!r} is not supported; olladmr serves {', '.join(ALL_METHODS)}",
-            "invalid_request_error",
-            "method_not_allowed",
-            {b"allow": ", ".join(ALL_METHODS).encode()},
-        )
+        raise method_not_allowed(repr(method[:32]), ALL_METHODS)
     try:
         unquote_to_bytes(request.path).decode("utf-8")
         (request.getHeader(b"host") or b"").decode("utf-8")
@@ -126,40 +109,46 @@ def _check_routable(request: IRequest) -> None:
 
 class IndexedRoutes(Resource):
     """
-    The route tree's front door.  The inference routes (the hot path) are
-    found by one dict lookup on the exact path and call the same handler the
-    Klein table maps them to; every other request goes through Klein.
+    The route tree's front door: the gate first, then the routes.  The
+    inference routes (the hot path) are found by one dict lookup on the
+    exact path and call the same handler the Klein table maps them to;
+    every other request goes through Klein.
     """
 
     isLeaf = True
 
-    def __init__(self, app: OllaApp, klein_resource: Resource) -> None:
+    def __init__(self, app: OllaApp, gate: Gate, klein_resource: Resource) -> None:
         super().__init__()
         self._app = app
-        self._gate = app.service.gate
+        self._gate = gate
         self._klein = klein_resource
         self._exact = {f"{prefix}/{op}".encode(): op for prefix in ENGINE_PREFIXES for op in INFERENCE}
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: OllaRequest) -> Any:  # type: ignore[override]
+        headers = request.responseHeaders
+        headers.removeHeader(b"server")  # no version advertising
         try:
-            early = self._gate.admit(request)
-            if early is not None:
-                return early
+            admission = self._gate.admit(request)
+            if admission.headers:
+                add_response_headers(headers, admission.headers)
+            if admission.preflight is not None:
+                request.setResponseCode(admission.preflight)
+                return b""
             op = self._exact.get(request.path)
             if op is None or request.method != b"POST":
                 _check_routable(request)
                 return self._klein.render(request)
-            return self._app.inference(request, op).render(request)
+            return self._app.inference(request, op, admission).render(request)
         except HTTPException as exc:  # werkzeug refusing the URL or Host while binding
-            return render_error(request, ClientError(exc.code or 400, exc.description or exc.name, code="bad_request"))
+            return prepare_error(request, ClientError(exc.code or 400, exc.description or exc.name, code="bad_request"))
         except ClientError as error:
-            return render_error(request, error)
+            return prepare_error(request, error)
         except Exception:
-            return internal_error(request, Failure())
+            return internal_error_answer(request, Failure())
 
 
 class ProxyResource(Resource):
-    """Hands one validated request to the proxy, which owns its response (``NOT_DONE_YET``)."""
+    """Hands one validated request to the proxy, which owns its response from then on (``NOT_DONE_YET``)."""
 
     isLeaf = True
 
@@ -168,53 +157,54 @@ class ProxyResource(Resource):
         self._proxy = proxy
         self._call = call
 
-    def render(self, request: IRequest) -> int:
-        request.proxied = True  # type: ignore[attr-defined]
+    def render(self, request: OllaRequest) -> int:  # type: ignore[override]
+        request.proxied = True
         self._proxy.handle(request, self._call)
         return NOT_DONE_YET
 
 
 class OllaApp:
-    """Owns the route table; delegates proxying and status to the service."""
+    """
+    Owns the route table (one Klein class): which paths exist, which
+    methods they take, what is checked before a request is proxied.  It is
+    given the parts its handlers read; it holds no state of its own.
+    """
 
     app = Klein()
 
-    def __init__(self, service: OllaService) -> None:
-        self.service = service
+    def __init__(
+        self,
+        *,
+        proxy: Proxy,
+        catalogue: Catalogue,
+        status: StatusReport,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        reload: Callable[[], ReloadResult],
+    ) -> None:
+        self._proxy = proxy
+        self._catalogue = catalogue
+        self._status = status
+        self._metrics = metrics
+        self._lifecycle = lifecycle
+        self._reload = reload
 
-    def resource(self) -> Resource:
-        """The root resource: the Klein route tree behind an exact-path index for the hot routes."""
-        return IndexedRoutes(self, self.app.resource())
+    def resource(self, gate: Gate) -> Resource:
+        """The root resource: the gate and the Klein route tree behind an exact-path index for the hot routes."""
+        return IndexedRoutes(self, gate, self.app.resource())
 
     # -- errors
 
     @app.handle_errors(ClientError)
-    def _client_error(self, request: IRequest, failure: Failure) -> bytes:
-        return render_error(request, failure.value)
-
-
-    @app.handle_errors(NotFound)
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return self._client_error(request, Failure(self._no_route(request)))
-
-    @app.handle_errors(MethodNotAllowed)
-    def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
-        valid = failure.value.valid_methods or []
-        error = ClientError(
-            405,
-            f"method {request.method.decode('latin-1')} is not allowed here; allowed: {', '.join(valid)}",
-            "invalid_request_error",
-            "method_not_allowed",
-            {b"allow": ", ".join(valid).encode()},
-        )
-        return self._client_error(request, Failure(error))
+    def _client_error(self, request: OllaRequest, failure: Failure) -> bytes:
+        return prepare_error(request, failure.value)
 
     @app.handle_errors(Exception)
-    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        """Registered last: Klein tries error handlers in order, so routing errors are matched first."""
-        return internal_error(request, failure)
+    def _internal_error(self, request: OllaRequest, failure: Failure) -> bytes:
+        """Registered last: Klein tries error handlers in order."""
+        return internal_error_answer(request, failure)
 
-    def _no_route(self, request: IRequest) -> ClientError:
+    def _no_route(self, request: OllaRequest) -> ClientError:
         path = request.path.decode("latin-1")
         if request.path.startswith(DMR_PREFIX + b"/"):
             return not_found(
@@ -225,7 +215,7 @@ class OllaApp:
         return not_found(f"no route {path}", "unknown_route")
 
     @app.route("/", branch=True, methods=ALL_METHODS)
-    def _fallback(self, request: IRequest) -> bytes:
+    def _fallback(self, request: OllaRequest) -> bytes:
         raise self._no_route(request)
 
     # -- DMR routes
@@ -234,17 +224,27 @@ class OllaApp:
         app.route(_prefix + "/models", methods=ALL_METHODS, endpoint="models")(lambda self, request: self.models(request))
         for _op in INFERENCE:
             app.route(f"{_prefix}/{_op}", methods=ALL_METHODS, endpoint=f"infer:{_op}")(
-                (lambda op: lambda self, request: self.inference(request, op))(_op)
+                lambda self, request: self.inference_method(request)
             )
     del _prefix, _op
 
-    def models(self, request: IRequest) -> bytes:
+    def models(self, request: OllaRequest) -> bytes:
         """The union of the routable endpoints' model lists, each model once, in DMR's shape."""
         _allow(request, "GET")
-        data = self.service.catalogue.openai_list()
+        data = self._catalogue.openai_list()
         return _json(request, {"object": "list", "data": data})
 
-    def inference(self, request: Any, op: str) -> Any:
+    def inference_method(self, request: OllaRequest) -> bytes:
+        """
+        Klein's view of an inference route: reached only by methods other
+        than POST (a POST to the exact path is dispatched by
+        :class:`IndexedRoutes` without Klein), so it answers 405.
+        """
+        _allow(request, "POST")
+        raise self._no_route(request)
+
+    def inference(self, request: OllaRequest, op: str, admission: Admission) -> Resource:
+        """A POST to an inference route: validated here, proxied by the resource returned."""
         _allow(request, "POST")
         model = _parse_model(request)
         call = ProxyCall(
@@ -254,63 +254,66 @@ class OllaApp:
             model=model,
             model_key=normalise_model(model),
             arrived=request.arrived,
+            request_id=request.request_id,
+            response_headers=admission.headers,
+            forward_credentials=admission.forward_credentials,
         )
-        return ProxyResource(self.service.proxy, call)
+        return ProxyResource(self._proxy, call)
 
     # -- catalogue and status
 
     @app.route("/olla/models", methods=ALL_METHODS)
-    def olla_models(self, request: IRequest) -> bytes:
+    def olla_models(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
         include = request.args.get(b"include_unavailable", [b"false"])[0].lower() in (b"1", b"true", b"yes")
-        return _json(request, self.service.catalogue.olla_list(include_unavailable=include))
+        return _json(request, self._catalogue.olla_list(include_unavailable=include))
 
     @app.route("/internal/health", methods=ALL_METHODS)
-    def health(self, request: IRequest) -> bytes:
+    def health(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
         return _json(request, {"status": "healthy"})
 
     @app.route("/internal/ready", methods=ALL_METHODS)
-    def ready(self, request: IRequest) -> bytes:
+    def ready(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
-        ready, reason = self.service.readiness()
+        ready, reason = self._status.readiness()
         return _json(request, {"status": "ready" if ready else "not_ready", "reason": reason}, 200 if ready else 503)
 
     @app.route("/internal/status", methods=ALL_METHODS)
-    def status(self, request: IRequest) -> bytes:
+    def status(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
-        return _json(request, self.service.status())
+        return _json(request, self._status.service())
 
     @app.route("/internal/status/endpoints", methods=ALL_METHODS)
-    def status_endpoints(self, request: IRequest) -> bytes:
+    def status_endpoints(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
-        return _json(request, self.service.endpoints_status())
+        return _json(request, self._status.endpoints())
 
     @app.route("/internal/status/models", methods=ALL_METHODS)
-    def status_models(self, request: IRequest) -> bytes:
+    def status_models(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
-        return _json(request, self.service.models_status())
+        return _json(request, self._status.models())
 
     @app.route("/internal/reload", methods=ALL_METHODS)
-    def reload(self, request: IRequest) -> bytes:
+    def reload(self, request: OllaRequest) -> bytes:
         """Reload the configuration file, like SIGHUP; off unless server.admin.reload_endpoint."""
-        if not self.service.config.server.reload_endpoint:
+        if not self._lifecycle.config.server.reload_endpoint:
             raise not_found("the reload endpoint is disabled (server.admin.reload_endpoint: false)", "unknown_route")
         _allow(request, "POST")
-        result = self.service.reloader.reload()
+        result = self._reload()
         return _json(request, {"reloaded": result.ok, "summary": result.summary}, 200 if result.ok else 400)
 
     @app.route("/internal/metrics", methods=ALL_METHODS)
-    def metrics(self, request: IRequest) -> bytes:
+    def metrics(self, request: OllaRequest) -> bytes:
         """Prometheus text format, rendered on the reactor thread from the service's own registry."""
         _allow(request, "GET")
-        body = self.service.metrics.render()
+        body = self._metrics.render()
         request.responseHeaders.setRawHeaders(b"content-type", [CONTENT_TYPE])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         return body
 
     @app.route("/version", methods=ALL_METHODS)
-    def version(self, request: IRequest) -> bytes:
+    def version(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
         return _json(
             request,
@@ -322,4 +325,3 @@ class OllaApp:
                 "twisted": twisted.__version__,
             },
         )
-

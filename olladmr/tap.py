@@ -15,7 +15,9 @@ from typing import Any, Mapping
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from .config import ConfigError, find_config, resolve_config
+from .build import build
+from .config.files import find_config, resolve_config
+from .config.reader import ConfigError
 from .service import OllaService
 
 
@@ -84,12 +86,13 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
     inherit = None
     if options.get("inherit-fd") is not None:
         inherit = (int(options["inherit-fd"]), int(options["inherit-family"]))
-    return OllaService(
+    return build(
         config,
         reactor=reactor,
         listen=listen,
         config_path=path,
+        environ=environ,
         workers=workers,
         inherit=inherit,
         worker_index=int(options.get("worker-index") or 0),
-    )
+    ).service

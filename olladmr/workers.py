@@ -32,14 +32,6 @@ WORKER_FD = 3
 _RESTART_DELAY = 1.0
 
 
-def family_of(port: Any) -> int:
-    """The address family of a listening port's socket."""
-    sock = getattr(port, "socket", None)
-    if sock is None:
-        raise ValueError("this listening port has no socket to share")
-    return sock.family
-
-
 class _Worker(protocol.ProcessProtocol):
     """One worker process: relays nothing, tells the pool when it ends."""
 
@@ -51,7 +43,7 @@ class _Worker(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
-        self.pool._ended(self, reason.value)
+        self.pool.worker_ended(self, reason.value)
 
 
 class WorkerPool(Service):
@@ -96,7 +88,8 @@ class WorkerPool(Service):
         self.workers[index] = (worker, transport)
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
-    def _ended(self, worker: _Worker, reason: Any) -> None:
+    def worker_ended(self, worker: _Worker, reason: Any) -> None:
+        """``worker`` exited: restart it unless we are stopping (or it keeps dying at start-up)."""
         current = self.workers.get(worker.index)
         if current is None or current[0] is not worker:
             return
@@ -123,6 +116,10 @@ class WorkerPool(Service):
                 transport.signalProcess(name)
             except Exception:  # already gone
                 pass
+
+    def reload_all(self) -> None:
+        """Tell every worker to reload its configuration (SIGHUP)."""
+        self.signal_all("HUP")
 
     def terminate(self) -> None:
         """Ask every worker to drain and exit (once)."""

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from fakedmr import FakeDMR  # noqa: E402
 
+from olladmr import build as assembly  # noqa: E402
 from olladmr.config import parse_config  # noqa: E402
-from olladmr.service import OllaService  # noqa: E402
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -60,10 +60,11 @@ async def fakes() -> AsyncIterator[list[FakeDMR]]:
 
 
 class Daemon:
-    """A running OllaService on 127.0.0.1:<random port>, plus HTTP helpers."""
+    """A running olladmr (every part of it, as built by olladmr.build) on 127.0.0.1:<random port>, plus HTTP helpers."""
 
-    def __init__(self, service: OllaService) -> None:
-        self.service = service
+    def __init__(self, parts: assembly.Daemon) -> None:
+        self.parts = parts
+        self.service = parts.service
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=self.pool)
 
@@ -117,10 +118,10 @@ async def daemon_factory() -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
     started: list[Daemon] = []
 
     async def make(config: Any) -> Daemon:
-        service = OllaService(config, reactor=reactor, listen="tcp:0:interface=127.0.0.1")
-        service.startService()
-        await service.serving
-        daemon = Daemon(service)
+        parts = assembly.build(config, reactor=reactor, listen="tcp:0:interface=127.0.0.1")
+        parts.service.startService()
+        await parts.service.serving
+        daemon = Daemon(parts)
         started.append(daemon)
         return daemon
 

@@ -56,7 +56,7 @@ async def test_non_reading_client_pauses_upstream_and_bounds_memory(daemon_facto
     await eventually(settled, 20, "the upstream to settle")
     produced = fake.bytes_produced
     assert produced < BODY_SIZE * 0.6, produced  # kernel socket buffers hold some; the rest waits upstream
-    (exchange,) = daemon.service.proxy.active
+    (exchange,) = daemon.parts.inflight
     transport = exchange.request.channel.transport
     buffered = len(transport.dataBuffer) + transport._tempDataLen
     print(f"backpressure: upstream produced {produced} of {BODY_SIZE} bytes; olladmr holds {buffered} bytes")

@@ -232,7 +232,7 @@ async def test_client_disconnect_cancels_upstream(daemon_factory, fake):
     collector.transport.stopProducing()  # the client goes away
     await within(fake.when_disconnected(), 1.0, "upstream cancellation")
     assert fake.active == 0
-    assert len(daemon.service.proxy.active) == 0
+    assert len(daemon.parts.inflight) == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -7,7 +7,7 @@ import json
 import pytest_twisted
 from conftest import config_for
 
-from olladmr.auth import hash_key
+from olladmr.edge.auth import hash_key
 
 CHAT = {"model": "ai/smollm2", "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/olla/dmr/engines/v1/chat/completions"

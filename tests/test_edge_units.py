@@ -3,7 +3,7 @@ Deterministic unit tests for the edge of the proxy: rate limits and
 concurrency caps, inbound API keys and CORS.
 
 No sockets and no sleeping: time is a ``twisted.internet.task.Clock`` and
-configuration sections are built directly with ``olladmr.config._Section``.
+configuration sections are built directly with ``olladmr.config.Section``.
 """
 
 from __future__ import annotations
@@ -22,29 +22,31 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from olladmr import auth as auth_module
-from olladmr.auth import AuthConfig, Authenticator, admin_unauthorized, hash_key, parse_auth, unauthorized
-from olladmr.config import ConfigError, _Section
-from olladmr.cors import DEFAULT_EXPOSED_HEADERS, Cors, CorsConfig, merge_vary, parse_cors
-from olladmr.ratelimit import (
-    OLLA_DEFAULTS,
+from olladmr.edge import auth as auth_module
+from olladmr.config import ConfigError, Section
+from olladmr.config.parse import parse_auth, parse_cors, parse_rate_limits
+from olladmr.config.schema import DEFAULT_EXPOSED_HEADERS, AuthConfig, CorsConfig, RateLimitConfig
+from olladmr.config.schema import OLLA_RATE_LIMITS as OLLA_DEFAULTS
+from olladmr.edge.auth import Authenticator, admin_unauthorized, hash_key, unauthorized
+from olladmr.edge.clientaddr import client_address
+from olladmr.edge.cors import Cors
+from olladmr.edge.ratelimit import (
     UNLIMITED,
     Decision,
-    RateLimitConfig,
     RateLimiter,
     TokenBucket,
-    parse_rate_limits,
     rate_limited,
     too_many_concurrent,
 )
+from olladmr.proxy.headers import add_response_headers, merge_vary
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EPOCH = 1_700_000_000.0
 
 
-def section(data: dict[str, Any], path: str) -> _Section:
+def section(data: dict[str, Any], path: str) -> Section:
     """A config section as parse_config would hand it over."""
-    return _Section(data, path, "c.yaml", path, [])
+    return Section(data, path, "c.yaml", [])
 
 
 def make_limiter(**values: Any) -> tuple[RateLimiter, Clock]:
@@ -267,48 +269,48 @@ def trusting(**values: Any) -> RateLimiter:
 def test_xff_ignored_unless_trusted() -> None:
     """Without trust_proxy_headers the TCP peer is the client whatever X-Forwarded-For says."""
     limiter, _ = make_limiter()
-    assert limiter.client_ip("10.0.0.5", [b"1.2.3.4"]) == "10.0.0.5"
+    assert client_address("10.0.0.5", [b"1.2.3.4"], limiter.config) == "10.0.0.5"
 
 
 def test_xff_from_untrusted_peer_is_ignored() -> None:
     """A peer outside trusted_proxy_cidrs cannot set its address through X-Forwarded-For."""
     limiter = trusting()
-    assert limiter.client_ip("203.0.113.9", [b"1.2.3.4"]) == "203.0.113.9"
-    assert limiter.client_ip("203.0.113.9", None) == "203.0.113.9"
+    assert client_address("203.0.113.9", [b"1.2.3.4"], limiter.config) == "203.0.113.9"
+    assert client_address("203.0.113.9", None, limiter.config) == "203.0.113.9"
 
 
 def test_xff_from_trusted_peer_gives_client() -> None:
     """Behind a trusted proxy the address it appended is the client."""
     limiter = trusting()
-    assert limiter.client_ip("10.0.0.5", [b"198.51.100.7"]) == "198.51.100.7"
-    assert limiter.client_ip("127.0.0.1", [b" 198.51.100.7 "]) == "198.51.100.7"
-    assert limiter.client_ip("10.0.0.5", []) == "10.0.0.5"
+    assert client_address("10.0.0.5", [b"198.51.100.7"], limiter.config) == "198.51.100.7"
+    assert client_address("127.0.0.1", [b" 198.51.100.7 "], limiter.config) == "198.51.100.7"
+    assert client_address("10.0.0.5", [], limiter.config) == "10.0.0.5"
 
 
 def test_xff_spoofed_chain_takes_rightmost_untrusted() -> None:
     """Addresses a client put in front of the chain are skipped: the right-most untrusted hop wins."""
     limiter = trusting()
     header = [b"1.1.1.1, 8.8.8.8, 198.51.100.7, 10.0.0.3"]
-    assert limiter.client_ip("10.0.0.5", header) == "198.51.100.7"
+    assert client_address("10.0.0.5", header, limiter.config) == "198.51.100.7"
     split = [b"1.1.1.1, 8.8.8.8", b"198.51.100.7", b"10.0.0.3"]
-    assert limiter.client_ip("10.0.0.5", split) == "198.51.100.7"
+    assert client_address("10.0.0.5", split, limiter.config) == "198.51.100.7"
 
 
 def test_xff_garbage_stops_at_last_trusted_hop() -> None:
     """A malformed hop is not believed: the last trusted proxy's address is used instead."""
     limiter = trusting()
-    assert limiter.client_ip("10.0.0.5", [b"1.2.3.4, not-an-ip, 10.0.0.3"]) == "10.0.0.3"
-    assert limiter.client_ip("10.0.0.5", [b"evil"]) == "10.0.0.5"
+    assert client_address("10.0.0.5", [b"1.2.3.4, not-an-ip, 10.0.0.3"], limiter.config) == "10.0.0.3"
+    assert client_address("10.0.0.5", [b"evil"], limiter.config) == "10.0.0.5"
 
 
 def test_xff_all_trusted_gives_leftmost_and_handles_ports_and_v6() -> None:
     """A chain of trusted proxies gives its left-most hop; ports, brackets and mapped IPv4 are understood."""
     limiter = trusting(trusted_proxy_cidrs=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")))
-    assert limiter.client_ip("10.0.0.5", [b"10.1.1.1, 10.2.2.2"]) == "10.1.1.1"
-    assert limiter.client_ip("10.0.0.5", [b"198.51.100.7:4321"]) == "198.51.100.7"
-    assert limiter.client_ip("fd00::1", [b"[2001:db8::1]:443"]) == "2001:db8::1"
-    assert limiter.client_ip("::ffff:10.0.0.5", [b"2001:db8::2"]) == "2001:db8::2"
-    assert limiter.client_ip("unix", [b"1.2.3.4"]) == "unix"
+    assert client_address("10.0.0.5", [b"10.1.1.1, 10.2.2.2"], limiter.config) == "10.1.1.1"
+    assert client_address("10.0.0.5", [b"198.51.100.7:4321"], limiter.config) == "198.51.100.7"
+    assert client_address("fd00::1", [b"[2001:db8::1]:443"], limiter.config) == "2001:db8::1"
+    assert client_address("::ffff:10.0.0.5", [b"2001:db8::2"], limiter.config) == "2001:db8::2"
+    assert client_address("unix", [b"1.2.3.4"], limiter.config) == "unix"
 
 
 # --------------------------------------------------------------------------
@@ -711,11 +713,11 @@ def test_simple_request_headers() -> None:
     assert c.response_headers(Headers()) == {b"vary": b"Origin"}
 
 
-def test_apply_merges_vary() -> None:
-    """apply() keeps an upstream Vary and adds Origin to it once."""
+def test_cors_headers_merge_vary() -> None:
+    """CORS headers set after an upstream's keep its Vary and add Origin to it once."""
     c = cors(allowed_origins=(APP,))
     out = Headers({b"vary": [b"Accept-Encoding"]})
-    c.apply(Headers({b"origin": [APP.encode()]}), out)
+    add_response_headers(out, c.response_headers(Headers({b"origin": [APP.encode()]})))
     assert out.getRawHeaders(b"vary") == [b"Accept-Encoding, Origin"]
     assert merge_vary([b"origin"], b"Origin") == b"origin"
     assert merge_vary(None, b"Origin") == b"Origin"

@@ -106,7 +106,7 @@ async def test_failover_under_steady_traffic_loses_no_request(daemon_factory, fa
     await DeferredList([limiter.run(lambda i=i: Deferred.fromCoroutine(one(i))) for i in range(300)])
     await killed
     assert Counter(statuses) == Counter({200: 300})
-    assert daemon.service.fleet.get("fake-0").status == "offline"
+    assert daemon.parts.fleet.get("fake-0").status == "offline"
     assert len(fakes[1].inference_requests) + len(fakes[2].inference_requests) >= 200
     await fakes[0].start(fakes[0].port)
 
@@ -119,7 +119,7 @@ async def test_dead_endpoint_recovers_and_gets_traffic_again(daemon_factory, fak
     await fakes[0].stop()
     response, _ = await daemon.post_json(PATH, CHAT)
     assert response.code == 200 and response.headers.getRawHeaders(b"x-olla-endpoint") == [b"fake-1"]
-    endpoint = daemon.service.fleet.get("fake-0")
+    endpoint = daemon.parts.fleet.get("fake-0")
     assert endpoint.status == "offline"
     await fakes[0].start(fakes[0].port)
     await eventually(lambda: endpoint.status == "healthy", 10, "fake-0 to be healthy again")
@@ -156,7 +156,7 @@ async def test_loading_model_503_fails_over(daemon_factory, fakes):
     response, body = await daemon.post_json(PATH, CHAT)
     assert response.code == 200
     assert response.headers.getRawHeaders(b"x-olla-endpoint") == [b"fake-1"]
-    assert daemon.service.fleet.get("fake-0").routable  # not punished for loading
+    assert daemon.parts.fleet.get("fake-0").routable  # not punished for loading
 
 
 @pytest_twisted.ensureDeferred
@@ -168,7 +168,7 @@ async def test_per_endpoint_concurrency_queue(daemon_factory, fake):
     first = Deferred.fromCoroutine(daemon.post_json(PATH, {**CHAT, "stream": True}))
     await eventually(lambda: fake.active == 1, 5, "first request upstream")
     second = Deferred.fromCoroutine(daemon.post_json(PATH, CHAT))
-    await eventually(lambda: daemon.service.fleet.get("fake-a").queued == 1, 5, "second request queued")
+    await eventually(lambda: daemon.parts.fleet.get("fake-a").queued == 1, 5, "second request queued")
     response, body = await daemon.post_json(PATH, CHAT)
     assert response.code == 503
     assert json.loads(body)["error"]["code"] == "queue_full"
@@ -201,7 +201,7 @@ async def test_model_only_on_down_endpoint_is_503_model_unavailable(daemon_facto
     fakes[1].models = ["ai/llama3.2"]
     daemon = await daemon_factory(config_for(fakes[0], fakes[1]))
     await fakes[0].stop()
-    daemon.service.health.mark_offline(daemon.service.fleet.get("fake-0"), "test")
+    daemon.parts.health.mark_offline(daemon.parts.fleet.get("fake-0"), "test")
     response, body = await daemon.post_json(PATH, CHAT)
     assert response.code == 503
     assert json.loads(body)["error"]["code"] == "model_unavailable"

@@ -13,22 +13,25 @@ import json
 import string
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
-from olladmr.balancer import LeastConnectionsBalancer, PriorityBalancer, RoundRobinBalancer
-from olladmr.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from olladmr.fleet.balancer import LeastConnectionsBalancer, PriorityBalancer, RoundRobinBalancer
+from olladmr.fleet.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from olladmr.config import Config, EndpointConfig, parse_config
 from olladmr.errors import ClientError
-from olladmr.fleet import (
+from olladmr.fleet.state import (
     BUSY,
     HEALTHY,
     OFFLINE,
@@ -39,10 +42,10 @@ from olladmr.fleet import (
     QueueFull,
     QueueTimeout,
 )
-from olladmr.health import BACKOFF_CAP, HealthMonitor
-from olladmr.models import normalise_model
-from olladmr.routing import route
-from olladmr.upstream import UpstreamFailure
+from olladmr.fleet.health import BACKOFF_CAP, HealthMonitor
+from olladmr.fleet.models import normalise_model
+from olladmr.fleet.routing import route
+from olladmr.failures import UpstreamFailure
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -588,8 +591,7 @@ class FakeCall:
     method: bytes
     url: bytes
     headers: Headers
-    fresh: bool
-    header_timeout: float | None
+    options: dict[str, Any]
     at: float
     deferred: Deferred = field(default_factory=Deferred)
 
@@ -599,7 +601,7 @@ class FakeCall:
         self.deferred.callback(FakeResponse(code, body))
 
     def refuse(self) -> None:
-        self.deferred.errback(UpstreamFailure(self.endpoint, "connection_refused", "connection refused", sent=False))
+        self.deferred.errback(ConnectionRefusedError())
 
 
 Behaviour = Callable[[FakeCall], None]
@@ -618,25 +620,17 @@ def refuse(call: FakeCall) -> None:
 
 
 class FakeClient:
-    """Stands in for UpstreamClient: records every request and answers per endpoint as told."""
+    """Stands in for treq's HTTPClient: records every GET and answers per endpoint (the URL's first host label) as told."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.calls: list[FakeCall] = []
         self.behaviour: dict[str, Behaviour | None] = {}
 
-    def request(
-        self,
-        endpoint: str,
-        method: bytes,
-        url: bytes,
-        headers: Headers,
-        body: object,
-        *,
-        fresh: bool = False,
-        header_timeout: float | None = None,
-    ) -> Deferred:
-        call = FakeCall(endpoint, method, url, headers, fresh, header_timeout, self.clock.seconds())
+    def get(self, url: str, **options: Any) -> Deferred:
+        endpoint = (urlsplit(url).hostname or "").split(".")[0]
+        headers = options.pop("headers")
+        call = FakeCall(endpoint, b"GET", url.encode(), headers, options, self.clock.seconds())
         self.calls.append(call)
         behave = self.behaviour.get(endpoint, answer_with())
         if behave is not None:
@@ -678,6 +672,7 @@ def monitored(
     *endpoints: dict[str, object],
     behaviour: dict[str, Behaviour | None] | None = None,
     start: bool = True,
+    listeners: tuple[Callable[[EndpointState, str, str], None], ...] = (),
     **proxy: object,
 ) -> Monitored:
     clock = Clock()
@@ -685,13 +680,7 @@ def monitored(
     fleet = Fleet(config, clock)
     client = FakeClient(clock)
     client.behaviour.update(behaviour or {})
-    monitor = HealthMonitor(
-        fleet,
-        client,  # type: ignore[arg-type]
-        clock,
-        busy_threshold=lambda: config.proxy.busy_threshold,
-        discovery_interval=lambda: config.model_discovery_interval,
-    )
+    monitor = HealthMonitor(fleet, client, clock, config, listeners=listeners)
     m = Monitored(clock, config, fleet, client, monitor)
     if start:
         monitor.startService()
@@ -716,7 +705,7 @@ def test_health_one_loop_per_endpoint_at_its_own_interval() -> None:
     call = m.client.calls_to("a")[0]
     assert call.method == b"GET"
     assert call.url == b"http://a.test:12434/engines/v1/models"
-    assert call.header_timeout == 1.0
+    assert call.options == {"allow_redirects": False, "unbuffered": True}  # treq: no redirects, no buffering
     m.monitor.stopService()
     m.advance(20)
     assert len(m.client.calls) == 9
@@ -877,38 +866,65 @@ def test_health_unexpected_exception_does_not_kill_the_loop() -> None:
 
 
 def test_health_check_in_progress_is_not_doubled() -> None:
-    """A tick that finds the previous check still running does not start a second one."""
-    m = monitored(ep_conf("a", "2s", "2s"), behaviour={"a": None})
-    m.advance(2)
-    assert len(m.client.calls_to("a")) == 1
-    m.client.pending("a")[0].answer()
-    m.advance(2)
+    """A tick that finds the previous check still running (here: its model discovery) does not start a second one."""
+    m = monitored(ep_conf("a", "2s", "2s", model_url="/models"), behaviour={"a": None})
+    m.advance(1.5)
+    m.client.pending("a")[0].answer()  # health answered at 1.5s; discovery now pending until 3.5s
     assert len(m.client.calls_to("a")) == 2
+    m.advance(0.5)  # the 2s tick finds the check still running
+    assert len(m.client.calls_to("a")) == 2
+    m.client.pending("a")[0].answer(200, models_doc("ai/smollm2"))
+    m.advance(2)
+    assert len(m.client.calls_to("a")) == 3
 
 
-def test_health_stale_pooled_connection_is_retried_fresh() -> None:
-    """A reset on a reused pooled connection is retried once on a fresh connection."""
-    calls: list[FakeCall] = []
+def test_health_unanswered_check_times_out_on_the_clock() -> None:
+    """A check with no answer within check_timeout is cancelled and the endpoint goes offline (header_timeout)."""
+    m = monitored(ep_conf("a", "10s", "1s"), behaviour={"a": None})
+    (call,) = m.client.pending("a")
+    m.clock.advance(0.9)
+    assert not call.deferred.called and m.ep("a").status == UNKNOWN
+    m.clock.advance(0.2)
+    assert call.deferred.called  # cancelled by the monitor's own timeout
+    assert m.ep("a").status == OFFLINE and "header_timeout" in m.ep("a").status_reason
 
-    def stale_then_ok(call: FakeCall) -> None:
-        calls.append(call)
-        if not call.fresh:
-            call.deferred.errback(UpstreamFailure("a", "connection_reset", "closed", reused=True))
-        else:
-            call.answer()
 
-    m = monitored(ep_conf("a"), behaviour={"a": stale_then_ok})
-    assert [c.fresh for c in calls] == [False, True]
-    assert m.ep("a").status == HEALTHY
+def test_health_body_that_never_ends_times_out_too() -> None:
+    """check_timeout bounds the whole answer, body included: headers alone do not make an endpoint healthy."""
+    transport = StringTransport()
+
+    class Stalling:
+        code = 200
+        phrase = b"OK"
+        headers = Headers()
+        length = UNKNOWN_LENGTH
+
+        def deliverBody(self, protocol: Any) -> None:
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b'{"object":"list",')
+
+    m = monitored(ep_conf("a", "10s", "1s"), behaviour={"a": lambda call: call.deferred.callback(Stalling())})
+    assert m.ep("a").status == UNKNOWN
+    m.clock.advance(1.1)
+    assert m.ep("a").status == OFFLINE and transport.producerState == "stopped"  # the body read was stopped
+
+
+def test_health_model_list_over_the_cap_is_unhealthy() -> None:
+    """A model list larger than the monitor reads is refused (unhealthy), without holding it in memory."""
+    from olladmr.fleet import health as health_module
+
+    big = b"x" * (health_module.MAX_LIST_BYTES + 1)
+    m = monitored(ep_conf("a"), behaviour={"a": answer_with(200, big)})
+    assert m.ep("a").status == UNHEALTHY and "larger than" in m.ep("a").status_reason
 
 
 def test_health_mark_offline_rechecks_within_a_second() -> None:
     """``mark_offline`` sets the endpoint offline now and schedules one re-check within 1s."""
-    m = monitored(ep_conf("a", "10s"))
-    ep = m.ep("a")
-    assert ep.status == HEALTHY
     seen: list[tuple[str, str]] = []
-    m.monitor.listeners.append(lambda e, old, new: seen.append((old, new)))
+    m = monitored(ep_conf("a", "10s"), listeners=(lambda e, old, new: seen.append((old, new)),))
+    ep = m.ep("a")
+    assert ep.status == HEALTHY and seen == [(UNKNOWN, HEALTHY)]
+    seen.clear()
     m.monitor.mark_offline(ep, "connection_refused during a request")
     m.monitor.mark_offline(ep, "connection_refused during a request")
     assert ep.status == OFFLINE and not ep.routable
@@ -1093,7 +1109,7 @@ def test_breaker_trial_now_skips_the_cooldown():
     """An open breaker told that its endpoint is back online admits one trial at once."""
     from twisted.internet.task import Clock
 
-    from olladmr.breaker import CircuitBreaker
+    from olladmr.fleet.breaker import CircuitBreaker
 
     clock = Clock()
     breaker = CircuitBreaker(clock, threshold=2, cooldown=30)

@@ -1,21 +1,23 @@
-"""Fuzzing olladmr over raw TCP, and olladmr in front of upstreams that break the protocol.
+"""Fuzzing olladmr over raw TCP.
 
-Part 1 (``test_http_fuzz``) throws seeded random requests at a running daemon
-with a healthy fake DMR behind it: odd methods, request targets (``..``,
-``//``, %-encodings, very long, bytes >= 0x80), headers (odd names and values,
+``test_http_fuzz`` throws seeded random requests at a running daemon with a
+healthy fake DMR behind it: odd methods, request targets (``..``, ``//``,
+%-encodings, very long, bytes >= 0x80), headers (odd names and values,
 duplicates, up to ~32 KB, invalid bytes, obs-folds) and bodies (malformed
 JSON, every wrong type for ``model``, 100k ``[``, invalid UTF-8, ``1e400`` and
 ``10**5000``, empty, chunked, pipelined, truncated).  Requests are written as
-raw bytes with a Twisted ``Protocol`` so malformed requests really go on the
-wire.  It asserts that olladmr never answers 5xx itself, never hangs, never
-logs a failure or an error/critical event, that its own error bodies are
-OpenAI-shaped JSON, that nothing leaks (exchanges, endpoint slots) and that a
-normal chat works afterwards.
+raw bytes (:mod:`rawhttp`) so malformed requests really go on the wire.  It
+asserts that olladmr never answers 5xx itself, never hangs, never logs a
+failure or an error/critical event, that its own error bodies are
+OpenAI-shaped JSON, that nothing leaks (exchanges, endpoint slots), that no
+case raises, and that a normal chat works afterwards.
 
     OLLADMR_FUZZ_CASES=5000 OLLADMR_FUZZ_SEED=7 pytest -q -s tests/test_fuzz.py -k fuzz
 
-Part 2 runs olladmr against :mod:`fakebroken` upstreams that answer the
-health check normally and misbehave on every POST.
+The focused tests below pin down what the fuzz found (unrouted methods,
+non-UTF-8 paths, odd Host headers, clients leaving early, slow client
+headers).  olladmr in front of upstreams that break the protocol is
+``test_broken_upstreams``.
 """
 
 from __future__ import annotations
@@ -25,25 +27,30 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Daemon, config_for, eventually
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.logger import LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
+from conftest import config_for, eventually
+from twisted.internet import defer
 
-from fakebroken import BrokenUpstream
-from fakedmr import FakeDMR
+from rawhttp import (
+    ANSWER_TIMEOUT,
+    CHAT_BODY,
+    CHAT_PATH,
+    HANG_GUARD,
+    LogWatch,
+    RawResponse,
+    assert_daemon_healthy,
+    chat_wire,
+    olladmr_error_problem,
+    raw_exchange,
+)
 
 FUZZ_CASES = int(os.environ.get("OLLADMR_FUZZ_CASES", "1000"))
 FUZZ_SEED = int(os.environ.get("OLLADMR_FUZZ_SEED", "20261126"))
 FUZZ_CONCURRENCY = 8
-ANSWER_TIMEOUT = 5.0  # seconds a request may take to be answered (or its connection closed)
 MAX_BODY = 1024 * 1024  # the fuzzed daemon's server.request_limits.max_body_size
 
 PREFIXES = ["/olla/dmr/engines/v1", "/olla/dmr/engines/llama.cpp/v1", "/olla/dmr/engines/vllm/v1"]
@@ -72,12 +79,6 @@ ODD_METHODS = [
     b"GET\tX", b"", b"!#$%&'*+-.^_`|~", b"1234",
 ]
 KNOWN_MODELS = ["ai/smollm2", "smollm2", "AI/SmolLM2", "ai/smollm2:latest", "ai/llama3.2", "docker.io/ai/smollm2"]
-CHAT_BODY = {"model": "ai/smollm2", "messages": [{"role": "user", "content": "hi"}]}
-CHAT_PATH = "/olla/dmr/engines/v1/chat/completions"
-
-# Log events that are expected while fuzzing; anything else at error/critical level, or
-# carrying a failure, fails the test.  (Empty: a malformed request is no reason to log an error.)
-EXPECTED_LOG_EVENTS: tuple[str, ...] = ()
 
 # Known olladmr bugs the fuzz keeps finding.  Each has a focused xfail(strict=True) test below
 # that asserts the right behaviour; the fuzz counts (and prints) them instead of failing on them,
@@ -101,275 +102,17 @@ def known_log_bug(event: dict[str, Any]) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# Raw HTTP/1.1 over TCP
-
-
-@dataclass
-class RawResponse:
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-    complete: bool = False
-    body_bytes: int = 0
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
-
-@dataclass
-class RawResult:
-    responses: list[RawResponse] = field(default_factory=list)
-    closed_by_server: bool = False
-    hung: bool = False
-    garbage: bytes | None = None  # bytes that do not parse as an HTTP response
-    elapsed: float = 0.0
-
-
-class RawHTTPClient(Protocol):
-    """Writes ``pieces`` of raw bytes and parses whatever HTTP/1.1 responses come back.
-
-    ``expect``: the number of responses after which the exchange is over (the
-    client then aborts the connection), or ``None``: at least one, then over
-    after ``quiet`` seconds without data.  ``half_close``: shut our write side
-    after the last piece (for requests the server would wait on forever).
-    The exchange is also over when the server closes the connection, or after
-    ``timeout`` seconds (``hung``).
-    """
-
-    MAX_KEEP = 256 * 1024
-
-    def __init__(
-        self,
-        pieces: list[bytes],
-        head: list[bool],
-        expect: int | None = 1,
-        half_close: bool = False,
-        timeout: float = ANSWER_TIMEOUT,
-        piece_delay: float = 0.0,
-        quiet: float = 0.3,
-    ) -> None:
-        self.pieces = pieces
-        self.head = head
-        self.expect = expect
-        self.half_close = half_close
-        self.timeout = timeout
-        self.piece_delay = piece_delay
-        self.quiet = quiet
-        self.result = RawResult()
-        self.done: defer.Deferred[RawResult] = defer.Deferred()
-        self._buf = bytearray()
-        self._state = "head"  # head | length | chunk-size | chunk-data | chunk-crlf | trailers | close
-        self._current: RawResponse | None = None
-        self._remaining = 0
-        self._timer: Any = None
-        self._quiet_timer: Any = None
-        self._started = 0.0
-        self._finished = False
-
-    # -- lifecycle
-
-    def connectionMade(self) -> None:
-        self._started = time.monotonic()
-        self._timer = reactor.callLater(self.timeout, self._hang)
-        self._write_pieces(list(self.pieces))
-
-    def _write_pieces(self, pieces: list[bytes]) -> None:
-        while pieces and not self._finished:
-            self.transport.write(pieces.pop(0))
-            if pieces and self.piece_delay > 0:
-                reactor.callLater(self.piece_delay, self._write_pieces, pieces)
-                return
-        if not pieces and self.half_close and not self._finished:
-            self.transport.loseWriteConnection()
-
-    def _hang(self) -> None:
-        self._timer = None
-        self.result.hung = True
-        self._finish(abort=True)
-
-    def _finish(self, abort: bool) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        for timer in (self._timer, self._quiet_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.result.elapsed = time.monotonic() - self._started
-        if self._current is not None:  # a response still being received: keep it, incomplete
-            self.result.responses.append(self._current)
-            self._current = None
-        if abort and self.transport is not None:
-            self.transport.abortConnection()
-        self.done.callback(self.result)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._finished:
-            return
-        self.result.closed_by_server = True
-        current = self._current
-        if current is not None:
-            if self._state == "close":
-                current.complete = True
-            self.result.responses.append(current)
-            self._current = None
-        self._finish(abort=False)
-
-    # -- parsing
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._finished:
-            return
-        self._buf += data
-        try:
-            self._parse()
-        except _NotHTTP as exc:
-            self.result.garbage = bytes(exc.args[0])[:200]
-            self._finish(abort=True)
-            return
-        if self.expect is None and (self.result.responses or self._current) and not self._finished:
-            if self._quiet_timer is not None and self._quiet_timer.active():
-                self._quiet_timer.reset(self.quiet)
-            else:
-                self._quiet_timer = reactor.callLater(self.quiet, self._finish, True)
-
-    def _keep(self, chunk: bytes) -> None:
-        current = self._current
-        assert current is not None
-        current.body_bytes += len(chunk)
-        if len(current.body) < self.MAX_KEEP:
-            current.body += chunk[: self.MAX_KEEP - len(current.body)]
-
-    def _response_done(self) -> None:
-        current = self._current
-        assert current is not None
-        current.complete = True
-        self.result.responses.append(current)
-        self._current = None
-        self._state = "head"
-        if self.expect is not None and len(self.result.responses) >= self.expect:
-            self._finish(abort=True)
-
-    def _parse(self) -> None:
-        buf = self._buf
-        while not self._finished:
-            if self._state == "head":
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > 1024 * 1024 or (buf and not b"HTTP/1."[: len(buf)].startswith(bytes(buf[:7]))):
-                        raise _NotHTTP(buf)
-                    return
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                lines = head.split(b"\r\n")
-                parts = lines[0].split(b" ", 2)
-                if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-                    raise _NotHTTP(head)
-                status = int(parts[1])
-                headers = []
-                for line in lines[1:]:
-                    name, sep, value = line.partition(b":")
-                    if not sep:
-                        raise _NotHTTP(head)
-                    headers.append((name.strip().lower(), value.strip()))
-                if 100 <= status < 200:
-                    continue  # 100 Continue: the real answer follows
-                self._current = response = RawResponse(status, parts[2] if len(parts) > 2 else b"", headers)
-                index = len(self.result.responses)
-                is_head = self.head[min(index, len(self.head) - 1)] if self.head else False
-                te = (response.header(b"transfer-encoding") or b"").lower()
-                length = response.header(b"content-length")
-                if is_head or status in (204, 304):
-                    self._response_done()
-                elif b"chunked" in te:
-                    self._state = "chunk-size"
-                elif length is not None:
-                    if not length.isdigit():
-                        raise _NotHTTP(head)
-                    self._remaining = int(length)
-                    self._state = "length"
-                    if self._remaining == 0:
-                        self._response_done()
-                else:
-                    self._state = "close"
-            elif self._state == "length":
-                if not buf:
-                    return
-                take = bytes(buf[: self._remaining])
-                del buf[: len(take)]
-                self._keep(take)
-                self._remaining -= len(take)
-                if self._remaining == 0:
-                    self._response_done()
-            elif self._state == "chunk-size":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise _NotHTTP(line) from None
-                if size == 0:
-                    self._state = "trailers"
-                else:
-                    self._remaining = size
-                    self._state = "chunk-data"
-            elif self._state == "chunk-data":
-                if not buf:
-                    return
-                take = bytes(buf[: self._remaining])
-                del buf[: len(take)]
-                self._keep(take)
-                self._remaining -= len(take)
-                if self._remaining == 0:
-                    self._state = "chunk-crlf"
-            elif self._state == "chunk-crlf":
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    raise _NotHTTP(bytes(buf[:20]))
-                del buf[:2]
-                self._state = "chunk-size"
-            elif self._state == "trailers":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                line = bytes(buf[:end])
-                del buf[: end + 2]
-                if line == b"":
-                    self._response_done()
-            elif self._state == "close":
-                if buf:
-                    self._keep(bytes(buf))
-                    del buf[:]
-                return
-
-
-class _NotHTTP(Exception):
-    pass
-
-
-async def raw_exchange(port: int, pieces: list[bytes] | bytes, **kwargs: Any) -> RawResult:
-    """Connect to 127.0.0.1:``port``, run a :class:`RawHTTPClient` and return its result."""
-    if isinstance(pieces, bytes):
-        pieces = [pieces]
-    kwargs.setdefault("head", [False])
-    client = RawHTTPClient(pieces, **kwargs)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
-    return await client.done
-
-
-# ---------------------------------------------------------------------------
 # The generator
 
 
 @dataclass
 class Case:
+    """One generated fuzz request: the raw pieces written and how the client reads the answer.
+
+    ``head``: per expected response, whether it answers a HEAD (no body);
+    ``expect``, ``half_close``, ``piece_delay``: as for :class:`rawhttp.RawHTTPClient`.
+    """
+
     label: str
     pieces: list[bytes]
     head: list[bool]
@@ -388,7 +131,7 @@ class Case:
 
 
 class Fuzzer:
-    """Builds random raw HTTP requests from a seeded ``random.Random``."""
+    """Owns the seeded ``random.Random`` and builds :class:`Case` objects (random raw HTTP requests) from it."""
 
     def __init__(self, seed: int, port: int) -> None:
         self.rnd = random.Random(seed)
@@ -754,90 +497,7 @@ class Fuzzer:
 
 
 # ---------------------------------------------------------------------------
-# Log capture
-
-
-class LogWatch:
-    """Collects failures and error/critical events published while it is installed."""
-
-    def __init__(self, known: Counter[str] | None = None) -> None:
-        self.bad: list[dict[str, Any]] = []
-        self.warnings: Counter[str] = Counter()
-        self.known = known  # when given, known bugs are counted here instead of failing
-        self.warn_samples: list[str] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        text = str(event.get("log_format") or "")
-        if any(expected in text for expected in EXPECTED_LOG_EVENTS):
-            return
-        if "log_failure" in event or level in (LogLevel.error, LogLevel.critical) or event.get("isError"):
-            bug = known_log_bug(event) if self.known is not None else None
-            if bug is not None:
-                self.known["log:" + bug] += 1
-                return
-            self.bad.append(event)
-        elif level == LogLevel.warn:
-            self.warnings[text[:60]] += 1
-            if len(self.warn_samples) < 20:
-                from twisted.logger import formatEvent
-
-                self.warn_samples.append(formatEvent(event)[:500])
-
-    def __enter__(self) -> LogWatch:
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        globalLogPublisher.removeObserver(self)
-
-    def describe(self) -> str:
-        from twisted.logger import formatEvent
-
-        out = []
-        for event in self.bad[:5]:
-            line = f"{event.get('log_namespace')}: {formatEvent(event)}"
-            failure = event.get("log_failure")
-            if failure is not None:
-                line += "\n" + failure.getTraceback()
-            out.append(line)
-        return "\n---\n".join(out)
-
-
-# ---------------------------------------------------------------------------
-# Checks shared by the fuzz and the broken-upstream tests
-
-
-def olladmr_error_problem(response: RawResponse) -> str | None:
-    """What is wrong with an error response olladmr made itself, or ``None``."""
-    if response.header(b"x-olla-request-id") is None or response.header(b"x-olla-endpoint") is not None:
-        return None  # twisted.web's own 400 (before olladmr saw the request) or an upstream answer
-    if response.status < 400 or not response.complete or not response.body:
-        return None
-    if response.status == 503 and response.body.startswith(b'{"status":"not_ready"'):
-        return None  # /internal/ready's documented answer
-    try:
-        error = json.loads(response.body)["error"]
-        assert isinstance(error["message"], str) and isinstance(error["type"], str)
-    except Exception:
-        return f"olladmr's own {response.status} is not an OpenAI-shaped JSON error: {response.body[:200]!r}"
-    return None
-
-
-async def assert_daemon_healthy(daemon: Daemon, model: str = "ai/smollm2", text: str = "Hello, world!") -> None:
-    """A normal chat works, liveness is fine, and no exchange is left in flight."""
-    response, body = await daemon.post_json(CHAT_PATH, {**CHAT_BODY, "model": model})
-    assert response.code == 200, body
-    assert json.loads(body)["choices"][0]["message"]["content"] == text
-    response, body = await daemon.request("GET", "/internal/health")
-    assert response.code == 200 and json.loads(body) == {"status": "healthy"}
-    await eventually(lambda: not daemon.service.proxy.active, 5.0, "no exchange left in flight")
-    await eventually(lambda: all(ep.in_flight == 0 for ep in daemon.service.fleet.endpoints.values()), 5.0,
-                     "every endpoint slot released")
-
-
-# ---------------------------------------------------------------------------
-# Part 1: the fuzz
+# The fuzz, and the focused tests for what it found
 
 
 @pytest_twisted.ensureDeferred
@@ -882,11 +542,17 @@ async def test_http_fuzz(daemon_factory, fake):
             if problem:
                 problems.append(f"{problem}: {case.describe()}")
 
-    with LogWatch(None if FUZZ_STRICT else known) as logs:
-        await defer.DeferredList([semaphore.run(lambda c=c: defer.ensureDeferred(run(c))) for c in cases],
-                                 consumeErrors=False)
+    with LogWatch(None if FUZZ_STRICT else known, classify=known_log_bug) as logs:
+        # Every case runs to its end (none is left running against a stopped daemon), then every
+        # result is checked: a case that raised fails the test, with the case shown.
+        results = await defer.DeferredList(
+            [semaphore.run(lambda c=c: defer.ensureDeferred(run(c))) for c in cases], consumeErrors=True
+        )
+        raised = [f"{case.describe()}\n{outcome.getTraceback()}"
+                  for case, (ok, outcome) in zip(cases, results) if not ok]
+        assert not raised, f"{len(raised)} fuzz cases raised, e.g.:\n" + "\n---\n".join(raised[:5])
         elapsed = time.monotonic() - started
-        endpoint = daemon.service.fleet.endpoints["fake-a"]
+        endpoint = daemon.parts.fleet.endpoints["fake-a"]
         await eventually(lambda: endpoint.routable, 5.0, "the (always healthy) fake routable again")
         await assert_daemon_healthy(daemon)
         await eventually(lambda: fake.active == 0, 5.0, "the fake has no request in flight")
@@ -951,11 +617,11 @@ async def test_odd_host_header_is_not_a_500(daemon_factory, fake, host):
 async def test_clients_leaving_early_do_not_take_the_endpoint_out(daemon_factory, fake):
     """Clients that send a request and leave at once (5 rounds of 20) must not count against a healthy endpoint."""
     daemon = await daemon_factory(config_for(fake))
-    endpoint = daemon.service.fleet.endpoints["fake-a"]
+    endpoint = daemon.parts.fleet.endpoints["fake-a"]
     with LogWatch() as logs:
         for _ in range(5):
             await defer.gatherResults([
-                defer.ensureDeferred(raw_exchange(daemon.port, _chat_wire(daemon.port, stream=True), expect=None,
+                defer.ensureDeferred(raw_exchange(daemon.port, chat_wire(daemon.port, stream=True), expect=None,
                                                   half_close=True))
                 for _ in range(20)
             ])
@@ -968,199 +634,18 @@ async def test_clients_leaving_early_do_not_take_the_endpoint_out(daemon_factory
     assert endpoint.failure_count == 0 and endpoint.breaker.state == "closed" and endpoint.status == "healthy"
 
 
-# ---------------------------------------------------------------------------
-# Part 2: broken upstreams
-
-
-def _broken_config(broken: BrokenUpstream, healthy: FakeDMR, **proxy: Any) -> Any:
-    """The broken upstream serves ai/smollm2 only; a healthy fake serves ai/llama3.2 only."""
-    return config_for(broken, healthy, proxy={"response_header_timeout": "2s", **proxy})
-
-
-@pytest_twisted.async_yield_fixture
-async def broken():
-    upstream = BrokenUpstream(name="broken")
-    await upstream.start()
-    yield upstream
-    await upstream.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def healthy():
-    dmr = FakeDMR(models=("ai/llama3.2",), name="healthy")
-    await dmr.start()
-    yield dmr
-    await dmr.stop()
-
-
-def _chat_wire(port: int, stream: bool = False) -> bytes:
-    body = json.dumps({**CHAT_BODY, "stream": stream}).encode()
-    return (b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % (port, len(body)) + body)
-
-
-async def _after_broken(daemon: Daemon, broken: BrokenUpstream, logs: LogWatch) -> None:
-    """The daemon stays healthy; no upstream connection or exchange is leaked; nothing crashed."""
-    await assert_daemon_healthy(daemon, model="ai/llama3.2")
-    await eventually(lambda: broken.open_posts == 0, 5.0, "the broken upstream's POST connections closed")
-    assert not logs.bad, logs.describe()
-
-
-PRE_HEADER_MODES = ["garbage", "close_mid_headers", "close_silently", "huge_header_line", "stall_headers"]
-
-
-@pytest.mark.parametrize("mode", PRE_HEADER_MODES)
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_before_headers_gives_502_json(daemon_factory, broken, healthy, mode):
-    """No usable status line/headers: the client gets olladmr's JSON 502 (504 for silence) quickly."""
-    daemon = await daemon_factory(_broken_config(broken, healthy))
-    broken.mode = mode
-    with LogWatch() as logs:
-        for attempt in range(2):  # once on a pooled (health-check) connection, once more
-            result = await raw_exchange(daemon.port, _chat_wire(daemon.port), timeout=8.0)
-            assert not result.hung and result.responses, f"{mode}: no answer"
-            response = result.responses[0]
-            print(f"\n{mode} #{attempt}: {response.status} {response.body[:300]!r} after {result.elapsed:.2f}s")
-            expected = 504 if mode == "stall_headers" else 502
-            assert response.status == expected, response.body
-            assert olladmr_error_problem(response) is None
-            assert json.loads(response.body)["error"]["type"] == "upstream_error"
-            assert result.elapsed < 5.0
-        await _after_broken(daemon, broken, logs)
-    print(f"{mode}: the broken upstream received {broken.posts} POSTs for 2 client requests")
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_huge_headers_gives_502(daemon_factory, broken, healthy):
-    """1 MB of response header lines is not a usable answer: a JSON 502 (nginx: 'upstream sent too big header')."""
-    daemon = await daemon_factory(_broken_config(broken, healthy))
-    broken.mode = "huge_headers"
-    with LogWatch() as logs:
-        for attempt in range(2):
-            result = await raw_exchange(daemon.port, _chat_wire(daemon.port), timeout=8.0)
-            assert not result.hung and result.responses, "no answer"
-            response = result.responses[0]
-            print(f"\nhuge_headers #{attempt}: {response.status}, {len(response.headers)} headers, "
-                  f"body {response.body[:160]!r}, {result.elapsed:.2f}s")
-            assert response.status == 502 and olladmr_error_problem(response) is None
-            assert len(response.headers) < 50 and result.elapsed < 5.0
-        await _after_broken(daemon, broken, logs)
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_no_content_length_then_close(daemon_factory, broken, healthy):
-    """A body delimited by the upstream closing is valid HTTP/1.1: relayed whole, response ended cleanly."""
-    daemon = await daemon_factory(_broken_config(broken, healthy))
-    broken.mode = "no_content_length_then_close"
-    with LogWatch() as logs:
-        result = await raw_exchange(daemon.port, _chat_wire(daemon.port), timeout=8.0)
-        assert not result.hung and result.responses
-        response = result.responses[0]
-        print(f"\nno_content_length_then_close: {response.status} complete={response.complete} "
-              f"te={response.header(b'transfer-encoding')!r} body={response.body!r} {result.elapsed:.2f}s")
-        assert response.status == 200 and response.complete
-        assert json.loads(response.body)["choices"][0]["message"]["content"] == "broken but whole"
-        await _after_broken(daemon, broken, logs)
-
-
-@pytest.mark.parametrize("cut", ["between_events", "mid_chunk"])
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_truncated_chunked_sse(daemon_factory, broken, healthy, cut):
-    """A chunked SSE stream cut before [DONE]: the client gets the events, then an SSE error event, cleanly."""
-    daemon = await daemon_factory(_broken_config(broken, healthy))
-    broken.mode = "truncated_chunked"
-    broken.cut_mid_chunk = cut == "mid_chunk"
-    with LogWatch() as logs:
-        result = await raw_exchange(daemon.port, _chat_wire(daemon.port, stream=True), timeout=8.0)
-        assert not result.hung and result.responses
-        response = result.responses[0]
-        print(f"\ntruncated_chunked/{cut}: {response.status} complete={response.complete} "
-              f"tail={response.body[-220:]!r} {result.elapsed:.2f}s")
-        assert response.status == 200 and response.complete, "the client's response must end cleanly"
-        assert b"[DONE]" not in response.body
-        events = [e for e in response.body.split(b"\n\n") if e.strip()]
-        assert events[0].startswith(b"data: {\"choices\"")
-        last = json.loads(events[-1][len(b"data: "):])
-        assert last["error"]["code"] == "upstream_truncated"
-        assert result.elapsed < 5.0
-        await _after_broken(daemon, broken, logs)
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_endless_body_cut_by_request_timeout(daemon_factory, broken, healthy):
-    """An endless Content-Length body: with proxy.request_timeout the client connection is cut (non-SSE)."""
-    daemon = await daemon_factory(_broken_config(broken, healthy, request_timeout="2s"))
-    broken.mode = "endless_body"
-    with LogWatch() as logs:
-        result = await raw_exchange(daemon.port, _chat_wire(daemon.port), timeout=10.0)
-        assert not result.hung and result.responses
-        response = result.responses[0]
-        print(f"\nendless_body: {response.status} declared={response.header(b'content-length')!r} "
-              f"got {response.body_bytes} bytes, complete={response.complete}, closed after {result.elapsed:.2f}s")
-        assert response.status == 200 and not response.complete and result.closed_by_server
-        assert 1.5 < result.elapsed < 5.0
-        await _after_broken(daemon, broken, logs)
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_endless_sse_cut_by_request_timeout(daemon_factory, broken, healthy):
-    """An endless SSE stream with proxy.request_timeout: the stream ends with a request_timeout error event."""
-    daemon = await daemon_factory(_broken_config(broken, healthy, request_timeout="2s"))
-    broken.mode = "endless_sse"
-    with LogWatch() as logs:
-        result = await raw_exchange(daemon.port, _chat_wire(daemon.port, stream=True), timeout=10.0)
-        assert not result.hung and result.responses
-        response = result.responses[0]
-        print(f"\nendless_sse: {response.status} got {response.body_bytes} bytes, complete={response.complete}, "
-              f"tail={response.body[-160:]!r}, {result.elapsed:.2f}s")
-        assert response.status == 200 and response.complete
-        assert json.loads(response.body.rstrip().rsplit(b"\n\n", 1)[-1][len(b"data: "):])["error"]["code"] == "request_timeout"
-        assert 1.5 < result.elapsed < 5.0
-        await _after_broken(daemon, broken, logs)
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_endless_body_client_leaves(daemon_factory, broken, healthy):
-    """A client leaving an endless body mid-way: olladmr closes the upstream connection at once."""
-    daemon = await daemon_factory(_broken_config(broken, healthy))
-    broken.mode = "endless_body"
-    with LogWatch() as logs:
-        result = await raw_exchange(daemon.port, _chat_wire(daemon.port), expect=None, quiet=0.5, timeout=5.0)
-        assert result.responses and result.responses[0].status == 200 and result.responses[0].body_bytes > 0
-        left = time.monotonic()
-        await eventually(lambda: broken.open_posts == 0, 3.0, "upstream connection closed after the client left")
-        print(f"\nendless_body, client left after {result.responses[0].body_bytes} bytes: upstream closed "
-              f"{(time.monotonic() - left) * 1000:.0f} ms later; {broken.bytes_sent} bytes sent upstream side")
-        await _after_broken(daemon, broken, logs)
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upstream_stalled_body_cut_by_read_timeout(daemon_factory, broken, healthy):
-    """Headers, some body, then silence: proxy.read_timeout cuts it (connection closed for non-SSE)."""
-    daemon = await daemon_factory(_broken_config(broken, healthy, read_timeout="1s"))
-    broken.mode = "stall_body"
-    with LogWatch() as logs:
-        result = await raw_exchange(daemon.port, _chat_wire(daemon.port), timeout=8.0)
-        assert not result.hung and result.responses
-        response = result.responses[0]
-        print(f"\nstall_body: {response.status} got {response.body_bytes} bytes, complete={response.complete}, "
-              f"closed={result.closed_by_server} after {result.elapsed:.2f}s")
-        assert response.status == 200 and not response.complete and result.closed_by_server
-        assert 0.8 < result.elapsed < 4.0
-        await _after_broken(daemon, broken, logs)
-
-
 @pytest_twisted.ensureDeferred
 async def test_slow_client_headers_are_timed_out(daemon_factory, fake):
     """A client that never finishes its request headers gets a 408 (or is disconnected) after read_header_timeout."""
     daemon = await daemon_factory(config_for(fake, server={"read_header_timeout": "1s"}))
-    result = await raw_exchange(daemon.port, b"GET /internal/health HTTP/1.1\r\nHost: x\r\n", timeout=4.0)
+    result = await raw_exchange(daemon.port, b"GET /internal/health HTTP/1.1\r\nHost: x\r\n", timeout=HANG_GUARD)
     answer = result.responses[0] if result.responses else None
     print(f"\nslow client: hung={result.hung} closed={result.closed_by_server} after {result.elapsed:.2f}s: "
           f"{answer and answer.status} {answer and answer.body!r}")
     assert not result.hung, "a client that stops mid-headers keeps its connection"
-    assert 0.8 < result.elapsed < 3.0
     if answer is not None:
         assert answer.status == 408 and olladmr_error_problem(answer) is None
+        error = json.loads(answer.body)["error"]  # the header timeout answered, nothing else
+        assert error["code"] == "request_timeout" and "server.read_header_timeout" in error["message"], error
     else:
         assert result.closed_by_server

@@ -127,23 +127,24 @@ async def test_status_models_version_ready(daemon_factory, fake):
     assert version["name"] == "olladmr" and version["twisted"] and version["python"]
     response, _ = await daemon.request("GET", "/internal/ready")
     assert response.code == 200
-    daemon.service.draining = True
+    daemon.parts.lifecycle.draining = True
     response, body = await daemon.request("GET", "/internal/ready")
     assert response.code == 503 and json.loads(body)["reason"] == "shutting down"
-    daemon.service.draining = False
+    daemon.parts.lifecycle.draining = False
 
 
 def test_json_log_format_is_one_object_per_line():
     """logging.format: json writes each event as one JSON line with its fields."""
     import io
 
-    from olladmr.logs import LogControl
+    from olladmr.config import parse_config
+    from olladmr.ops.logs import LogControl
 
     stream = io.StringIO()
     control = LogControl("info", "json", stream)
     control.observer({"log_namespace": "t", "log_level": __import__("twisted.logger").logger.LogLevel.info,
                       "log_format": "hello {who}", "who": "you", "log_time": 0.0})
-    control.configure("error", "json")
+    control.reconfigure(parse_config({"logging": {"level": "error", "format": "json"}}, "t"))
     control.observer({"log_namespace": "t", "log_level": __import__("twisted.logger").logger.LogLevel.info,
                       "log_format": "dropped", "log_time": 0.0})
     lines = stream.getvalue().splitlines()

@@ -15,7 +15,7 @@ from test_twistd import TWISTD, _env, _free_port, _Watcher
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from olladmr.service import OllaService
+from olladmr.build import build
 
 CHAT = {"model": "ai/smollm2", "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/olla/dmr/engines/v1/chat/completions"
@@ -33,36 +33,37 @@ async def test_reload_swaps_endpoints_while_a_stream_finishes_on_the_old_one(tmp
     _write(cfg, fakes[0], fakes[1])
     from olladmr.config import load_config
 
-    service = OllaService(load_config(str(cfg)), reactor=reactor, listen="tcp:0:interface=127.0.0.1", config_path=str(cfg))
+    parts = build(load_config(str(cfg)), reactor=reactor, listen="tcp:0:interface=127.0.0.1", config_path=str(cfg))
+    service = parts.service
     service.startService()
     await service.serving
     from conftest import Daemon
 
-    daemon = Daemon(service)
+    daemon = Daemon(parts)
     try:
         fakes[0].hold = Deferred()
         _, collector = await _stream(daemon)
         await within(collector.first, 5, "first chunk")
-        survivor = service.fleet.get("fake-1")
+        survivor = parts.fleet.get("fake-1")
         survivor.request_count = 41
         doc = yaml.safe_load(cfg.read_text())
         doc["endpoints"] = [doc["endpoints"][1], {"url": fakes[2].url, "name": fakes[2].name}]
         doc["endpoints"][0]["priority"] = 7  # fake-1 changes, fake-0 goes, fake-2 arrives
         cfg.write_text(yaml.safe_dump(doc))
-        result = service.reloader.reload()
+        result = parts.reloader.reload()
         assert result.ok and "added fake-2" in result.summary and "removed fake-0" in result.summary
-        assert "changed fake-1" in result.summary and service.fleet.get("fake-1").config.priority == 7
-        assert service.fleet.get("fake-1") is survivor and survivor.request_count == 41  # state kept
+        assert "changed fake-1" in result.summary and parts.fleet.get("fake-1").config.priority == 7
+        assert parts.fleet.get("fake-1") is survivor and survivor.request_count == 41  # state kept
         fakes[0].hold.callback(None)
         body = await within(collector.done, 5, "end of the old stream")
         assert body.endswith(b"data: [DONE]\n\n")
-        await eventually(lambda: service.fleet.get("fake-2").status == "healthy", 5, "new endpoint checked")
+        await eventually(lambda: parts.fleet.get("fake-2").status == "healthy", 5, "new endpoint checked")
         response, _ = await daemon.post_json(PATH, CHAT)
         assert response.headers.getRawHeaders(b"x-olla-endpoint")[0] in (b"fake-1", b"fake-2")
         cfg.write_text("endpoints:\n  - {url: 'http://x:1', check_interval: soon}\n")
-        bad = service.reloader.reload()
+        bad = parts.reloader.reload()
         assert not bad.ok and "check_interval" in bad.summary
-        assert sorted(ep.name for ep in service.fleet) == ["fake-1", "fake-2"]  # old config kept
+        assert sorted(ep.name for ep in parts.fleet) == ["fake-1", "fake-2"]  # old config kept
     finally:
         await service.stopService()
         await daemon.pool.closeCachedConnections()
@@ -77,7 +78,7 @@ async def test_shutdown_drains_in_flight_streams(daemon_factory, fake):
     await within(collector.first, 5, "first chunk")
     port = daemon.port
     stopping = daemon.service.stopService()
-    assert daemon.service.draining and not stopping.called
+    assert daemon.parts.lifecycle.draining and not stopping.called
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     from twisted.internet.error import ConnectionRefusedError
     from twisted.internet.protocol import Protocol
@@ -162,15 +163,16 @@ async def test_reload_endpoint_is_opt_in(tmp_path, fake):
 
     cfg = tmp_path / "config.yaml"
     _write(cfg, fake)
-    service = OllaService(load_config(str(cfg)), reactor=reactor, listen="tcp:0:interface=127.0.0.1", config_path=str(cfg))
+    parts = build(load_config(str(cfg)), reactor=reactor, listen="tcp:0:interface=127.0.0.1", config_path=str(cfg))
+    service = parts.service
     service.startService()
     await service.serving
-    daemon = Daemon(service)
+    daemon = Daemon(parts)
     try:
         response, _ = await daemon.request("POST", "/internal/reload")
         assert response.code == 404
         _write(cfg, fake, server={"admin": {"reload_endpoint": True}})
-        service.reloader.reload()
+        parts.reloader.reload()
         response, body = await daemon.request("POST", "/internal/reload")
         assert response.code == 200 and json.loads(body)["reloaded"] is True
         cfg.write_text("server: {port: nope}\n")

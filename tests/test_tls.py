@@ -10,7 +10,7 @@ from OpenSSL.crypto import FILETYPE_PEM
 from twisted.internet import reactor, ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, readBody
 
-from olladmr.service import OllaService
+from olladmr.build import build
 
 
 @pytest_twisted.ensureDeferred
@@ -20,9 +20,9 @@ async def test_https_listener(tmp_path, fake):
     cert = key.selfSignedCert(1, CN="localhost")
     pem = tmp_path / "server.pem"
     pem.write_bytes(key.dump(FILETYPE_PEM) + cert.dumpPEM())
-    service = OllaService(
+    service = build(
         config_for(fake), reactor=reactor, listen=f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}"
-    )
+    ).service
     service.startService()
     await service.serving
     pool = HTTPConnectionPool(reactor, persistent=False)

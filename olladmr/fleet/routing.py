@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import ClientError, not_found, unavailable
-from .fleet import EndpointState, Fleet
+from ..errors import ClientError, not_found, unavailable
+from .state import EndpointState, Fleet
 
 STRATEGY = "model-aware"
 

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .breaker import CircuitBreaker
-from .config import Config, EndpointConfig
+from ..config.schema import Config, EndpointConfig
 from .models import normalise_model
 
 UNKNOWN = "unknown"
@@ -39,7 +39,12 @@ class QueueTimeout(Exception):
 
 
 class EndpointState:
-    """Live state of one endpoint: health, models, load, slots, breaker."""
+    """
+    Owns one endpoint's live state: health status, model list, in-flight
+    count, concurrency slots, request and failure counters and its circuit
+    breaker.  Real traffic reports through :meth:`record_attempt`,
+    :meth:`record_failure` and :meth:`record_response`.
+    """
 
     def __init__(self, config: EndpointConfig, clock: IReactorTime, breaker_failures: int, breaker_cooldown: float):
         self.config = config
@@ -61,6 +66,25 @@ class EndpointState:
         self.breaker = CircuitBreaker(clock, breaker_failures, breaker_cooldown)
         self._waiters: deque[tuple[Deferred[None], IDelayedCall]] = deque()
         self.removed = False
+
+    # -- what real traffic tells us
+
+    def record_attempt(self) -> None:
+        """A request is being sent to this endpoint (in half-open, it is the breaker's trial)."""
+        self.breaker.on_attempt()
+        self.request_count += 1
+
+    def record_failure(self) -> None:
+        """The attempt failed before a usable response (connect, reset, timeout, bad headers)."""
+        self.failure_count += 1
+        self.breaker.on_failure()
+
+    def record_response(self, status: int) -> None:
+        """The attempt got a response: a 5xx counts against the breaker, anything else closes it."""
+        if status >= 500:
+            self.breaker.on_failure()
+        else:
+            self.breaker.on_success()
 
     # -- routing view
 
@@ -154,13 +178,12 @@ class EndpointState:
 
 
 class Fleet:
-    """All endpoints by name, in configuration order."""
+    """Owns every endpoint's :class:`EndpointState`, by name, in configuration order."""
 
     def __init__(self, config: Config, clock: IReactorTime) -> None:
         self._clock = clock
-        self.config = config
         self.endpoints: dict[str, EndpointState] = {}
-        self.apply(config)
+        self.reconfigure(config)
 
     def __iter__(self) -> Iterator[EndpointState]:
         return iter(self.endpoints.values())
@@ -171,22 +194,19 @@ class Fleet:
     def get(self, name: str) -> EndpointState | None:
         return self.endpoints.get(name)
 
-    def apply(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+    def reconfigure(self, config: Config) -> None:
         """
-        Reconcile with ``config``.  Returns the names added, removed and
-        changed.  Unchanged endpoints keep all their state; changed ones
-        keep their counters and models but are re-checked.
+        Reconcile with ``config``: unchanged endpoints keep all their state;
+        changed ones keep their counters and models but are re-checked;
+        removed ones fail their queued requests (in-flight ones finish).
         """
         old = self.endpoints
         new: dict[str, EndpointState] = {}
-        added: list[str] = []
-        changed: list[str] = []
         proxy = config.proxy
         for ep_config in config.endpoints:
             state = old.get(ep_config.name)
             if state is None:
                 state = EndpointState(ep_config, self._clock, proxy.breaker_failures, proxy.breaker_cooldown)
-                added.append(ep_config.name)
             elif state.config != ep_config:
                 if state.config.url != ep_config.url or state.config.model_url != ep_config.model_url:
                     state.status = UNKNOWN
@@ -194,7 +214,6 @@ class Fleet:
                     state.models_known = False
                 state.config = ep_config
                 state.next_check_due = 0.0
-                changed.append(ep_config.name)
             state.breaker.threshold = proxy.breaker_failures
             state.breaker.cooldown = proxy.breaker_cooldown
             new[ep_config.name] = state
@@ -203,8 +222,6 @@ class Fleet:
             old[name].removed = True
             old[name].fail_waiters(CancelledError(f"endpoint {name} was removed from the configuration"))
         self.endpoints = new
-        self.config = config
-        return added, removed, changed
 
     def routable(self) -> list[EndpointState]:
         return [ep for ep in self.endpoints.values() if ep.routable]

@@ -2,7 +2,9 @@
 The health monitor: one ``LoopingCall`` per endpoint, at that endpoint's
 own ``check_interval``, plus model discovery.
 
-Each check is ``GET health_check_url`` bounded by ``check_timeout``:
+Each check is ``GET health_check_url`` bounded by ``check_timeout``, sent
+with treq on a connection pool of its own (so checks never queue behind,
+or take connections from, the proxy's pool):
 
 * ``healthy``: a 2xx answer (an empty model list is healthy: DMR lists
   only pulled models and loads them lazily);
@@ -18,70 +20,120 @@ can wait for it.  Status changes are logged once, with the reason.
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+from typing import Any, Callable, Protocol
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
-from .fleet import BUSY, HEALTHY, OFFLINE, UNHEALTHY, EndpointState, Fleet
+from .. import __version__
+from ..bodies import BodyTooLarge, read_body
+from .._twisted_compat import use_quiet_factory
+from ..config.schema import Config
+from ..failures import BAD_RESPONSE, HEADER_TIMEOUT, UpstreamFailure, classify, is_transport_failure, was_cancelled
 from .models import model_ids
-from .upstream import BAD_RESPONSE, USER_AGENT, UpstreamClient, UpstreamFailure, parse_json, read_body
+from .state import BUSY, HEALTHY, OFFLINE, UNHEALTHY, EndpointState, Fleet
 
 log = Logger()
 
 BACKOFF_CAP = 60.0
 MAX_LIST_BYTES = 10 * 1024 * 1024
+USER_AGENT = f"olladmr/{__version__}".encode()
+
+
+class HTTPGetter(Protocol):
+    """The part of treq's ``HTTPClient`` the monitor uses (``StubTreq`` and test fakes provide it too)."""
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+def health_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client on a small pool of its own, and that pool (close it on shutdown)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 2
+    use_quiet_factory(pool)
+    return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON from bytes, or ``None`` if it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class HealthMonitor(Service):
-    """Owns the periodic checks and model discovery of every endpoint."""
+    """
+    Owns the periodic checks and model discovery of every endpoint: one
+    ``LoopingCall`` per endpoint on the injected clock, the health client's
+    pool, and the listeners told about status changes.
+    """
 
     name = "health"
 
     def __init__(
         self,
         fleet: Fleet,
-        client: UpstreamClient,
+        http: HTTPGetter,
         clock: IReactorTime,
-        busy_threshold: Callable[[], float],
-        discovery_interval: Callable[[], float],
+        config: Config,
+        *,
+        pool: HTTPConnectionPool | None = None,
+        observe_check: Callable[[str, str, float], None] | None = None,
+        listeners: tuple[Callable[[EndpointState, str, str], None], ...] = (),
     ) -> None:
         self.fleet = fleet
-        self.client = client
+        self.http = http
         self.clock = clock
-        self._busy_threshold = busy_threshold
-        self._discovery_interval = discovery_interval
+        self._pool = pool
+        self._observe_check = observe_check
+        self._listeners = listeners
+        self._busy_threshold = config.proxy.busy_threshold
+        self._discovery_interval = config.model_discovery_interval
         self._loops: dict[str, tuple[LoopingCall, float]] = {}
         self._checking: set[str] = set()
-        self._soon: dict[str, object] = {}
+        self._soon: dict[str, Any] = {}
         self.first_round: Deferred[None] = Deferred()
-        self.listeners: list[Callable[[EndpointState, str, str], None]] = []
-        self.observe_check: Callable[[str, str, float], None] | None = None
 
     # -- service lifecycle
 
     def startService(self) -> None:
         super().startService()
-        firsts = self.reconcile()
+        firsts = self._reconcile()
         DeferredList(firsts, consumeErrors=True).addCallback(lambda _: self.first_round.callback(None))
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         for loop, _ in self._loops.values():
             if loop.running:
                 loop.stop()
         self._loops.clear()
         for call in self._soon.values():
-            if call.active():  # type: ignore[attr-defined]
-                call.cancel()  # type: ignore[attr-defined]
+            if call.active():
+                call.cancel()
         self._soon.clear()
+        if self._pool is not None:
+            return self._pool.closeCachedConnections()
+        return None
 
-    def reconcile(self) -> list[Deferred[None]]:
-        """Start loops for new or re-timed endpoints, stop those of removed ones."""
+    def reconfigure(self, config: Config) -> None:
+        """Adopt reloaded thresholds; start loops for new or re-timed endpoints, stop removed ones."""
+        self._busy_threshold = config.proxy.busy_threshold
+        self._discovery_interval = config.model_discovery_interval
+        if self.running:
+            self._reconcile()
+
+    def _reconcile(self) -> list[Deferred[None]]:
         started: list[Deferred[None]] = []
         for name in list(self._loops):
             ep = self.fleet.get(name)
@@ -123,33 +175,37 @@ class HealthMonitor(Service):
 
         def done(result: object) -> None:
             self._checking.discard(ep.name)
-            if hasattr(result, "getTraceback"):
-                log.failure("health check of {endpoint} crashed", result, endpoint=ep.name)  # type: ignore[arg-type]
+            if isinstance(result, Failure):
+                log.failure("health check of {endpoint} crashed", result, endpoint=ep.name)
 
         d.addBoth(done)
         return d
 
     async def _fetch(self, ep: EndpointState, path: str) -> tuple[int, bytes]:
-        url = (ep.config.url + path).encode()
+        """``GET path`` on ``ep`` within its ``check_timeout`` (headers and body): status and body."""
         headers = Headers({b"user-agent": [USER_AGENT], b"accept": [b"application/json"]})
         for name, value in ep.config.encoded_headers:
             headers.setRawHeaders(name, [value])
         timeout = ep.config.check_timeout
+        d = Deferred.fromCoroutine(self._get(ep.config.url + path, headers))
+        d.addTimeout(timeout, self.clock)
         try:
-            response = await self.client.request(ep.name, b"GET", url, headers, None, header_timeout=timeout)
-        except UpstreamFailure as failure:
-            if not failure.stale_connection:
-                raise
-            response = await self.client.request(
-                ep.name, b"GET", url, headers, None, fresh=True, header_timeout=timeout
-            )
-        body_d = read_body(response, MAX_LIST_BYTES)
-        body_d.addTimeout(timeout, self.clock)
-        try:
-            body = await body_d
-        except Exception as exc:
-            raise UpstreamFailure(ep.name, BAD_RESPONSE, f"could not read the answer: {exc}") from None
-        return response.code, body
+            return await d
+        except UpstreamFailure:
+            raise
+        except BodyTooLarge as exc:
+            raise UpstreamFailure(ep.name, BAD_RESPONSE, str(exc)) from None
+        except Exception:
+            failure = Failure()
+            if failure.check(CancelledError, DeferredTimeout) or was_cancelled(failure):
+                raise UpstreamFailure(ep.name, HEADER_TIMEOUT, f"no answer within {timeout:g}s") from None
+            if not is_transport_failure(failure):
+                raise  # a bug, not an endpoint problem: check() logs it
+            raise classify(ep.name, failure, reused=False) from None
+
+    async def _get(self, url: str, headers: Headers) -> tuple[int, bytes]:
+        response: IResponse = await self.http.get(url, headers=headers, allow_redirects=False, unbuffered=True)
+        return response.code, await read_body(response, MAX_LIST_BYTES)
 
     async def _check(self, ep: EndpointState) -> None:
         config = ep.config
@@ -164,13 +220,13 @@ class HealthMonitor(Service):
         if not 200 <= code < 300:
             self._record(ep, UNHEALTHY, f"HTTP {code} from {config.health_check_url}", started)
             return
-        if latency > self._busy_threshold():
+        if latency > self._busy_threshold:
             self._record(ep, BUSY, f"answered in {latency * 1000:.0f}ms", started)
         else:
             self._record(ep, HEALTHY, "ok", started)
         if config.model_url == config.health_check_url:
             self._take_models(ep, body)
-        elif not ep.models_known or (ep.models_updated or 0) + self._discovery_interval() <= self.clock.seconds():
+        elif not ep.models_known or (ep.models_updated or 0) + self._discovery_interval <= self.clock.seconds():
             await self.discover(ep)
 
     async def discover(self, ep: EndpointState) -> None:
@@ -207,8 +263,8 @@ class HealthMonitor(Service):
         now = self.clock.seconds()
         ep.last_check = now
         ep.last_latency_ms = round((now - started) * 1000, 1)
-        if self.observe_check is not None:
-            self.observe_check(ep.name, status, now - started)
+        if self._observe_check is not None:
+            self._observe_check(ep.name, status, now - started)
         healthy = status in (HEALTHY, BUSY)
         if healthy:
             ep.consecutive_check_failures = 0
@@ -243,7 +299,7 @@ class HealthMonitor(Service):
             old=old,
             reason=reason,
         )
-        for listener in self.listeners:
+        for listener in self._listeners:
             listener(ep, old, status)
 
     def mark_offline(self, ep: EndpointState, reason: str) -> None:

@@ -22,15 +22,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+
+from .record import CLIENT_DISCONNECTED, OK, READ_TIMEOUT, REQUEST_TIMEOUT, UPSTREAM_TRUNCATED
 
 log = Logger()
-
-OK = "ok"
-CLIENT_DISCONNECTED = "client_disconnected"
-UPSTREAM_TRUNCATED = "upstream_truncated"
-READ_TIMEOUT = "read_timeout"
-REQUEST_TIMEOUT = "request_timeout"
 
 
 class StreamWatch:
@@ -123,11 +119,15 @@ _MESSAGES = {
 
 
 class ResponseRelay(Protocol):
-    """Pipes one upstream body into one client request, with backpressure."""
+    """
+    Owns the relaying of one upstream body into one client request: the
+    producer registration (backpressure), the read timeout, and how the
+    client's response ends.
+    """
 
     def __init__(
         self,
-        request: IRequest,
+        request: Request,
         clock: IReactorTime,
         read_timeout: float,
         watch: StreamWatch | None,
@@ -184,7 +184,7 @@ class ResponseRelay(Protocol):
             self._on_done(CLIENT_DISCONNECTED, self.bytes)
             return
         request = self.request
-        if getattr(request, "channel", None) is not None:
+        if request.channel is not None:
             request.unregisterProducer()
         clean = self._stopped is None and reason.check(ResponseDone, PotentialDataLoss) is not None
         watch = self.watch
@@ -204,7 +204,7 @@ class ResponseRelay(Protocol):
             request.write(prefix + sse_error_event(_MESSAGES[outcome], outcome))
             request.finish()
         else:
-            transport = getattr(request, "transport", None) or getattr(request.channel, "transport", None)
+            transport = request.transport
             if transport is not None:
                 transport.abortConnection()
         self._on_done(outcome, self.bytes)

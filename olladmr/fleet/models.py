@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any
 
 _HEX_ID = re.compile(r"^(sha256:)?([0-9a-f]{12}|[0-9a-f]{64})$")
 _REGISTRY_ALIASES = ("docker.io/", "index.docker.io/", "registry-1.docker.io/")
@@ -64,37 +63,3 @@ def model_ids(document: object) -> list[dict[str, object]] | None:
     if not isinstance(data, list):
         return None
     return [item for item in data if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]]
-
-
-class Catalogue:
-    """The fleet-wide model view: the union list and the per-model endpoint map."""
-
-    def __init__(self, fleet: Any) -> None:
-        self.fleet = fleet
-
-    def openai_list(self) -> list[dict[str, object]]:
-        """Every model of a routable endpoint, once, as the first endpoint listed it."""
-        seen: dict[str, dict[str, object]] = {}
-        for ep in self.fleet:
-            if not ep.routable:
-                continue
-            for model in ep.models:
-                seen.setdefault(normalise_model(str(model["id"])), model)
-        return list(seen.values())
-
-    def olla_list(self, include_unavailable: bool = False) -> dict[str, object]:
-        """``/olla/models``: each model with the endpoints that have it and their status."""
-        by_key: dict[str, dict[str, Any]] = {}
-        for ep in self.fleet:
-            for model in ep.models:
-                key = normalise_model(str(model["id"]))
-                entry = by_key.setdefault(
-                    key, {"id": model["id"], "key": key, "object": "model", "endpoints": [], "available": False}
-                )
-                entry["endpoints"].append(
-                    {"name": ep.name, "status": ep.status, "routable": ep.routable, "id": model["id"]}
-                )
-                entry["available"] = entry["available"] or ep.routable
-        data = [e for e in by_key.values() if include_unavailable or e["available"]]
-        data.sort(key=lambda e: e["key"])
-        return {"object": "list", "data": data, "total": len(data)}

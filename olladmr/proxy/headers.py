@@ -105,6 +105,22 @@ def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:
         put(lname, list(values))
 
 
+def merge_vary(existing: list[bytes] | None, token: bytes) -> bytes:
+    """A ``Vary`` value holding the ``existing`` tokens plus ``token`` (once, case-insensitively)."""
+    tokens = [t.strip() for value in existing or () for t in value.split(b",") if t.strip()]
+    if b"*" in tokens or token.lower() in (t.lower() for t in tokens):
+        return b", ".join(tokens)
+    return b", ".join([*tokens, token])
+
+
+def add_response_headers(outgoing: Headers, extra: dict[bytes, bytes]) -> None:
+    """Set ``extra`` on ``outgoing``; a ``Vary`` in ``extra`` is merged into any existing one."""
+    for name, value in extra.items():
+        if name == b"vary":
+            value = merge_vary(outgoing.getRawHeaders(b"vary"), value)
+        outgoing.setRawHeaders(name, [value])
+
+
 _PRINTABLE = frozenset(range(0x21, 0x7F))
 
 

@@ -15,12 +15,16 @@ from typing import IO, Any
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     eventAsJSON,
     formatEventAsClassicLogText,
 )
 from zope.interface import implementer
+
+from ..config.schema import Config
+from ..proxy.record import ExchangeRecord
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -62,10 +66,11 @@ class LogControl:
         self.observer = FilteringLogObserver(self.output, [self.predicate])
         self.level = level
 
-    def configure(self, level: str, fmt: str) -> None:
-        self.level = level
-        self.predicate.setLogLevelForNamespace("", LEVELS[level])
-        self.output.format = fmt
+    def reconfigure(self, config: Config) -> None:
+        """Adopt the reloaded ``logging`` section."""
+        self.level = config.logging.level
+        self.predicate.setLogLevelForNamespace("", LEVELS[config.logging.level])
+        self.output.format = config.logging.format
 
 
 def install_on(application: Any, control: LogControl) -> None:
@@ -76,12 +81,34 @@ def install_on(application: Any, control: LogControl) -> None:
     application.setComponent(ILogObserver, control.observer)
 
 
+def access_fields(record: ExchangeRecord) -> dict[str, Any]:
+    """The access-log fields of one proxied request."""
+    ttfb = record.ttfb
+    usage = record.usage or {}
+    return {
+        "request_id": record.request_id,
+        "client": record.client,
+        "method": record.method,
+        "path": record.path,
+        "model": record.model,
+        "endpoint": record.endpoint,
+        "status": record.status,
+        "bytes": record.bytes_sent,
+        "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 2),
+        "total_ms": round((record.ended - record.arrived) * 1000, 2),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "attempts": record.attempts,
+        "failovers": record.failovers,
+        "outcome": record.outcome,
+        "error": record.error,
+    }
+
+
 class AccessLog:
     """Emits one ``olladmr.access`` event per request, with its fields as event keys."""
 
     def __init__(self, control: LogControl | None = None) -> None:
-        from twisted.logger import Logger
-
         self.log = Logger(namespace="olladmr.access")
         self._control = control
 
@@ -90,14 +117,14 @@ class AccessLog:
         """False when the level filters info events out: then none is even built."""
         return self._control is None or self._control.level == "debug" or self._control.level == "info"
 
-    def exchange_done(self, record: Any) -> None:
+    def exchange_done(self, record: ExchangeRecord) -> None:
         """A proxied request ended (completed, failed or abandoned)."""
         if not self.enabled:
             return
         self.log.info(
             "{request_id} {client} {method} {path} model={model} endpoint={endpoint} -> {status} "
             "{bytes}B ttfb={ttfb_ms}ms total={total_ms}ms tokens={prompt_tokens}/{completion_tokens} {outcome}",
-            **record.fields(),
+            **access_fields(record),
         )
 
     def local_request(self, request: Any, elapsed: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from .fleet import EndpointState
+from .state import EndpointState
 
 
 class Balancer(Protocol):

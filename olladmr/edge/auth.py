@@ -30,31 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from typing import Iterator
 
 from twisted.web.http_headers import Headers
 
-from .errors import ClientError
-
-if TYPE_CHECKING:  # config.py may import this module: no runtime import back
-    from .config import ConfigError, _Section
+from ..config.schema import AuthConfig
+from ..errors import ClientError
 
 KEY_ID_LENGTH = 8
-_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_HINT = "hash the key with: printf %s 'KEY' | sha256sum"
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Accepted API and admin key digests (raw 32-byte SHA-256) and the per-key rate limit."""
-
-    api_key_digests: tuple[bytes, ...] = ()
-    admin_key_digests: tuple[bytes, ...] = ()
-    per_key_requests_per_minute: int = 0
 
 
 def hash_key(key: str) -> str:
@@ -65,94 +48,6 @@ def hash_key(key: str) -> str:
 def key_id(digest: bytes) -> str:
     """The short, non-secret name of a key: the first hex characters of its digest."""
     return digest.hex()[:KEY_ID_LENGTH]
-
-
-# --------------------------------------------------------------------------
-# Parsing
-
-
-def _digest(value: object, fail: Callable[[str], ConfigError]) -> bytes:
-    """One configured digest as 32 bytes; never echoes the value (it might be a key pasted by mistake)."""
-    if not isinstance(value, str):
-        raise fail(f"expected a SHA-256 hex digest as a quoted string, got {type(value).__name__}")
-    text = value.strip()
-    if not _HEX_DIGEST.fullmatch(text):
-        if len(text) == 64:
-            problem = "got 64 characters that are not all hex digits"
-        else:
-            problem = f"got {len(text)} characters"
-        raise fail(f"expected a SHA-256 hex digest (64 hex characters), {problem}; {_HINT}")
-    return bytes.fromhex(text)
-
-
-def _read_digest_file(section: _Section, key: str) -> list[bytes]:
-    path = section.string(key, "").strip()
-    if not path:
-        raise section.error(key, "expected a file name")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise section.error(key, f'cannot read "{path}": {exc.strerror or exc}') from None
-    except UnicodeDecodeError:
-        raise section.error(key, f'"{path}" is not UTF-8 text') from None
-    digests: list[bytes] = []
-    for number, line in enumerate(lines, 1):
-        text = line.partition("#")[0].strip()
-        if text:
-            digests.append(_digest(text, lambda problem: section.error(key, f"{path} line {number}: {problem}")))
-    if not digests:
-        raise section.error(key, f'"{path}" holds no key digests (one per line; "#" starts a comment)')
-    return digests
-
-
-def _read_digest_env(section: _Section, key: str, environ: Mapping[str, str]) -> list[bytes]:
-    name = section.string(key, "").strip()
-    if not _ENV_NAME.fullmatch(name):
-        raise section.error(key, f'expected an environment variable name, got "{name}"')
-    value = environ.get(name)
-    if value is None:
-        raise section.error(key, f"environment variable {name} is not set")
-    digests: list[bytes] = []
-    for index, part in enumerate(value.split(",")):
-        if part.strip():
-            digests.append(_digest(part, lambda problem: section.error(key, f"${name} entry {index + 1}: {problem}")))
-    if not digests:
-        raise section.error(key, f"environment variable {name} holds no key digests (comma-separated)")
-    return digests
-
-
-def _digests(section: _Section, base: str, environ: Mapping[str, str]) -> tuple[bytes, ...]:
-    """The digests of ``base``, ``base_file`` and ``base_env`` together, each once, in order."""
-    found: dict[bytes, None] = {}
-    for index, item in enumerate(section.sequence(base)):
-        found[_digest(item, lambda problem: section.error(f"{base}[{index}]", problem))] = None
-    if section.has(f"{base}_file"):
-        found.update(dict.fromkeys(_read_digest_file(section, f"{base}_file")))
-    else:
-        section.raw(f"{base}_file")
-    if section.has(f"{base}_env"):
-        found.update(dict.fromkeys(_read_digest_env(section, f"{base}_env", environ)))
-    else:
-        section.raw(f"{base}_env")
-    return tuple(found)
-
-
-def parse_auth(section: _Section, environ: Mapping[str, str] = os.environ) -> AuthConfig:
-    """
-    Read a ``server.auth`` section into an :class:`AuthConfig`.
-
-    Files are read and environment variables looked up now (again on each
-    reload).  Raises :class:`~olladmr.config.ConfigError` naming the key
-    and, for files, the file and line.
-    """
-    api = _digests(section, "api_keys", environ)
-    admin = _digests(section, "admin_keys", environ)
-    rpm = section.integer("requests_per_minute", 0, minimum=0)
-    if rpm and not api:
-        raise section.error("requests_per_minute", "is a per-API-key limit but no api_keys are configured")
-    section.finish()
-    return AuthConfig(api_key_digests=api, admin_key_digests=admin, per_key_requests_per_minute=rpm)
 
 
 # --------------------------------------------------------------------------
@@ -182,7 +77,7 @@ def _match(digest: bytes, accepted: tuple[bytes, ...]) -> int:
 
 
 class Authenticator:
-    """Checks presented keys against the configured digests."""
+    """Owns the accepted key digests and checks presented keys against them in constant time."""
 
     def __init__(self, config: AuthConfig) -> None:
         self.config = config

@@ -13,7 +13,7 @@ minute's worth when ``burst_size`` is 0), refills at ``N / 60`` tokens a
 second, and a request takes one token from each bucket that applies to it
 (global, its client address, its API key) -- or from none of them, when any
 one of them is empty.  A limit of 0 disables that bucket.  Unlike Olla,
-olladmr ships with every limit at 0 (rate limiting off); :data:`OLLA_DEFAULTS`
+olladmr ships with every limit at 0 (rate limiting off); :data:`~olladmr.config.schema.OLLA_RATE_LIMITS`
 holds Olla's numbers.
 
 Time comes from an injected :class:`~twisted.internet.interfaces.IReactorTime`,
@@ -26,112 +26,18 @@ a new one starts full.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
+from typing import NamedTuple, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from .errors import ClientError
-from .errors import show_value as _quote
+from ..config.schema import RateLimitConfig
+from ..errors import ClientError
 
-if TYPE_CHECKING:
-    from .config import _Section
-
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-#: Olla's own default trusted proxies: loopback and the RFC 1918 ranges.
-DEFAULT_TRUSTED_PROXY_CIDRS: tuple[IPNetwork, ...] = tuple(
-    ipaddress.ip_network(cidr) for cidr in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
-)
 #: Upper bound on the clients (addresses, API keys) tracked per table.
 DEFAULT_MAX_CLIENTS = 100_000
-
-
-@dataclass(frozen=True)
-class RateLimitConfig:
-    """``server.rate_limits``: requests per minute per scope (0 disables a scope)."""
-
-    global_requests_per_minute: int = 0
-    per_ip_requests_per_minute: int = 0
-    health_requests_per_minute: int = 0
-    burst_size: int = 0  # bucket capacity; 0: one minute's worth of the bucket's rate
-    cleanup_interval: float = 300.0
-    trust_proxy_headers: bool = False
-    trusted_proxy_cidrs: tuple[IPNetwork, ...] = DEFAULT_TRUSTED_PROXY_CIDRS
-    max_concurrent_per_client: int = 0  # 0: no cap
-    per_key_requests_per_minute: int = 0  # from server.auth.requests_per_minute
-
-    def capacity(self, per_minute: int) -> int:
-        """The size of a bucket that refills at ``per_minute`` requests a minute."""
-        return self.burst_size if self.burst_size > 0 else per_minute
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any rate limit (as opposed to the concurrency cap) is on."""
-        return (
-            self.global_requests_per_minute > 0
-            or self.per_ip_requests_per_minute > 0
-            or self.health_requests_per_minute > 0
-            or self.per_key_requests_per_minute > 0
-        )
-
-
-#: Olla's defaults, for operators who want Olla's behaviour.
-OLLA_DEFAULTS = RateLimitConfig(
-    global_requests_per_minute=1000,
-    per_ip_requests_per_minute=100,
-    health_requests_per_minute=1000,
-    burst_size=50,
-)
-
-
-def parse_rate_limits(section: _Section) -> RateLimitConfig:
-    """
-    Read a ``server.rate_limits`` section into a :class:`RateLimitConfig`.
-
-    Raises :class:`~olladmr.config.ConfigError` naming the key, e.g.
-    ``server.rate_limits.trusted_proxy_cidrs[1]: not a valid CIDR ...``.
-    """
-    global_rpm = section.integer("global_requests_per_minute", 0, minimum=0)
-    per_ip_rpm = section.integer("per_ip_requests_per_minute", 0, minimum=0)
-    health_rpm = section.integer("health_requests_per_minute", 0, minimum=0)
-    burst = section.integer("burst_size", 0, minimum=0)
-    cleanup = section.duration("cleanup_interval", 300.0, minimum=1.0)
-    trust = section.boolean("trust_proxy_headers", False)
-    max_concurrent = section.integer("max_concurrent_per_client", 0, minimum=0)
-    cidrs = DEFAULT_TRUSTED_PROXY_CIDRS
-    if section.has("trusted_proxy_cidrs"):
-        parsed: list[IPNetwork] = []
-        for index, item in enumerate(section.sequence("trusted_proxy_cidrs")):
-            where = f"trusted_proxy_cidrs[{index}]"
-            if not isinstance(item, str):
-                raise section.error(where, f'expected a CIDR such as "10.0.0.0/8", got {_quote(item)}')
-            try:
-                parsed.append(ipaddress.ip_network(item.strip(), strict=False))
-            except ValueError:
-                raise section.error(where, f'not a valid CIDR (such as "10.0.0.0/8"): {_quote(item)}') from None
-        cidrs = tuple(parsed)
-    if trust and not cidrs:
-        raise section.error(
-            "trusted_proxy_cidrs",
-            "is empty but trust_proxy_headers is true; list the proxies whose X-Forwarded-For may be trusted",
-        )
-    section.finish()
-    return RateLimitConfig(
-        global_requests_per_minute=global_rpm,
-        per_ip_requests_per_minute=per_ip_rpm,
-        health_requests_per_minute=health_rpm,
-        burst_size=burst,
-        cleanup_interval=cleanup,
-        trust_proxy_headers=trust,
-        trusted_proxy_cidrs=cidrs,
-        max_concurrent_per_client=max_concurrent,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -307,25 +213,6 @@ def too_many_concurrent(limit: int) -> ClientError:
 # The limiter
 
 
-def _parse_address(text: str) -> IPAddress | None:
-    """An address from ``1.2.3.4``, ``1.2.3.4:5678``, ``::1`` or ``[::1]:80``; IPv4-mapped IPv6 as IPv4."""
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        text = text[1:end]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 class RateLimiter:
     """
     Global, per-client, per-key and health-check token buckets plus a
@@ -381,43 +268,6 @@ class RateLimiter:
             return _BucketTable(rpm, capacity, self._max_clients)
         table.reshape(rpm, capacity, now)
         return table
-
-    # -- who is asking
-
-    def _trusted(self, address: IPAddress) -> bool:
-        for network in self._config.trusted_proxy_cidrs:
-            if address in network:
-                return True
-        return False
-
-    def client_ip(self, peer_ip: str, xff_header_values: list[bytes] | None) -> str:
-        """
-        The address to rate-limit: the TCP peer, unless ``trust_proxy_headers``
-        is on and the peer is a trusted proxy, in which case the right-most
-        address in ``X-Forwarded-For`` that is not a trusted proxy.
-
-        Only the hops appended by trusted proxies are believed, so a client
-        cannot choose its address by sending its own ``X-Forwarded-For``.  A
-        malformed hop stops the walk at the last trusted proxy; a chain made
-        only of trusted proxies gives its left-most address.
-        """
-        if not xff_header_values or not self._config.trust_proxy_headers:
-            return peer_ip
-        peer = _parse_address(peer_ip)
-        if peer is None or not self._trusted(peer):
-            return peer_ip
-        client = str(peer)
-        for value in reversed(xff_header_values):
-            for hop in reversed(value.decode("latin-1").split(",")):
-                if not hop.strip():
-                    continue
-                address = _parse_address(hop)
-                if address is None:
-                    return client
-                client = str(address)
-                if not self._trusted(address):
-                    return client
-        return client
 
     # -- rate limits
 

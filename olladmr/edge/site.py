@@ -1,10 +1,12 @@
 """
 The HTTP server side: a ``Site`` whose requests know their id, their
-arrival time and whether their body broke the size limit.
+arrival time and whether their body broke the size limit, and whose
+channels enforce the request limits.
 
 Bodies are still spooled by twisted.web (memory under 100 KB, a temporary
 file above); past ``max_body_size`` nothing more is kept and the request is
-answered 413.
+answered 413.  The limits live in :class:`EdgeLimits`, which reloads
+reconfigure; connections read them per request.
 """
 
 from __future__ import annotations
@@ -12,23 +14,44 @@ from __future__ import annotations
 import io
 import os
 from itertools import count
-from typing import Any
+from typing import Any, Protocol
 
-from urllib.parse import unquote_to_bytes as unquote
-
-from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
+from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
 
-from .config import ServerConfig
-from .errors import error_body
-from .headers import client_request_id
+from ..config.schema import Config, ServerConfig
+from ..errors import error_body
+from ..proxy.headers import client_request_id
 
 log = Logger()
+
+
+class EdgeLimits:
+    """Owns the request limits and timeouts every connection reads: sizes (413, 431) and times (408, idle)."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        self._apply(server)
+
+    def _apply(self, server: ServerConfig) -> None:
+        self.max_body_size = server.request_limits.max_body_size
+        self.max_header_size = server.request_limits.max_header_size
+        self.read_header_timeout = server.read_header_timeout
+        self.read_timeout = server.read_timeout
+        self.idle_timeout = server.idle_timeout
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt reloaded limits; connections read them per request."""
+        self._apply(config.server)
+
+
+class AccessObserver(Protocol):
+    """Told about every request olladmr answered itself (proxied ones are logged by their exchange)."""
+
+    def local_request(self, request: OllaRequest, elapsed: float) -> None: ...
 
 
 class OllaChannel(HTTPChannel):
@@ -43,6 +66,7 @@ class OllaChannel(HTTPChannel):
     _header_timer: IDelayedCall | None = None
     _body_timer: IDelayedCall | None = None
     _rejected = False
+    _header_bytes = 0  # of the request being received; our own count, for our 431 (Twisted's gives a bare 400)
     LINGER = 5.0
 
     def _olla(self) -> OllaSite | None:
@@ -59,13 +83,18 @@ class OllaChannel(HTTPChannel):
             return
         site = self._olla()
         if site is not None:
-            if self._receivedHeaderSize == 0 and self._header_timer is None and site.read_header_timeout > 0:
-                self._header_timer = site.clock.callLater(site.read_header_timeout, self._too_slow, "headers")
-            if self._receivedHeaderSize + len(line) > site.max_header_size:
+            limits = site.limits
+            if self._header_bytes == 0:
+                # Twisted's own cap (a bare 400) must never be the one that fires first.
+                self.totalHeadersSize = max(HTTPChannel.totalHeadersSize, limits.max_header_size + 2)
+                if self._header_timer is None and limits.read_header_timeout > 0:
+                    self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
+            self._header_bytes += len(line)
+            if self._header_bytes > limits.max_header_size:
                 self.reject(
                     431,
                     "request_header_fields_too_large",
-                    f"the request line and headers exceed {site.max_header_size} bytes "
+                    f"the request line and headers exceed {limits.max_header_size} bytes "
                     "(server.request_limits.max_header_size)",
                 )
                 return
@@ -77,9 +106,10 @@ class OllaChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel("_header_timer")
+        self._header_bytes = 0
         site = self._olla()
-        if site is not None and self.length != 0 and site.read_timeout > 0:
-            self._body_timer = site.clock.callLater(site.read_timeout, self._too_slow, "body")
+        if site is not None and self.length != 0 and site.limits.read_timeout > 0:
+            self._body_timer = site.clock.callLater(site.limits.read_timeout, self._too_slow, "body")
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -119,7 +149,10 @@ class OllaChannel(HTTPChannel):
             half_close()
         else:
             self.transport.loseConnection()
-        (site.clock if site is not None else _reactor()).callLater(self.LINGER, self._abort)
+        if site is not None:
+            site.clock.callLater(self.LINGER, self._abort)
+        else:
+            self._abort()
         log.info("rejected a request with {status}: {message}", status=status, message=message)
 
     def _abort(self) -> None:
@@ -138,31 +171,12 @@ class OllaChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
-_date_cache: list[Any] = [-1, b""]
-
-
-def _http_date(clock: IReactorTime | None) -> bytes:
-    """The Date header value, formatted once per second."""
-    now = int(clock.seconds()) if clock is not None else None
-    if now is None:
-        return datetimeToString()
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = datetimeToString(now)
-    return _date_cache[1]
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 class OllaRequest(server.Request):
-    """A request that carries ``request_id``, ``arrived`` and ``body_too_large``."""
+    """A request that carries ``request_id``, ``arrived``, ``body_too_large`` and whether it was ``proxied``."""
 
-    request_id: str = ""
+    request_id: str = "-"
     body_too_large = False
+    proxied = False
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -172,7 +186,7 @@ class OllaRequest(server.Request):
         self._body_seen = 0
 
     def _limit(self) -> int:
-        return self._olla_site.max_body_size if self._olla_site else 50 * 1024**2
+        return self._olla_site.limits.max_body_size if self._olla_site else 50 * 1024**2
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
@@ -209,49 +223,42 @@ class OllaRequest(server.Request):
         if rid is None and self._olla_site is not None:
             rid = self._olla_site.new_request_id()
         self.request_id = (rid or b"-").decode("ascii")
-        self.site = self.channel.site
-        # Like server.Request.process, minus the Server header (no version advertising).
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"date", [_http_date(self._olla_site.clock if self._olla_site else None)])
-        headers.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
-        self.prepath = []
-        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
-        try:
-            self.render(self.site.getResourceFor(self))
-        except BaseException:
-            self.processingFailed(Failure())
+        self.responseHeaders.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
+        super().process()
 
 
 class OllaSite(server.Site):
-    """Serves the route tree; owns request ids and the body size limit."""
+    """Serves the route tree; owns request ids and hands locally answered requests to the access log."""
 
     requestFactory = OllaRequest
     protocol = OllaChannel  # plain HTTP/1.1: no HTTP/2 negotiation wrapper
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, resource: IResource, clock: IReactorTime, server: ServerConfig) -> None:
+    def __init__(
+        self, resource: IResource, clock: IReactorTime, limits: EdgeLimits, access_log: AccessObserver | None = None
+    ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)
         self.clock = clock
-        self.configure(server)
-
-    def configure(self, server: ServerConfig) -> None:
-        """Apply (new) limits and timeouts; connections read them per request."""
-        self.max_body_size = server.request_limits.max_body_size
-        self.max_header_size = server.request_limits.max_header_size
-        self.read_header_timeout = server.read_header_timeout
-        self.read_timeout = server.read_timeout
-        self.timeOut = server.idle_timeout or None
+        self.limits = limits
+        self._access_log = access_log
         self._prefix = os.urandom(4).hex()
         self._ids = count(1)
+
+    @property  # type: ignore[override]
+    def timeOut(self) -> float | None:
+        """The idle keep-alive timeout new connections get (``server.idle_timeout``; 0: none)."""
+        return self.limits.idle_timeout or None
+
+    @timeOut.setter
+    def timeOut(self, value: float | None) -> None:
+        pass  # set by HTTPFactory.__init__; the limits decide
 
     def new_request_id(self) -> bytes:
         """A process-unique id: a random boot prefix and a counter."""
         return f"{self._prefix}-{next(self._ids):x}".encode()
 
-    access_log: Any = None  # an AccessLog; proxied requests are logged by their exchange
-
     def log(self, request: Any) -> None:
         """twisted.web's access log hook: olladmr's own event for requests it answered itself."""
-        if self.access_log is not None and not getattr(request, "proxied", False):
-            self.access_log.local_request(request, self.clock.seconds() - getattr(request, "arrived", 0.0))
+        if self._access_log is not None and not getattr(request, "proxied", False):
+            self._access_log.local_request(request, self.clock.seconds() - getattr(request, "arrived", 0.0))

@@ -15,19 +15,19 @@ latencies for the p50/p95/p99 in ``/internal/status/models``.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from . import __version__
-from .models import normalise_model
-from .streaming import OK
+from twisted.internet.interfaces import IReactorTime
 
-if TYPE_CHECKING:
-    from .fleet import Fleet
-    from .proxy import ExchangeRecord
+from .. import __version__
+from ..config.schema import Config
+from ..fleet.models import normalise_model
+from ..fleet.state import Fleet
+from ..proxy.record import OK, ExchangeRecord
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
 OTHER_MODEL = "other"
@@ -103,10 +103,11 @@ class ModelStats:
 
 
 class Metrics:
-    """Owns the registry, the request metrics and the running totals."""
+    """Owns the registry, the request metrics, the per-model statistics and the running totals."""
 
-    def __init__(self, fleet: Fleet, in_flight: Callable[[], int]) -> None:
+    def __init__(self, fleet: Fleet, clock: IReactorTime, in_flight: Callable[[], int]) -> None:
         self.fleet = fleet
+        self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -140,7 +141,8 @@ class Metrics:
         )
         info = Gauge("olladmr_info", "olladmr build information", ["version"], registry=r)
         info.labels(__version__).set(1)
-        r.register(_FleetCollector(fleet))
+        r.register(_FleetCollector(fleet))  # type: ignore[arg-type]
+        self.config_loaded.set(clock.seconds())
         self.model_stats = ModelStats()
         self.total = 0
         self.succeeded = 0
@@ -195,7 +197,17 @@ class Metrics:
         self.model_stats.add(model, total, ok)
 
     def health_checks_observe(self, endpoint: str, result: str, seconds: float) -> None:
+        """A health check of ``endpoint`` ended with ``result`` after ``seconds``."""
         self.health_checks.labels(endpoint, result).observe(seconds)
 
+    def reload_observed(self, ok: bool) -> None:
+        """A configuration reload succeeded (``ok``) or was refused."""
+        self.reloads.labels("success" if ok else "failure").inc()
+
+    def reconfigure(self, config: Config) -> None:
+        """A new configuration is in force: stamp its load time."""
+        self.config_loaded.set(self._clock.seconds())
+
     def render(self) -> bytes:
+        """The Prometheus text exposition of the registry."""
         return generate_latest(self.registry)

@@ -1,0 +1,185 @@
+"""
+The composition root: the one place every part is constructed.
+
+:func:`build` creates each component once, in dependency order, and passes
+collaborators as constructor arguments; nothing is assigned onto another
+object afterwards.  Data flows one way on a request::
+
+    site -> gate -> routes -> proxy/exchange -> upstream -> relay
+
+with what the gate decided carried in the :class:`~olladmr.proxy.record.ProxyCall`,
+and health feedback from real traffic passed to the proxy as a callable.
+A reload goes through :class:`~olladmr.reload.Reconfiguration`, which calls
+``reconfigure(config)`` on the parts below in this order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Mapping
+
+from .config.files import load_config
+from .config.schema import Config
+from .edge.gate import Gate
+from .edge.site import EdgeLimits, OllaSite
+from .fleet.catalogue import Catalogue
+from .fleet.health import HealthMonitor, health_client
+from .fleet.state import Fleet
+from .ops.lifecycle import Lifecycle
+from .ops.logs import AccessLog, LogControl
+from .ops.metrics import Metrics
+from .ops.status import StatusReport
+from .proxy.proxy import InFlight, Proxy
+from .proxy.upstream import UpstreamClient
+from .reload import ConfigReloader, Reconfiguration
+from .routes import OllaApp
+from .service import Listener, OllaService
+from .workers import WorkerPool
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """Every part of one built daemon; :attr:`service` is what twistd runs."""
+
+    service: OllaService
+    config: Config
+    listener: Listener
+    fleet: Fleet
+    catalogue: Catalogue
+    upstream: UpstreamClient
+    inflight: InFlight
+    metrics: Metrics
+    health: HealthMonitor
+    gate: Gate
+    access_log: AccessLog
+    proxy: Proxy
+    limits: EdgeLimits
+    lifecycle: Lifecycle
+    reconfiguration: Reconfiguration
+    reloader: ConfigReloader
+    status: StatusReport
+    app: OllaApp
+    site: OllaSite
+    workers: WorkerPool | None
+
+
+def build(
+    config: Config,
+    *,
+    reactor: Any,
+    listen: str | None = None,
+    config_path: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+    log_control: LogControl | None = None,
+    workers: int = 1,
+    inherit: tuple[int, int] | None = None,
+    worker_index: int = 0,
+) -> Daemon:
+    """Construct the whole daemon for ``config`` (nothing starts until the service does)."""
+    log_control = log_control or LogControl(config.logging.level, config.logging.format)
+    listener = Listener(reactor, listen or config.server.listen, inherit=inherit)
+    lifecycle = Lifecycle(
+        reactor,
+        config,
+        address=listener.address,
+        worker_index=worker_index,
+        workers=workers if inherit is None else 1,
+    )
+    upstream = UpstreamClient(reactor, config.proxy)
+    fleet = Fleet(config, reactor)
+    catalogue = Catalogue(fleet)
+    inflight = InFlight()
+    metrics = Metrics(fleet, reactor, inflight.__len__)
+    health_http, health_pool = health_client(reactor)
+    health = HealthMonitor(
+        fleet, health_http, reactor, config, pool=health_pool, observe_check=metrics.health_checks_observe
+    )
+    gate = Gate(config.server, reactor)
+    access_log = AccessLog(log_control)
+    proxy = Proxy(
+        fleet,
+        upstream,
+        reactor,
+        config,
+        inflight=inflight,
+        mark_offline=health.mark_offline,
+        observers=(metrics, access_log),
+    )
+    limits = EdgeLimits(config.server)
+    pool: WorkerPool | None = None
+    if workers > 1 and inherit is None:
+        argv = ["-n", "--pidfile=", "olladmr"] + (["--config", config_path] if config_path else [])
+        pool = WorkerPool(
+            reactor,
+            workers,
+            fd=listener.fileno,
+            family=listener.family,
+            argv=argv,
+            shutdown_timeout=lambda: lifecycle.config.server.shutdown_timeout,
+        )
+    reconfiguration = Reconfiguration(
+        config,
+        # fleet first: the health monitor reconciles its loops against it, last
+        [fleet, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
+        listen=listener.description,
+        listen_fixed=listen is not None or inherit is not None,
+    )
+    reloader = ConfigReloader(
+        config_path,
+        reactor,
+        load=partial(load_config, environ=environ),
+        apply=reconfiguration.apply,
+        observe=metrics.reload_observed,
+        forward=pool.reload_all if pool is not None else None,
+    )
+    status = StatusReport(
+        fleet=fleet,
+        catalogue=catalogue,
+        metrics=metrics,
+        lifecycle=lifecycle,
+        in_flight=inflight.__len__,
+        balancer=lambda: proxy.balancer.name,
+        reloads=reloader.counts,
+    )
+    app = OllaApp(
+        proxy=proxy, catalogue=catalogue, status=status, metrics=metrics, lifecycle=lifecycle, reload=reloader.reload
+    )
+    site = OllaSite(app.resource(gate), reactor, limits, access_log)
+    service = OllaService(
+        reactor=reactor,
+        listener=listener,
+        site=site,
+        fleet=fleet,
+        health=health,
+        gate=gate,
+        inflight=inflight,
+        upstream=upstream,
+        lifecycle=lifecycle,
+        log_control=log_control,
+        children=(reloader,),
+        workers=pool,
+    )
+    return Daemon(
+        service=service,
+        config=config,
+        listener=listener,
+        fleet=fleet,
+        catalogue=catalogue,
+        upstream=upstream,
+        inflight=inflight,
+        metrics=metrics,
+        health=health,
+        gate=gate,
+        access_log=access_log,
+        proxy=proxy,
+        limits=limits,
+        lifecycle=lifecycle,
+        reconfiguration=reconfiguration,
+        reloader=reloader,
+        status=status,
+        app=app,
+        site=site,
+        workers=pool,
+    )

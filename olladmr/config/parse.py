@@ -1,0 +1,555 @@
+"""
+Parsing: a YAML document in, a validated :class:`~olladmr.config.schema.Config` out.
+
+``parse_config`` is a pure function from a parsed YAML document to a
+:class:`Config`.  Every problem is raised as a
+:class:`~olladmr.config.reader.ConfigError` naming the file, the key path
+and what is wrong, on one line.
+
+Olla's layout (``server`` / ``proxy`` / ``discovery.static.endpoints`` /
+``logging``) and the short form (a top-level ``endpoints`` list) are both
+accepted.  Keys Olla knows but olladmr has no use for are accepted and listed
+in :attr:`Config.ignored` so the daemon can warn about them; any other unknown
+key is an error.  Every section's parser lives here, next to the others, so
+the features (auth, CORS, rate limits, ...) import only the schema.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlsplit
+
+from .reader import ConfigError, Section, fmt_seconds, parse_duration, parse_size, show_value
+from .schema import (
+    BALANCERS,
+    DEFAULT_CORS_HEADERS,
+    DEFAULT_CORS_METHODS,
+    DEFAULT_EXPOSED_HEADERS,
+    DEFAULT_HOST,
+    DEFAULT_MODELS_PATH,
+    DEFAULT_PORT,
+    DEFAULT_TRUSTED_PROXY_CIDRS,
+    ENDPOINT_TYPE,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AuthConfig,
+    Config,
+    CorsConfig,
+    EndpointConfig,
+    IPNetwork,
+    LoggingConfig,
+    ProxyConfig,
+    RateLimitConfig,
+    RequestLimits,
+    ServerConfig,
+    default_endpoint,
+)
+
+# Keys that Olla understands and olladmr deliberately ignores, per section.
+# They are accepted (so an Olla file loads) and reported as ignored.
+OLLA_IGNORED: dict[str, frozenset[str]] = {
+    "": frozenset({"model_registry", "translators", "engineering", "dashboard", "model_aliases"}),
+    "server": frozenset({"request_logging", "write_timeout"}),
+    "proxy": frozenset(
+        {
+            "engine",
+            "profile",
+            "connection_keep_alive",
+            "response_timeout",
+            "tls_handshake_timeout",
+            "stream_buffer_size",
+            "sticky_sessions",
+            "max_retries",
+            "retry_backoff",
+            "retry",
+            "profile_filter",
+        }
+    ),
+    "discovery": frozenset({"refresh_interval", "health_check"}),
+    "discovery.model_discovery": frozenset({"concurrent_workers", "retry_attempts", "retry_backoff"}),
+    "endpoint": frozenset({"preserve_path", "model_filter"}),
+}
+
+
+# --------------------------------------------------------------------------
+# Endpoints
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
+)
+
+
+def _parse_url(section: Section, key: str) -> str:
+    raw = section.raw(key)
+    if raw is None:
+        raise section.error(key, "is required")
+    if not isinstance(raw, str) or not raw.strip():
+        raise section.error(key, f"expected a URL such as \"http://localhost:12434\", got {show_value(raw)}")
+    text = raw.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise section.error(key, f"not a valid URL ({exc}): {show_value(raw)}") from None
+    if parts.scheme not in ("http", "https"):
+        raise section.error(key, f"must start with http:// or https://, got {show_value(raw)}")
+    if not parts.hostname:
+        raise section.error(key, f"has no host: {show_value(raw)}")
+    if parts.username is not None or parts.password is not None:
+        raise section.error(key, "must not carry credentials (user:password@); configure them elsewhere")
+    if parts.query or parts.fragment:
+        raise section.error(key, f"must not have a query or fragment: {show_value(raw)}")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _parse_path(section: Section, key: str, default: str) -> str:
+    value = section.string(key, default)
+    if not value.startswith("/") or any(c in value for c in " \r\n\t#"):
+        raise section.error(key, f"expected a path starting with \"/\", got {show_value(value)}")
+    return value
+
+
+def _parse_headers(section: Section, key: str) -> tuple[tuple[str, str], ...]:
+    value = section.raw(key)
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise section.error(key, f"expected a mapping of header names to values, got {show_value(value)}")
+    out: list[tuple[str, str]] = []
+    for name, val in value.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise section.error(where, "is not a valid header name")
+        if name.lower() in _RESERVED_HEADERS or name.lower().startswith(("x-olla-", "proxy-")):
+            raise section.error(where, "is managed by olladmr and cannot be set")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise section.error(where, f"expected a string, got {show_value(val)}")
+        sval = str(val)
+        if any(c in sval for c in "\r\n\x00"):
+            raise section.error(where, "must not contain line breaks")
+        out.append((name, sval))
+    return tuple(out)
+
+
+def _parse_outbound_auth(parent: Section, environ: Mapping[str, str]) -> bytes | None:
+    """``auth: {type: bearer, token | token_file | token_env}`` -> the Authorization header value."""
+    if not parent.has("auth"):
+        parent.raw("auth")
+        return None
+    sec = parent.section("auth", "endpoint.auth")
+    kind = sec.choice("type", "bearer", ("bearer",))
+    sources = [key for key in ("token", "token_file", "token_env") if sec.has(key)]
+    if len(sources) != 1:
+        raise sec.error("token", "give exactly one of token, token_file or token_env")
+    source = sources[0]
+    value = sec.string(source, "")
+    if source == "token_file":
+        try:
+            with open(value, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise sec.error(source, f"cannot read {value}: {exc.strerror or exc}") from None
+    elif source == "token_env":
+        token = environ.get(value, "").strip()
+        if not token:
+            raise sec.error(source, f"environment variable {value} is not set or empty")
+    else:
+        token = value.strip()
+    if not token or any(c in token for c in "\r\n\x00 "):
+        raise sec.error(source, "the token is empty or contains spaces or line breaks")
+    sec.finish()
+    assert kind == "bearer"
+    return b"Bearer " + token.encode("utf-8")
+
+
+def _parse_endpoint(parent: Section, item: object, path: str, environ: Mapping[str, str]) -> EndpointConfig:
+    if not isinstance(item, dict):
+        raise ConfigError(parent.source, path, f"expected a mapping with at least a url, got {show_value(item)}")
+    sec = parent.item(item, path, "endpoint")
+    url = _parse_url(sec, "url")
+    default_name = urlsplit(url).netloc
+    name = sec.string("name", default_name).strip()
+    if not name or any(c.isspace() or not c.isprintable() for c in name):
+        raise sec.error("name", f"must be a non-empty name without spaces, got {show_value(sec.raw('name'))}")
+    ep_type = sec.string("type", ENDPOINT_TYPE)
+    if ep_type not in (ENDPOINT_TYPE, "dmr"):
+        raise sec.error("type", f'olladmr serves only "{ENDPOINT_TYPE}" endpoints, got {show_value(ep_type)}')
+    check_interval = sec.duration("check_interval", 10.0, minimum=0.1)
+    check_timeout = sec.duration("check_timeout", min(5.0, check_interval), minimum=0.01)
+    if check_timeout > check_interval:
+        raise sec.error(
+            "check_timeout",
+            f"must not be longer than check_interval ({fmt_seconds(check_interval)}), got {show_value(sec.raw('check_timeout'))}",
+        )
+    endpoint = EndpointConfig(
+        name=name,
+        url=url,
+        type=ENDPOINT_TYPE,
+        priority=sec.integer("priority", 100, minimum=0),
+        model_url=_parse_path(sec, "model_url", DEFAULT_MODELS_PATH),
+        health_check_url=_parse_path(sec, "health_check_url", DEFAULT_MODELS_PATH),
+        check_interval=check_interval,
+        check_timeout=check_timeout,
+        headers=_parse_headers(sec, "headers"),
+        max_concurrent=sec.integer("max_concurrent", 0, minimum=0),
+        queue_size=sec.integer("queue_size", 64, minimum=0),
+        queue_timeout=sec.duration("queue_timeout", 30.0),
+        forward_client_auth=sec.boolean("forward_client_auth", False),
+        auth_header=_parse_outbound_auth(sec, environ),
+    )
+    sec.finish()
+    return endpoint
+
+
+def _parse_endpoints(
+    parent: Section, items: Iterable[object], path: str, environ: Mapping[str, str]
+) -> tuple[EndpointConfig, ...]:
+    endpoints: list[EndpointConfig] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        where = f"{path}[{index}]"
+        ep = _parse_endpoint(parent, item, where, environ)
+        if ep.name in seen:
+            raise ConfigError(
+                parent.source, f"{where}.name", f'duplicate endpoint name "{ep.name}" (also {path}[{seen[ep.name]}])'
+            )
+        seen[ep.name] = index
+        endpoints.append(ep)
+    return tuple(endpoints)
+
+
+def parse_config(document: object, source: str = "<config>", environ: Mapping[str, str] = os.environ) -> Config:
+    """
+    Validate a parsed YAML document into a :class:`Config`.
+
+    An empty document gives the built-in defaults.  Raises
+    :class:`ConfigError` on the first problem found.
+    """
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(source, "", f"expected a mapping at the top level, got {show_value(document)}")
+    sink: list[str] = []
+    top = Section(document, "", source, sink, OLLA_IGNORED)
+
+    srv = top.section("server")
+    limits = srv.section("request_limits")
+    request_limits = RequestLimits(
+        max_body_size=limits.get("max_body_size", 50 * 1024**2, parse_size, 'a size such as "50MB"'),
+        max_header_size=limits.get("max_header_size", 512 * 1024, parse_size, 'a size such as "512KB"'),
+    )
+    limits.finish()
+    if request_limits.max_header_size < 4096:
+        raise limits.error("max_header_size", "must be at least 4KB")
+    admin = srv.section("admin")
+    reload_endpoint = admin.boolean("reload_endpoint", False)
+    admin.finish()
+    host = srv.string("host", DEFAULT_HOST).strip()
+    if not host or any(c.isspace() for c in host):
+        raise srv.error("host", f"expected an address such as \"127.0.0.1\", got {show_value(srv.raw('host'))}")
+    if host == "localhost":
+        host = DEFAULT_HOST
+    server = ServerConfig(
+        host=host,
+        port=srv.integer("port", DEFAULT_PORT, minimum=0, maximum=65535),
+        shutdown_timeout=srv.duration("shutdown_timeout", 30.0),
+        read_header_timeout=srv.duration("read_header_timeout", 10.0),
+        read_timeout=srv.duration("read_timeout", 30.0),
+        idle_timeout=srv.duration("idle_timeout", 120.0),
+        request_limits=request_limits,
+        reload_endpoint=reload_endpoint,
+        rate_limits=parse_rate_limits(srv.section("rate_limits")),
+        auth=parse_auth(srv.section("auth"), environ),
+        cors=parse_cors(srv.section("cors")),
+    )
+    srv.finish()
+
+    prx = top.section("proxy")
+    proxy = ProxyConfig(
+        load_balancer=prx.choice("load_balancer", "priority", BALANCERS),
+        connection_timeout=prx.duration("connection_timeout", 10.0, minimum=0.001),
+        response_header_timeout=prx.duration("response_header_timeout", 300.0, minimum=0.001),
+        read_timeout=prx.duration("read_timeout", 600.0),
+        request_timeout=prx.duration("request_timeout", 0.0),
+        idle_connection_timeout=prx.duration("idle_connection_timeout", 30.0, minimum=0.1),
+        max_idle_connections=prx.integer("max_idle_connections", 32, minimum=0),
+        breaker_failures=prx.integer("breaker_failures", 5, minimum=1),
+        breaker_cooldown=prx.duration("breaker_cooldown", 30.0, minimum=0.1),
+        busy_threshold=prx.duration("busy_threshold", 5.0, minimum=0.001),
+    )
+    prx.finish()
+
+    disc = top.section("discovery")
+    disc_type = disc.string("type", "static")
+    if disc_type != "static":
+        raise disc.error("type", f'only "static" discovery is supported, got {show_value(disc_type)}')
+    static = disc.section("static")
+    endpoints = _parse_endpoints(static, static.sequence("endpoints"), "discovery.static.endpoints", environ)
+    static.finish()
+    md = disc.section("model_discovery", "discovery.model_discovery")
+    md.boolean("enabled", True)
+    model_discovery_interval = md.duration("interval", 300.0, minimum=1.0)
+    md.duration("timeout", 30.0)
+    md.finish()
+    disc.finish()
+
+    short = top.sequence("endpoints")
+    if short:
+        if endpoints:
+            raise top.error("endpoints", "give endpoints either here or under discovery.static.endpoints, not both")
+        endpoints = _parse_endpoints(top, short, "endpoints", environ)
+
+    log = top.section("logging")
+    logging = LoggingConfig(
+        level=log.choice("level", "info", LOG_LEVELS + ("warning",)).replace("warning", "warn"),
+        format=log.choice("format", "text", LOG_FORMATS),
+    )
+    if log.has("output"):
+        output = log.string("output", "stdout")
+        if output not in ("stdout", "stderr"):
+            raise log.error("output", f'expected stdout or stderr, got {show_value(output)}')
+    log.finish()
+
+    top.finish()
+    if not endpoints:
+        endpoints = (default_endpoint(),)
+    return Config(
+        server=server,
+        proxy=proxy,
+        endpoints=endpoints,
+        logging=logging,
+        model_discovery_interval=model_discovery_interval,
+        source=source,
+        ignored=tuple(sink),
+    )
+
+
+# --------------------------------------------------------------------------
+# server.auth
+
+KEY_HINT = "hash the key with: printf %s 'KEY' | sha256sum"
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _digest(value: object, fail: Callable[[str], ConfigError]) -> bytes:
+    """One configured digest as 32 bytes; never echoes the value (it might be a key pasted by mistake)."""
+    if not isinstance(value, str):
+        raise fail(f"expected a SHA-256 hex digest as a quoted string, got {type(value).__name__}")
+    text = value.strip()
+    if not _HEX_DIGEST.fullmatch(text):
+        if len(text) == 64:
+            problem = "got 64 characters that are not all hex digits"
+        else:
+            problem = f"got {len(text)} characters"
+        raise fail(f"expected a SHA-256 hex digest (64 hex characters), {problem}; {KEY_HINT}")
+    return bytes.fromhex(text)
+
+
+def _read_digest_file(section: Section, key: str) -> list[bytes]:
+    path = section.string(key, "").strip()
+    if not path:
+        raise section.error(key, "expected a file name")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise section.error(key, f'cannot read "{path}": {exc.strerror or exc}') from None
+    except UnicodeDecodeError:
+        raise section.error(key, f'"{path}" is not UTF-8 text') from None
+    digests: list[bytes] = []
+    for number, line in enumerate(lines, 1):
+        text = line.partition("#")[0].strip()
+        if text:
+            digests.append(_digest(text, lambda problem: section.error(key, f"{path} line {number}: {problem}")))
+    if not digests:
+        raise section.error(key, f'"{path}" holds no key digests (one per line; "#" starts a comment)')
+    return digests
+
+
+def _read_digest_env(section: Section, key: str, environ: Mapping[str, str]) -> list[bytes]:
+    name = section.string(key, "").strip()
+    if not _ENV_NAME.fullmatch(name):
+        raise section.error(key, f'expected an environment variable name, got "{name}"')
+    value = environ.get(name)
+    if value is None:
+        raise section.error(key, f"environment variable {name} is not set")
+    digests: list[bytes] = []
+    for index, part in enumerate(value.split(",")):
+        if part.strip():
+            digests.append(_digest(part, lambda problem: section.error(key, f"${name} entry {index + 1}: {problem}")))
+    if not digests:
+        raise section.error(key, f"environment variable {name} holds no key digests (comma-separated)")
+    return digests
+
+
+def _digests(section: Section, base: str, environ: Mapping[str, str]) -> tuple[bytes, ...]:
+    """The digests of ``base``, ``base_file`` and ``base_env`` together, each once, in order."""
+    found: dict[bytes, None] = {}
+    for index, item in enumerate(section.sequence(base)):
+        found[_digest(item, lambda problem: section.error(f"{base}[{index}]", problem))] = None
+    if section.has(f"{base}_file"):
+        found.update(dict.fromkeys(_read_digest_file(section, f"{base}_file")))
+    else:
+        section.raw(f"{base}_file")
+    if section.has(f"{base}_env"):
+        found.update(dict.fromkeys(_read_digest_env(section, f"{base}_env", environ)))
+    else:
+        section.raw(f"{base}_env")
+    return tuple(found)
+
+
+def parse_auth(section: Section, environ: Mapping[str, str] = os.environ) -> AuthConfig:
+    """
+    Read a ``server.auth`` section into an :class:`AuthConfig`.
+
+    Files are read and environment variables looked up now (again on each
+    reload).  Raises :class:`~olladmr.config.ConfigError` naming the key
+    and, for files, the file and line.
+    """
+    api = _digests(section, "api_keys", environ)
+    admin = _digests(section, "admin_keys", environ)
+    rpm = section.integer("requests_per_minute", 0, minimum=0)
+    if rpm and not api:
+        raise section.error("requests_per_minute", "is a per-API-key limit but no api_keys are configured")
+    section.finish()
+    return AuthConfig(api_key_digests=api, admin_key_digests=admin, per_key_requests_per_minute=rpm)
+
+
+# --------------------------------------------------------------------------
+# server.cors
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://(\[[0-9a-f:.]+\]|[^\s/?#:\[\]@]+)(:[0-9]{1,5})?")
+
+
+def _strings(section: Section, key: str, default: tuple[str, ...], check: re.Pattern[str], what: str) -> tuple[str, ...]:
+    if not section.has(key):
+        section.raw(key)
+        return default
+    out: list[str] = []
+    for index, item in enumerate(section.sequence(key)):
+        text = item.strip() if isinstance(item, str) else None
+        if not text or not (text == "*" or check.fullmatch(text)):
+            raise section.error(f"{key}[{index}]", f"expected {what}, got {show_value(item)}")
+        out.append(text)
+    return tuple(out)
+
+
+def _origin(section: Section, index: int, item: object) -> str:
+    text = item.strip().lower() if isinstance(item, str) else ""
+    if text == "*":
+        return text
+    if not _ORIGIN.fullmatch(text):
+        problem = 'expected an origin such as "https://app.example.com" or "*"'
+        if text.count("/") > 2:
+            problem = 'an origin has no path (not even a trailing "/"): expected e.g. "https://app.example.com"'
+        raise section.error(f"allowed_origins[{index}]", f"{problem}, got {show_value(item)}")
+    return text
+
+
+def _max_age(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(value)
+        return value
+    return int(parse_duration(value))
+
+
+def parse_cors(section: Section) -> CorsConfig:
+    """
+    Read a ``server.cors`` section into a :class:`CorsConfig`.
+
+    Everything is validated even while ``enabled`` is false.  Refused:
+    ``allow_credentials: true`` with a ``"*"`` origin (browsers would
+    reject every answer) and ``enabled: true`` with no origins.
+    """
+    enabled = section.boolean("enabled", False)
+    origins = tuple(dict.fromkeys(_origin(section, i, item) for i, item in enumerate(section.sequence("allowed_origins"))))
+    methods = tuple(m.upper() for m in _strings(section, "allowed_methods", DEFAULT_CORS_METHODS, _TOKEN, "an HTTP method"))
+    headers = _strings(section, "allowed_headers", DEFAULT_CORS_HEADERS, _TOKEN, "a header name")
+    exposed = _strings(section, "exposed_headers", DEFAULT_EXPOSED_HEADERS, _TOKEN, "a header name")
+    credentials = section.boolean("allow_credentials", False)
+    max_age = section.get("max_age", 600, _max_age, 'a number of seconds or a duration such as "10m"')
+    if credentials and "*" in origins:
+        raise section.error(
+            "allow_credentials",
+            'cannot be true while allowed_origins contains "*" (browsers refuse credentials for a wildcard '
+            "origin); list the origins instead",
+        )
+    if credentials and "*" in exposed:
+        raise section.error("exposed_headers", 'cannot contain "*" while allow_credentials is true; name the headers')
+    if enabled and not origins:
+        raise section.error(
+            "allowed_origins", 'is empty but enabled is true; list origins such as "https://app.example.com" (or "*")'
+        )
+    section.finish()
+    return CorsConfig(
+        enabled=enabled,
+        allowed_origins=origins,
+        allowed_methods=methods,
+        allowed_headers=headers,
+        exposed_headers=exposed,
+        allow_credentials=credentials,
+        max_age=max_age,
+    )
+
+
+# --------------------------------------------------------------------------
+# server.rate_limits
+
+
+def parse_rate_limits(section: Section) -> RateLimitConfig:
+    """
+    Read a ``server.rate_limits`` section into a :class:`RateLimitConfig`.
+
+    Raises :class:`~olladmr.config.ConfigError` naming the key, e.g.
+    ``server.rate_limits.trusted_proxy_cidrs[1]: not a valid CIDR ...``.
+    """
+    global_rpm = section.integer("global_requests_per_minute", 0, minimum=0)
+    per_ip_rpm = section.integer("per_ip_requests_per_minute", 0, minimum=0)
+    health_rpm = section.integer("health_requests_per_minute", 0, minimum=0)
+    burst = section.integer("burst_size", 0, minimum=0)
+    cleanup = section.duration("cleanup_interval", 300.0, minimum=1.0)
+    trust = section.boolean("trust_proxy_headers", False)
+    max_concurrent = section.integer("max_concurrent_per_client", 0, minimum=0)
+    cidrs = DEFAULT_TRUSTED_PROXY_CIDRS
+    if section.has("trusted_proxy_cidrs"):
+        parsed: list[IPNetwork] = []
+        for index, item in enumerate(section.sequence("trusted_proxy_cidrs")):
+            where = f"trusted_proxy_cidrs[{index}]"
+            if not isinstance(item, str):
+                raise section.error(where, f'expected a CIDR such as "10.0.0.0/8", got {show_value(item)}')
+            try:
+                parsed.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise section.error(where, f'not a valid CIDR (such as "10.0.0.0/8"): {show_value(item)}') from None
+        cidrs = tuple(parsed)
+    if trust and not cidrs:
+        raise section.error(
+            "trusted_proxy_cidrs",
+            "is empty but trust_proxy_headers is true; list the proxies whose X-Forwarded-For may be trusted",
+        )
+    section.finish()
+    return RateLimitConfig(
+        global_requests_per_minute=global_rpm,
+        per_ip_requests_per_minute=per_ip_rpm,
+        health_requests_per_minute=health_rpm,
+        burst_size=burst,
+        cleanup_interval=cleanup,
+        trust_proxy_headers=trust,
+        trusted_proxy_cidrs=cidrs,
+        max_concurrent_per_client=max_concurrent,
+    )
+
+

@@ -1,0 +1,144 @@
+"""
+The front gate: who may come in and how much they may cost.
+
+:class:`Gate` runs before any route: CORS preflights, API keys (and the
+admin key for ``/internal/*``), token-bucket rate limits and the
+per-client cap on concurrent requests.  It refuses with OpenAI-shaped
+:class:`~olladmr.errors.ClientError` s and otherwise returns an
+:class:`Admission`: what it decided, for the layers after it to carry
+(response headers every answer must have, whether client credentials may
+go upstream).  Nothing downstream calls back into the gate.
+
+``/internal/health`` needs no key and is limited only by
+``health_requests_per_minute``; the rest of ``/internal/*`` and
+``/version`` are never rate limited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from ..config.schema import Config, RateLimitConfig, ServerConfig
+from .auth import Authenticator, admin_unauthorized, unauthorized
+from .clientaddr import client_address
+from .cors import Cors
+from .ratelimit import RateLimiter, rate_limited, too_many_concurrent
+
+HEALTH = b"/internal/health"
+_INTERNAL = b"/internal/"
+_NO_HEADERS: dict[bytes, bytes] = {}
+
+
+@dataclass(frozen=True)
+class Admission:
+    """
+    What the gate decided about an admitted request.
+
+    ``headers`` go on every answer to it (``X-RateLimit-*``, CORS), also
+    after an upstream's headers were copied; ``forward_credentials`` is
+    false while olladmr checks API keys itself (the client's key is then
+    olladmr's, never the upstream's); ``preflight`` is set when the gate
+    answered a CORS preflight itself (its status code; send no body).
+    """
+
+    headers: dict[bytes, bytes] = field(default_factory=lambda: _NO_HEADERS)
+    forward_credentials: bool = True
+    preflight: int | None = None
+
+
+#: The admission of every request while the gate has nothing to check.
+OPEN = Admission()
+
+
+class Gate:
+    """Owns CORS, authentication, rate limiting and per-client concurrency for one service."""
+
+    def __init__(self, server: ServerConfig, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.limiter = RateLimiter(self._limits(server), clock)
+        self._apply(server)
+
+    @staticmethod
+    def _limits(server: ServerConfig) -> RateLimitConfig:
+        return dataclasses.replace(server.rate_limits, per_key_requests_per_minute=server.auth.per_key_requests_per_minute)
+
+    def _apply(self, server: ServerConfig) -> None:
+        self.cors = Cors(server.cors)
+        self.auth = Authenticator(server.auth)
+        limits = self.limiter.config
+        self._open = OPEN if not self.auth.required else Admission(forward_credentials=False)
+        self.active = self.cors.enabled or self.auth.required or self.auth.admin_required or limits.enabled or bool(
+            limits.max_concurrent_per_client
+        )
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a reloaded server section; rate-limit buckets are kept."""
+        self.limiter.reconfigure(self._limits(config.server))
+        self._apply(config.server)
+
+    def start(self) -> None:
+        """Start the rate limiter's periodic sweep."""
+        self.limiter.start()
+
+    def stop(self) -> None:
+        """Stop the sweep."""
+        self.limiter.stop()
+
+    def admit(self, request: IRequest) -> Admission:
+        """Let ``request`` in (an :class:`Admission`) or raise the ClientError that refuses it."""
+        if not self.active:
+            return self._open
+        headers = request.requestHeaders
+        path: bytes = request.path
+        extra: dict[bytes, bytes] = {}
+        if self.cors.enabled and headers.hasHeader(b"origin"):
+            if request.method == b"OPTIONS":
+                answer = self.cors.preflight(headers)
+                if answer is not None:
+                    status, preflight_headers = answer
+                    if status >= 400:
+                        raise self.cors.denied(headers)
+                    return Admission(preflight_headers, self._open.forward_credentials, status)
+            extra.update(self.cors.response_headers(headers))
+        if path.startswith(_INTERNAL) and path != HEALTH:
+            if self.auth.admin_required and not self.auth.check_admin(headers):
+                raise admin_unauthorized()
+            return self._admitted(extra)
+        if path == b"/version":
+            return self._admitted(extra)
+        limiter = self.limiter
+        health = path == HEALTH
+        key_id = None
+        if self.auth.required and not health:
+            key_id = self.auth.identify(headers)
+            if key_id is None:
+                raise unauthorized()
+        if not limiter.config.enabled and not limiter.config.max_concurrent_per_client:
+            return self._admitted(extra)
+        peer = request.getClientAddress()
+        client = client_address(getattr(peer, "host", "") or "", headers.getRawHeaders(b"x-forwarded-for"), limiter.config)
+        if limiter.config.enabled:
+            decision = limiter.check(client, key_id, health=health)
+            limit_headers = decision.headers()
+            if not decision.allowed:
+                error = rate_limited(decision)
+                error.headers = {**extra, **error.headers}
+                raise error
+            extra.update(limit_headers)
+        cap = limiter.config.max_concurrent_per_client
+        if cap and not health:
+            if not limiter.acquire_concurrent(client):
+                error = too_many_concurrent(cap)
+                error.headers = {**extra, **error.headers}
+                raise error
+            request.notifyFinish().addBoth(lambda _: limiter.release_concurrent(client))
+        return self._admitted(extra)
+
+    def _admitted(self, extra: dict[bytes, bytes]) -> Admission:
+        if not extra:
+            return self._open
+        return Admission(extra, self._open.forward_credentials)

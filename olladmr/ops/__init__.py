@@ -1,0 +1,1 @@
+"""Operations: metrics, logs, the status API and the daemon's lifecycle state."""

@@ -1,0 +1,129 @@
+"""
+The status API's answers (``/internal/status*``, ``/internal/ready``).
+
+:class:`StatusReport` reads the fleet, the catalogue, the metrics and the
+lifecycle it is given; it owns nothing.  No credentials are ever shown
+(endpoint URLs cannot carry any, see config).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from .. import __version__
+from ..fleet.catalogue import Catalogue
+from ..fleet.state import EndpointState, Fleet
+from .lifecycle import Lifecycle
+from .metrics import Metrics
+
+
+def endpoint_status(ep: EndpointState) -> dict[str, Any]:
+    """One endpoint as ``/internal/status/endpoints`` shows it."""
+    return {
+        "name": ep.name,
+        "url": ep.config.display_url,
+        "type": ep.config.type,
+        "status": ep.status,
+        "status_reason": ep.status_reason,
+        "routable": ep.routable,
+        "priority": ep.config.priority,
+        "models": [m["id"] for m in ep.models],
+        "model_count": len(ep.models),
+        "active_connections": ep.in_flight,
+        "queued": ep.queued,
+        "max_concurrent": ep.config.max_concurrent,
+        "request_count": ep.request_count,
+        "failure_count": ep.failure_count,
+        "last_check": ep.last_check,
+        "last_latency_ms": ep.last_latency_ms,
+        "check_interval_s": ep.config.check_interval,
+        "breaker": ep.breaker.state,
+        "breaker_failures": ep.breaker.failures,
+        "issues": ep.issues(),
+    }
+
+
+class StatusReport:
+    """Builds the status API's JSON bodies from the parts it reads."""
+
+    def __init__(
+        self,
+        *,
+        fleet: Fleet,
+        catalogue: Catalogue,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        in_flight: Callable[[], int],
+        balancer: Callable[[], str],
+        reloads: Callable[[], tuple[int, int]],
+    ) -> None:
+        self._fleet = fleet
+        self._catalogue = catalogue
+        self._metrics = metrics
+        self._lifecycle = lifecycle
+        self._in_flight = in_flight
+        self._balancer = balancer
+        self._reloads = reloads
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to take traffic, and why (``/internal/ready``)."""
+        if self._lifecycle.draining:
+            return False, "shutting down"
+        routable = self._fleet.routable()
+        if not routable:
+            return False, "no endpoint is routable"
+        return True, f"{len(routable)} of {len(self._fleet)} endpoints routable"
+
+    def endpoints(self) -> dict[str, Any]:
+        """``/internal/status/endpoints``."""
+        eps = list(self._fleet)
+        return {
+            "endpoints": [endpoint_status(ep) for ep in eps],
+            "total_count": len(eps),
+            "healthy_count": sum(1 for ep in eps if ep.status == "healthy"),
+            "routable_count": sum(1 for ep in eps if ep.routable),
+        }
+
+    def models(self) -> dict[str, Any]:
+        """``/internal/status/models``: every known model with its endpoints, request counts and latency percentiles."""
+        listing = self._catalogue.olla_list(include_unavailable=True)
+        stats = self._metrics.model_stats
+        models = []
+        for entry in listing["data"]:  # type: ignore[attr-defined]
+            models.append({**entry, **stats.summary(entry["key"])})
+        known = {m["key"] for m in models}
+        others = {name: stats.summary(name) for name in stats.requests if name not in known}
+        return {"models": models, "total_models": listing["total"], "unlisted": others}
+
+    def service(self) -> dict[str, Any]:
+        """``/internal/status``."""
+        life = self._lifecycle
+        metrics = self._metrics
+        eps = list(self._fleet)
+        succeeded, failed = self._reloads()
+        return {
+            "name": "olladmr",
+            "version": __version__,
+            "uptime_s": round(life.uptime(), 3),
+            "listen": life.address(),
+            "pid": os.getpid(),
+            "worker": life.worker_index,
+            "workers": life.workers,
+            "config_file": life.config.source,
+            "config_loaded_at": life.loaded_at,
+            "balancer": self._balancer(),
+            "draining": life.draining,
+            "active_requests": self._in_flight(),
+            "requests": {
+                "total": metrics.total,
+                "succeeded": metrics.succeeded,
+                "success_rate": round(metrics.succeeded / metrics.total, 4) if metrics.total else None,
+            },
+            "reloads": {"succeeded": succeeded, "failed": failed},
+            "endpoints": {
+                "total": len(eps),
+                "healthy": sum(1 for ep in eps if ep.status == "healthy"),
+                "routable": sum(1 for ep in eps if ep.routable),
+            },
+        }

@@ -1,0 +1,457 @@
+"""
+One proxied request, from endpoint choice to the last byte.
+
+An :class:`Exchange` is an explicit state machine over :class:`Phase`::
+
+    ROUTING -> (QUEUED ->) SENDING -> (CHECKING ->) RELAYING -> DONE
+                  ^            |           |
+                  +-- failover +-----------+   (nothing sent to the client yet)
+
+* ROUTING: the router gave candidates; the balancer picks one and a
+  concurrency slot is taken (QUEUED while waiting for one).
+* SENDING: the request is out; waiting for the upstream's headers.  A
+  failure that cannot have started work upstream (refused, unreachable,
+  connect timeout) goes back to ROUTING for another endpoint; a reset on a
+  stale pooled connection is retried once on a fresh connection.
+* CHECKING: a 503 is read (64 KB at most) to tell DMR's "Loading model"
+  (fail over) from any other 503 (passed through).
+* RELAYING: a :class:`~olladmr.proxy.relay.ResponseRelay` owns the body.
+* DONE: the record went to the observers; every later event is ignored.
+
+Leaving DONE is impossible, and entering it (:meth:`Exchange._complete`)
+cancels whatever is pending, releases the slot and stops the deadline, so
+no callback has to remember what was in flight.  The client leaving moves
+any phase to DONE, except RELAYING, which the relay ends itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol as TypingProtocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+
+from ..bodies import read_body
+from ..config.schema import Config
+from ..errors import ClientError, bad_gateway, gateway_timeout, unavailable, write_error
+from ..failures import HEADER_TIMEOUT, UpstreamFailure
+from ..fleet.balancer import Balancer
+from ..fleet.routing import RoutingDecision, route
+from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout
+from .headers import add_response_headers, copy_response_headers, upstream_request_headers
+from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
+from .relay import ResponseRelay, StreamWatch, UsageTail
+from .upstream import UpstreamClient, body_producer
+
+log = Logger()
+
+BACKEND_TYPE = b"docker-model-runner"
+LOADING_MARKER = b"Loading model"
+MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
+MAX_503_BODY = 64 * 1024
+_SSE = b"text/event-stream"
+
+
+class Phase(enum.Enum):
+    """Where an exchange is; see the module docstring."""
+
+    ROUTING = "routing"
+    QUEUED = "queued"
+    SENDING = "sending"
+    CHECKING = "checking"
+    RELAYING = "relaying"
+    DONE = "done"
+
+
+class ExchangeHost(TypingProtocol):
+    """What an exchange needs from the proxy that runs it (:class:`~olladmr.proxy.proxy.Proxy`)."""
+
+    fleet: Fleet
+    client: UpstreamClient
+    clock: IReactorTime
+    config: Config
+    balancer: Balancer
+
+    def mark_offline(self, endpoint: EndpointState, reason: str) -> None: ...
+
+    def started(self, exchange: Exchange) -> None: ...
+
+    def finished(self, exchange: Exchange) -> None: ...
+
+
+class Exchange:
+    """Owns one client request through the proxy: routing, attempts, failover, relay, and its record."""
+
+    def __init__(self, host: ExchangeHost, request: Request, call: ProxyCall) -> None:
+        self.host = host
+        self.request = request
+        self.call = call
+        self.config = host.config  # the config this request started with, kept to the end
+        self.phase = Phase.ROUTING
+        self.remaining: list[EndpointState] = []
+        self.decision: RoutingDecision | None = None
+        self.failures: list[UpstreamFailure] = []
+        self._pending: Deferred[Any] | None = None
+        self._relay: ResponseRelay | None = None
+        self._slot: EndpointState | None = None
+        self._deadline: IDelayedCall | None = None
+        client = request.getClientAddress()
+        self.record = ExchangeRecord(
+            request_id=call.request_id,
+            method=call.method.decode("latin-1"),
+            path=request.uri.decode("latin-1"),
+            route=call.route,
+            client=getattr(client, "host", "") or "",
+            model=call.model,
+            arrived=call.arrived,
+        )
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Route the request and make the first attempt."""
+        try:
+            self.decision = route(self.host.fleet, self.call.model, self.call.model_key)
+        except ClientError as error:
+            self._fail(error)
+            return
+        self.remaining = list(self.decision.candidates)
+        self.host.started(self)
+        self.request.notifyFinish().addErrback(self._client_gone)
+        total = self.config.proxy.request_timeout
+        if total > 0:
+            self._deadline = self.host.clock.callLater(total, self._request_timed_out)
+        self._next()
+
+    def abort(self) -> None:
+        """Cut this exchange off (shutdown deadline): the client connection is aborted."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def _client_gone(self, reason: Failure) -> None:
+        if self.phase is Phase.DONE:
+            return
+        if self.phase is Phase.RELAYING and self._relay is not None:
+            self._relay.stop(CLIENT_DISCONNECTED)  # the relay's end completes us
+            return
+        self._complete(CLIENT_DISCONNECTED)
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        if self.phase is Phase.RELAYING and self._relay is not None:
+            self._relay.stop(REQUEST_TIMEOUT)
+            return
+        self._fail(
+            gateway_timeout(
+                f"the request took longer than proxy.request_timeout ({self.config.proxy.request_timeout:g}s)",
+                "request_timeout",
+            ),
+            outcome=REQUEST_TIMEOUT,
+        )
+
+    # -- ROUTING and QUEUED
+
+    def _next(self) -> None:
+        self.phase = Phase.ROUTING
+        choices = [ep for ep in self.remaining if ep.routable]
+        if not choices:
+            self._fail(self._exhausted())
+            return
+        free = [ep for ep in choices if ep.has_free_slot]
+        endpoint = self.host.balancer.pick(free or choices)
+        self.remaining.remove(endpoint)
+        try:
+            waiting = endpoint.acquire()
+        except QueueFull:
+            self._fail(
+                unavailable(
+                    f"endpoint {endpoint.name} is at max_concurrent={endpoint.config.max_concurrent} "
+                    f"and its queue of {endpoint.config.queue_size} is full",
+                    "queue_full",
+                    max(1, int(endpoint.config.check_interval)),
+                )
+            )
+            return
+        if waiting is None:
+            self._slot = endpoint
+            self._send(endpoint)
+            return
+        self.phase = Phase.QUEUED
+        self._pending = waiting
+        waiting.addCallbacks(self._slot_granted, self._slot_failed, (endpoint,), None, (endpoint,))
+
+    def _slot_granted(self, _: object, endpoint: EndpointState) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE:  # granted while we were finishing: give it back
+            endpoint.release()
+            return
+        self._slot = endpoint
+        self._send(endpoint)
+
+    def _slot_failed(self, failure: Failure, endpoint: EndpointState) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE:
+            return
+        if failure.check(QueueTimeout):
+            self._fail(
+                unavailable(
+                    f"no slot on endpoint {endpoint.name} within queue_timeout "
+                    f"({endpoint.config.queue_timeout:g}s); it is at max_concurrent={endpoint.config.max_concurrent}",
+                    "queue_timeout",
+                    max(1, int(endpoint.config.queue_timeout)),
+                )
+            )
+        else:  # the endpoint was removed by a reload while we waited
+            self._next()
+
+    # -- SENDING
+
+    def _send(self, endpoint: EndpointState, fresh: bool = False) -> None:
+        self.phase = Phase.SENDING
+        request = self.request
+        config = endpoint.config
+        endpoint.record_attempt()
+        self.record.attempts += 1
+        self.record.endpoint = endpoint.name
+        client = request.getClientAddress()
+        headers = upstream_request_headers(
+            request.requestHeaders,
+            request_id=self.call.request_id.encode(),
+            client_ip=(getattr(client, "host", "") or "unix").encode(),
+            scheme=b"https" if request.isSecure() else b"http",
+            endpoint_headers=config.encoded_headers,
+            forward_credentials=config.forward_client_auth and self.call.forward_credentials,
+        )
+        url = config.url.encode() + self.call.upstream_path
+        d = self.host.client.request(
+            endpoint.name, self.call.method, url, headers, body_producer(request.content), fresh=fresh
+        )
+        self._pending = d
+        d.addCallbacks(self._got_response, self._got_failure, (endpoint,), None, (endpoint, fresh))
+
+    def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE or failure.check(CancelledError):
+            # We cancelled it (the client left, or a deadline): whatever Twisted
+            # reports says nothing about the endpoint.
+            return
+        err = failure.value
+        if not isinstance(err, UpstreamFailure):
+            log.failure("unexpected upstream failure", failure)
+            self._release()
+            self._fail(bad_gateway(f"endpoint {endpoint.name}: internal proxy error"))
+            return
+        if err.stale_connection and not fresh:
+            log.debug("{endpoint}: pooled connection was stale, retrying on a fresh one", endpoint=endpoint.name)
+            self._send(endpoint, fresh=True)
+            return
+        self._release()
+        endpoint.record_failure()
+        self.failures.append(err)
+        log.warn(
+            "request {request_id} to {endpoint} failed: {kind}: {detail}",
+            request_id=self.record.request_id,
+            endpoint=endpoint.name,
+            kind=err.kind,
+            detail=err.detail,
+        )
+        if err.marks_offline:
+            self.host.mark_offline(endpoint, f"{err.kind} during a request")
+        if err.safe_to_retry:
+            self.record.failovers += 1
+            self._next()
+            return
+        self._fail(self._error_for(err))
+
+    def _got_response(self, response: IResponse, endpoint: EndpointState) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE:
+            response.deliverBody(_Discard())
+            return
+        size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
+        if size > MAX_UPSTREAM_HEADER_BYTES:
+            response.deliverBody(_Discard())
+            self._release()
+            endpoint.record_failure()
+            self._fail(
+                bad_gateway(
+                    f"endpoint {endpoint.name} sent {size} bytes of response headers "
+                    f"(limit {MAX_UPSTREAM_HEADER_BYTES})",
+                    "upstream_headers_too_large",
+                )
+            )
+            return
+        if response.code == 503 and self._has_alternative():
+            self._check_503(response, endpoint)
+            return
+        self._relay_response(response, endpoint)
+
+    # -- CHECKING
+
+    def _check_503(self, response: IResponse, endpoint: EndpointState) -> None:
+        # DMR builds before v1.0.11 could answer llama.cpp's 503 "Loading
+        # model" while a runner starts: nothing was generated, so trying
+        # another endpoint is safe.  Any other 503 is passed through.
+        self.phase = Phase.CHECKING
+        d = read_body(response, MAX_503_BODY)
+        self._pending = d
+        d.addCallbacks(self._got_503_body, self._got_503_failure, (response, endpoint), None, (endpoint,))
+
+    def _got_503_body(self, body: bytes, response: IResponse, endpoint: EndpointState) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE:
+            return
+        if LOADING_MARKER in body:
+            self._release()
+            self.record.failovers += 1
+            log.info("{endpoint} is loading the model; trying another endpoint", endpoint=endpoint.name)
+            self._next()
+            return
+        endpoint.record_response(503)
+        self._start_response(response, endpoint)
+        self.request.write(body)
+        self.request.finish()
+        self.record.bytes_sent = len(body)
+        self._complete(OK)
+
+    def _got_503_failure(self, failure: Failure, endpoint: EndpointState) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE or failure.check(CancelledError):
+            return
+        self._release()
+        endpoint.record_failure()
+        self.failures.append(
+            UpstreamFailure(endpoint.name, "bad_response", f"could not read its 503 answer: {failure.getErrorMessage()}")
+        )
+        self.record.failovers += 1
+        self._next()  # a 503 means nothing was generated: another endpoint is safe
+
+    def _has_alternative(self) -> bool:
+        return any(ep.routable for ep in self.remaining)
+
+    # -- RELAYING
+
+    def _start_response(self, response: IResponse, endpoint: EndpointState) -> bool:
+        """Write status and headers; returns whether the body is an event stream."""
+        request = self.request
+        now = self.host.clock.seconds()
+        self.record.headers_at = now
+        self.record.status = response.code
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        out.removeHeader(b"server")
+        copy_response_headers(response.headers, out)
+        if response.length is not UNKNOWN_LENGTH:
+            # Twisted's client takes Content-Length out of the headers; give it back.
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+        if self.call.response_headers:
+            add_response_headers(out, self.call.response_headers)
+        request.defaultContentType = None
+        setter = out.setRawHeaders
+        setter(b"x-olla-endpoint", [endpoint.name.encode()])
+        setter(b"x-olla-backend-type", [BACKEND_TYPE])
+        if self.call.model is not None:
+            setter(b"x-olla-model", [self.call.model.encode("utf-8", "replace")])
+        setter(b"x-olla-response-time", [b"%dms" % round((now - self.call.arrived) * 1000)])
+        if self.decision is not None:
+            for name, value in self.decision.headers().items():
+                setter(name, [value])
+        content_type = response.headers.getRawHeaders(b"content-type")
+        if content_type and content_type[0].lower().startswith(_SSE):
+            setter(b"cache-control", [b"no-cache"])
+            setter(b"x-accel-buffering", [b"no"])
+            return True
+        return False
+
+    def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
+        endpoint.record_response(response.code)
+        is_sse = self._start_response(response, endpoint)
+        relay = ResponseRelay(
+            self.request,
+            self.host.clock,
+            self.config.proxy.read_timeout,
+            StreamWatch() if is_sse else None,
+            self._relay_done,
+            endpoint.name,
+            UsageTail() if response.code < 300 and self.call.model is not None else None,
+        )
+        self.record.streamed = is_sse
+        self._relay = relay
+        self.phase = Phase.RELAYING
+        response.deliverBody(relay)
+
+    def _relay_done(self, outcome: str, sent: int) -> None:
+        self.record.bytes_sent = sent
+        relay = self._relay
+        if relay is not None:
+            self.record.first_byte_at = relay.first_byte_at
+            if relay.usage is not None:
+                self.record.usage = relay.usage.usage()
+        self._complete(outcome)
+
+    # -- DONE
+
+    def _release(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+
+    def _exhausted(self) -> ClientError:
+        if not self.failures:
+            return unavailable("no DMR endpoint is available for this request right now", "no_endpoints_available", 5)
+        tried = "; ".join(f"{f.endpoint}: {f.detail}" for f in self.failures)
+        if all(f.kind in ("connect_timeout", HEADER_TIMEOUT) for f in self.failures):
+            return gateway_timeout(f"every endpoint timed out: {tried}", "upstream_timeout")
+        return bad_gateway(f"could not reach any DMR endpoint: {tried}")
+
+    def _error_for(self, err: UpstreamFailure) -> ClientError:
+        if err.kind == HEADER_TIMEOUT:
+            return gateway_timeout(
+                f"endpoint {err.endpoint} sent no response headers within proxy.response_header_timeout "
+                f"({self.config.proxy.response_header_timeout:g}s)",
+                "upstream_timeout",
+            )
+        return bad_gateway(f"endpoint {err.endpoint}: {err.detail}", err.kind)
+
+    def _fail(self, error: ClientError, outcome: str | None = None) -> None:
+        """Answer ``error`` (if the client is still there) and finish."""
+        if self.phase is Phase.DONE:
+            return
+        if self.decision is not None and error.status >= 500:
+            for name, value in self.decision.headers().items():
+                error.headers.setdefault(name, value)
+        self.record.status = error.status
+        self.record.error = error.message
+        write_error(self.request, error)
+        self._complete(outcome or (UPSTREAM_ERROR if error.status in (502, 504) else REJECTED))
+
+    def _complete(self, outcome: str) -> None:
+        """Enter DONE: cancel what is pending, free the slot, stop the deadline, hand the record over."""
+        if self.phase is Phase.DONE:
+            return
+        self.phase = Phase.DONE
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        self._release()
+        self.record.outcome = outcome
+        self.record.ended = self.host.clock.seconds()
+        self.host.finished(self)
+
+
+class _Discard(Protocol):
+    """Swallows a response body we no longer want, closing its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()

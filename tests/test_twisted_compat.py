@@ -1,0 +1,485 @@
+"""
+Contract tests for ``olladmr/_twisted_compat.py``.
+
+Each wrapper there leans on a private Twisted internal.  These tests run the
+wrappers against real Twisted objects (a real reactor, a real loopback
+``Site``, real ``Agent``/``HTTPConnectionPool``), so when a Twisted release
+renames or reshapes one of those internals a test here fails by name.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import pytest
+import pytest_twisted
+import twisted
+from twisted.application import app
+from twisted.internet import reactor, task
+from twisted.internet.base import ReactorBase
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint, _ISupportsExitSignalCapturing
+from twisted.internet.selectreactor import SelectReactor
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.web import client
+from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from olladmr import _twisted_compat as compat
+from olladmr._twisted_compat import (
+    QuietHTTP11ClientFactory,
+    agent_endpoint,
+    agent_host_header,
+    agent_request,
+    clear_exit_signal,
+    pool_has_idle_connection,
+    use_quiet_factory,
+)
+
+# -- helpers: a real loopback HTTP server, log capture, polling
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the loopback server saw of one request."""
+
+    method: bytes
+    uri: bytes
+    hosts: list[bytes]
+    body: bytes
+    client_port: int
+
+
+class Recorder(Resource):
+    """Answers every request with ``ok <uri>`` and records it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Seen] = []
+
+    def render(self, request: Request) -> bytes:
+        content = request.content.read() if request.content is not None else b""
+        address: Any = request.getClientAddress()
+        self.seen.append(
+            Seen(
+                method=request.method,
+                uri=request.uri,
+                hosts=list(request.requestHeaders.getRawHeaders(b"host", [])),
+                body=content,
+                client_port=address.port,
+            )
+        )
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok " + request.uri
+
+
+@dataclass
+class Loopback:
+    """A real ``Site`` listening on 127.0.0.1."""
+
+    resource: Recorder
+    port: IListeningPort
+
+    @property
+    def number(self) -> int:
+        address = self.port.getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
+
+    @property
+    def origin(self) -> bytes:
+        return b"http://127.0.0.1:%d" % self.number
+
+
+@pytest_twisted.async_yield_fixture
+async def loopback() -> AsyncIterator[Loopback]:
+    resource = Recorder()
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")  # type: ignore[arg-type]  # Site vs ServerFactory generics
+    try:
+        yield Loopback(resource, port)
+    finally:
+        stopped = port.stopListening()
+        if stopped is not None:
+            await stopped
+
+
+@pytest_twisted.async_yield_fixture
+async def pool(loopback: Loopback) -> AsyncIterator[HTTPConnectionPool]:
+    """A persistent pool, closed before the loopback server stops."""
+    connections = HTTPConnectionPool(reactor, persistent=True)
+    try:
+        yield connections
+    finally:
+        await connections.closeCachedConnections()
+
+
+@dataclass
+class LogCapture:
+    """Every log event published while active, as formatted text."""
+
+    events: list[LogEvent] = field(default_factory=list)
+
+    @property
+    def texts(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]
+
+    def factory_lines(self) -> list[str]:
+        return [text for text in self.texts if "Starting factory" in text or "Stopping factory" in text]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    observer: ILogObserver = capture.events.append  # type: ignore[assignment]
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield capture
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll the real reactor every 10 ms until ``predicate()`` holds, or fail after ``timeout``."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+@implementer(IStreamClientEndpoint)
+class RecordingEndpoint:
+    """A real TCP endpoint that remembers which factories it was asked to connect."""
+
+    def __init__(self, wrapped: IStreamClientEndpoint) -> None:
+        self.wrapped = wrapped
+        self.factories: list[IProtocolFactory] = []
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        self.factories.append(protocolFactory)
+        return self.wrapped.connect(protocolFactory)
+
+
+def _pool_key(uri: URI) -> tuple[bytes, bytes, int]:
+    """The pool key ``Agent.request`` itself uses for ``uri``."""
+    return (uri.scheme, uri.host, uri.port)
+
+
+# -- the Twisted version
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()))
+
+
+def test_tested_versions_are_major_minor() -> None:
+    """TESTED_TWISTED is a non-empty list of ``major.minor`` release numbers."""
+    assert compat.TESTED_TWISTED
+    for version in compat.TESTED_TWISTED:
+        assert version.count(".") == 1 and all(part.isdigit() for part in version.split(".")), version
+
+
+def test_installed_twisted_major_is_tested() -> None:
+    """The installed Twisted's major version is no newer than the newest one these contracts were run against."""
+    newest = max(_major_minor(version) for version in compat.TESTED_TWISTED)
+    installed = _major_minor(twisted.__version__)
+    assert installed[0] <= newest[0], (
+        f"Twisted {twisted.__version__} is a newer major than any in TESTED_TWISTED {compat.TESTED_TWISTED}: "
+        "run these contract tests against it, then add it to TESTED_TWISTED (and the setup.py cap)"
+    )
+
+
+# -- QuietHTTP11ClientFactory / use_quiet_factory  (HTTPConnectionPool._factory, _HTTP11ClientFactory)
+
+
+def test_quiet_factory_subclasses_the_pools_factory() -> None:
+    """HTTPConnectionPool builds connections from its ``_factory`` class, which QuietHTTP11ClientFactory subclasses."""
+    default = HTTPConnectionPool._factory
+    assert default is client._HTTP11ClientFactory
+    assert issubclass(QuietHTTP11ClientFactory, default)
+    assert HTTPConnectionPool(reactor)._factory is default
+
+
+def test_quiet_factory_takes_the_pools_constructor_arguments() -> None:
+    """The pool calls ``_factory(quiescentCallback, metadata)`` and the factory builds HTTP11ClientProtocols."""
+    factory = QuietHTTP11ClientFactory(lambda protocol: None, "<endpoint>")
+    assert isinstance(factory.buildProtocol(None), client.HTTP11ClientProtocol)
+
+
+def test_quiet_factory_does_not_log_start_and_stop(logs: LogCapture) -> None:
+    """``noisy = False`` silences the per-connection 'Starting/Stopping factory' lines the pool's factory logs."""
+    noisy = HTTPConnectionPool._factory(lambda protocol: None, "<noisy>")
+    noisy.doStart()
+    noisy.doStop()
+    assert len(logs.factory_lines()) == 2, logs.texts  # the default really is noisy
+
+    quiet = QuietHTTP11ClientFactory(lambda protocol: None, "<quiet>")
+    assert quiet.noisy is False
+    quiet.doStart()
+    quiet.doStop()
+    assert len(logs.factory_lines()) == 2, logs.texts
+
+
+@pytest_twisted.ensureDeferred
+async def test_use_quiet_factory_makes_the_pool_connect_with_it(
+    loopback: Loopback, pool: HTTPConnectionPool, logs: LogCapture
+) -> None:
+    """After use_quiet_factory, a real pool hands its endpoint a QuietHTTP11ClientFactory and logs no factory lines."""
+    use_quiet_factory(pool)
+    assert pool._factory is QuietHTTP11ClientFactory
+    assert HTTPConnectionPool(reactor)._factory is not QuietHTTP11ClientFactory  # per pool, not global
+
+    endpoint = RecordingEndpoint(TCP4ClientEndpoint(reactor, "127.0.0.1", loopback.number))
+    connection = await pool.getConnection(("test", loopback.number), endpoint)
+    transport = connection.transport
+    assert transport is not None
+    try:
+        assert [type(factory) for factory in endpoint.factories] == [QuietHTTP11ClientFactory]
+        assert isinstance(connection, client.HTTP11ClientProtocol)
+    finally:
+        transport.loseConnection()
+    assert logs.factory_lines() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_pool_logs_factory_lines_through_an_agent(
+    loopback: Loopback, pool: HTTPConnectionPool, logs: LogCapture
+) -> None:
+    """Without use_quiet_factory a real Agent request logs 'Starting factory', so the quiet check above is meaningful."""
+    response = await Agent(reactor, pool=pool).request(b"GET", loopback.origin + b"/noisy")
+    assert await readBody(response) == b"ok /noisy"
+    assert any("Starting factory" in line for line in logs.factory_lines()), logs.texts
+
+
+@pytest_twisted.ensureDeferred
+async def test_quiet_pool_logs_no_factory_lines_through_an_agent(
+    loopback: Loopback, pool: HTTPConnectionPool, logs: LogCapture
+) -> None:
+    """With use_quiet_factory the same real Agent request succeeds and logs no factory lines."""
+    use_quiet_factory(pool)
+    response = await Agent(reactor, pool=pool).request(b"GET", loopback.origin + b"/quiet")
+    assert await readBody(response) == b"ok /quiet"
+    assert logs.factory_lines() == []
+
+
+# -- pool_has_idle_connection  (HTTPConnectionPool._connections)
+
+
+def test_pool_has_no_idle_connection_when_fresh() -> None:
+    """A fresh pool's ``_connections`` mapping is empty for every key."""
+    fresh = HTTPConnectionPool(reactor, persistent=True)
+    assert pool_has_idle_connection(fresh, (b"http", b"127.0.0.1", 80)) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_has_idle_connection_after_a_keep_alive_request(loopback: Loopback, pool: HTTPConnectionPool) -> None:
+    """A finished keep-alive request puts its connection in ``_connections[key]`` under Agent's (scheme, host, port) key."""
+    key = _pool_key(URI.fromBytes(loopback.origin + b"/"))
+    assert pool_has_idle_connection(pool, key) is False
+
+    response = await Agent(reactor, pool=pool).request(b"GET", loopback.origin + b"/keep-alive")
+    assert await readBody(response) == b"ok /keep-alive"
+    await eventually(lambda: pool_has_idle_connection(pool, key), "the connection to return to the pool")
+    assert pool_has_idle_connection(pool, (b"http", b"127.0.0.1", loopback.number + 1)) is False
+
+    await pool.closeCachedConnections()
+    assert pool_has_idle_connection(pool, key) is False
+
+
+# -- agent_endpoint  (Agent._getEndpoint)
+
+
+@pytest.mark.parametrize("url", [b"http://example.com/", b"http://127.0.0.1:8080/x", b"https://example.com/", b"https://[::1]:8443/"])
+def test_agent_endpoint_is_a_client_endpoint(url: bytes) -> None:
+    """``Agent._getEndpoint(uri)`` returns an IStreamClientEndpoint for http and https URIs."""
+    endpoint = agent_endpoint(Agent(reactor), URI.fromBytes(url))
+    assert IStreamClientEndpoint.providedBy(endpoint)
+
+
+def test_agent_endpoint_wraps_https_in_tls() -> None:
+    """https URIs get a different (TLS-wrapping) endpoint than http URIs for the same host and port."""
+    agent = Agent(reactor)
+    plain = agent_endpoint(agent, URI.fromBytes(b"http://example.com:8443/"))
+    tls = agent_endpoint(agent, URI.fromBytes(b"https://example.com:8443/"))
+    assert type(plain) is not type(tls)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_endpoint_connects_to_the_uris_host_and_port(loopback: Loopback, pool: HTTPConnectionPool) -> None:
+    """The http endpoint really connects to the URI's host and port (here a loopback server)."""
+    endpoint = agent_endpoint(Agent(reactor, pool=pool), URI.fromBytes(loopback.origin + b"/"))
+    connection = await pool.getConnection(("endpoint", loopback.number), endpoint)
+    transport = connection.transport
+    assert transport is not None
+    try:
+        peer = transport.getPeer()
+        assert isinstance(peer, IPv4Address) and (peer.host, peer.port) == ("127.0.0.1", loopback.number)
+    finally:
+        transport.loseConnection()
+
+
+# -- agent_host_header  (Agent._computeHostValue)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (b"http://example.com/", b"example.com"),
+        (b"http://example.com:80/", b"example.com"),
+        (b"http://example.com:8080/", b"example.com:8080"),
+        (b"http://[::1]:8080/", b"[::1]:8080"),
+        (b"http://[::1]/", b"[::1]"),
+        (b"https://example.com/", b"example.com"),
+        (b"https://example.com:443/", b"example.com"),
+        (b"https://example.com:8443/", b"example.com:8443"),
+        (b"http://example.com:443/", b"example.com:443"),
+    ],
+)
+def test_agent_host_header(url: bytes, expected: bytes) -> None:
+    """``Agent._computeHostValue(scheme, host, port)`` omits default ports and brackets IPv6 hosts."""
+    assert agent_host_header(Agent(reactor), URI.fromBytes(url)) == expected
+
+
+# -- agent_request  (Agent._requestWithEndpoint)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_request_sends_a_pre_parsed_request(loopback: Loopback, pool: HTTPConnectionPool) -> None:
+    """``_requestWithEndpoint(key, endpoint, method, uri, headers, body, path)`` sends ``path`` to ``endpoint`` as given."""
+    use_quiet_factory(pool)
+    agent = Agent(reactor, pool=pool)
+    origin = URI.fromBytes(loopback.origin + b"/")
+    key = _pool_key(origin)
+    endpoint = agent_endpoint(agent, origin)
+    host = agent_host_header(agent, origin)
+    headers = Headers({b"host": [host], b"content-type": [b"application/json"]})
+    body = FileBodyProducer(io.BytesIO(b'{"model": "m"}'))
+
+    response = await agent_request(agent, key, endpoint, b"POST", origin, headers, body, b"/v1/chat/completions?stream=1&x=%20")
+    assert response.code == 200
+    assert await readBody(response) == b"ok /v1/chat/completions?stream=1&x=%20"
+    [seen] = loopback.resource.seen
+    assert seen.method == b"POST"
+    assert seen.uri == b"/v1/chat/completions?stream=1&x=%20"
+    assert seen.hosts == [b"127.0.0.1:%d" % loopback.number]
+    assert seen.body == b'{"model": "m"}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_request_keeps_the_given_host_header(loopback: Loopback, pool: HTTPConnectionPool) -> None:
+    """A ``Host`` header already in ``headers`` is sent once, unchanged, rather than recomputed from ``uri``."""
+    agent = Agent(reactor, pool=pool)
+    origin = URI.fromBytes(loopback.origin + b"/")
+    headers = Headers({b"host": [b"upstream.example:1234"]})
+    response = await agent_request(agent, _pool_key(origin), agent_endpoint(agent, origin), b"GET", origin, headers, None, b"/h")
+    assert await readBody(response) == b"ok /h"
+    assert [seen.hosts for seen in loopback.resource.seen] == [[b"upstream.example:1234"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_request_reuses_the_pooled_connection_for_its_key(loopback: Loopback, pool: HTTPConnectionPool) -> None:
+    """The ``key`` given to ``_requestWithEndpoint`` is the pool key: the connection goes back under it and is reused."""
+    use_quiet_factory(pool)
+    agent = Agent(reactor, pool=pool)
+    origin = URI.fromBytes(loopback.origin + b"/")
+    key = _pool_key(origin)
+    endpoint = agent_endpoint(agent, origin)
+    host = agent_host_header(agent, origin)
+
+    for path in (b"/one", b"/two"):
+        assert pool_has_idle_connection(pool, key) is (path == b"/two")
+        response = await agent_request(agent, key, endpoint, b"GET", origin, Headers({b"host": [host]}), None, path)
+        assert await readBody(response) == b"ok " + path
+        await eventually(lambda: pool_has_idle_connection(pool, key), "the connection to return to the pool")
+    first, second = loopback.resource.seen
+    assert (first.uri, second.uri) == (b"/one", b"/two")
+    assert first.client_port == second.client_port  # one TCP connection, reused
+
+
+# -- clear_exit_signal  (ReactorBase._exitSignal)
+
+
+@pytest.fixture
+def fresh_reactor() -> Iterator[SelectReactor]:
+    """A real, never-run SelectReactor; its waker's file descriptors are closed afterwards."""
+    fresh = SelectReactor()
+    try:
+        yield fresh
+    finally:
+        if fresh.waker is not None:
+            fresh.removeReader(fresh.waker)
+            fresh.waker.connectionLost(None)
+
+
+def test_reactor_exit_signal_defaults_to_none(fresh_reactor: SelectReactor) -> None:
+    """ReactorBase declares ``_exitSignal = None`` and real reactors support exit-signal capturing."""
+    assert "_exitSignal" in vars(ReactorBase) and ReactorBase._exitSignal is None
+    assert fresh_reactor._exitSignal is None
+    assert _ISupportsExitSignalCapturing.providedBy(fresh_reactor)
+    assert clear_exit_signal(fresh_reactor, {signal.SIGTERM, signal.SIGINT}) is False
+
+
+@pytest.mark.parametrize(("handler", "number"), [("sigTerm", signal.SIGTERM), ("sigInt", signal.SIGINT)])
+def test_signal_handlers_record_the_exit_signal(fresh_reactor: SelectReactor, handler: str, number: int) -> None:
+    """``sigTerm``/``sigInt`` store the signal in ``_exitSignal``, which clear_exit_signal resets (returning True once)."""
+    getattr(fresh_reactor, handler)(number, None)
+    assert fresh_reactor._exitSignal == number
+    assert clear_exit_signal(fresh_reactor, {signal.SIGTERM, signal.SIGINT}) is True
+    assert fresh_reactor._exitSignal is None
+    assert clear_exit_signal(fresh_reactor, {signal.SIGTERM, signal.SIGINT}) is False
+
+
+def test_clear_exit_signal_leaves_other_signals(fresh_reactor: SelectReactor) -> None:
+    """A recorded signal not in ``signals`` is left in ``_exitSignal`` and clear_exit_signal returns False."""
+    fresh_reactor.sigInt(signal.SIGINT, None)
+    assert clear_exit_signal(fresh_reactor, {signal.SIGTERM}) is False
+    assert fresh_reactor._exitSignal == signal.SIGINT
+
+
+class _NoSignalHandlersReactor(SelectReactor):
+    """A real SelectReactor whose ``run()`` leaves the process's signal handlers (and pytest's reactor) alone."""
+
+    def run(self, installSignalHandlers: bool = True) -> None:
+        super().run(installSignalHandlers=False)
+
+
+def _run_like_twistd(clear: bool) -> object:
+    """Run a real reactor through twistd's ``ApplicationRunner.startReactor``, stopped by SIGTERM; the runner's exit signal."""
+    runner = app.ApplicationRunner({"profile": None, "profiler": "cprofile", "debug": False, "nodaemon": True})
+    running = _NoSignalHandlersReactor()
+    try:
+        if clear:  # as OllaService.stopService does, before shutdown
+            running.addSystemEventTrigger("before", "shutdown", clear_exit_signal, running, {signal.SIGTERM, signal.SIGINT})
+        running.callWhenRunning(running.sigTerm, signal.SIGTERM, None)
+        guard = running.callLater(10, running.stop)  # never hang the suite if sigTerm stops stopping
+        runner.startReactor(running, sys.stdout, sys.stderr)
+        assert guard.active(), "sigTerm did not stop the reactor"
+        guard.cancel()
+    finally:
+        if running.waker is not None:
+            running.removeReader(running.waker)
+            running.waker.connectionLost(None)
+    exit_signal: object = runner._exitSignal
+    return exit_signal
+
+
+def test_twistd_re_raises_the_recorded_signal() -> None:
+    """twistd's runner copies ``reactor._exitSignal`` after the reactor stops, so a SIGTERM stop is re-raised at exit."""
+    assert _run_like_twistd(clear=False) == signal.SIGTERM
+
+
+def test_twistd_exits_cleanly_once_the_signal_is_cleared() -> None:
+    """Clearing ``_exitSignal`` during shutdown leaves twistd's runner with no signal to re-raise (exit status 0)."""
+    assert _run_like_twistd(clear=True) is None
