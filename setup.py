@@ -10,7 +10,7 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/olladmr_plugin.py"]},
     install_requires=[
-        "twisted[tls]>=24.7.0",
+        "twisted[tls]>=24.7.0,<27",  # <27: olladmr/_twisted_compat.py is contract-tested on 24.7 and 26.10
         "treq>=24.9.1",
         "klein>=24.8.0",
         "pyyaml>=6.0",
@@ -23,6 +23,9 @@ setup(
             "pytest-twisted>=1.14.2",
             "openai>=1.40",
             "hypothesis>=6.100",
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
+            "types-PyYAML",
         ]
     },
     license="MIT",

@@ -27,7 +27,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 TESTED_TWISTED = ("24.7", "26.10")
 
 
-class QuietHTTP11ClientFactory(_ClientFactory):  # type: ignore[misc]
+class QuietHTTP11ClientFactory(_ClientFactory):
     """The pool's per-connection client factory, without a log line per connection."""
 
     noisy = False
@@ -57,7 +57,7 @@ def agent_host_header(agent: Agent, uri: URI) -> bytes:
 
 def agent_request(
     agent: Agent,
-    key: Hashable,
+    key: tuple[bytes, bytes, int],
     endpoint: IStreamClientEndpoint,
     method: bytes,
     uri: URI,

@@ -7,7 +7,10 @@ A leaf: used by the proxy and the health monitor alike.
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -34,11 +37,11 @@ class _CappedReader(Protocol):
             self._parts.clear()
             if not self._done.called:
                 self._done.errback(BodyTooLarge(f"body larger than {self._limit} bytes"))
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()  # deliverBody's transport is an IPushProducer
             return
         self._parts.append(data)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self._done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -53,7 +56,7 @@ def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
 
     def cancel(d: Deferred[bytes]) -> None:
         if reader.transport is not None:
-            reader.transport.stopProducing()
+            cast(IPushProducer, reader.transport).stopProducing()
 
     done: Deferred[bytes] = Deferred(cancel)
     reader = _CappedReader(done, limit)

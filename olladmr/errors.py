@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 
 @dataclass
@@ -50,9 +51,9 @@ def prepare_error(request: IRequest, error: ClientError) -> bytes:
     return body
 
 
-def write_error(request: IRequest, error: ClientError) -> None:
+def write_error(request: Request, error: ClientError) -> None:
     """Write ``error`` as the complete response to ``request`` and finish it (unless the client is gone)."""
-    if request.finished or request.channel is None:  # type: ignore[attr-defined]
+    if request.finished or request.channel is None:
         return
     request.write(prepare_error(request, error))
     request.finish()

@@ -61,6 +61,7 @@ def _first_reason(failure: Failure) -> BaseException:
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
         return reasons[0].value
+    assert failure.value is not None  # a Failure always holds its exception
     return failure.value
 
 

@@ -18,6 +18,7 @@ import signal
 from typing import Any, Callable, Protocol, Sequence
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from .config.reader import ConfigError
@@ -93,7 +94,7 @@ class ConfigReloader(Service):
     def __init__(
         self,
         path: str | None,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         *,
         load: Callable[[str], Config],
         apply: Callable[[Config], str],

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import platform
-from typing import Any, Callable
+from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
 
 import twisted
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException
@@ -67,8 +68,10 @@ def _allow(request: OllaRequest, *methods: str) -> None:
 def _parse_model(request: OllaRequest) -> str:
     """The ``model`` of a JSON inference body, or a 400/413 ClientError."""
     if request.body_too_large:
-        raise too_large(request.channel.site.limits.max_body_size)  # type: ignore[union-attr]
+        # Site.buildProtocol sets ``channel.site``; Twisted's HTTPChannel does not declare it.
+        raise too_large(request.channel.site.limits.max_body_size)  # type: ignore[attr-defined]
     content = request.content
+    assert content is not None  # set when the headers arrived
     content.seek(0)
     raw = content.read()
     if not raw.strip():
@@ -89,7 +92,7 @@ def _parse_model(request: OllaRequest) -> str:
     return model
 
 
-def internal_error_answer(request: OllaRequest, failure: Failure) -> bytes:
+def internal_error_answer(request: IRequest, failure: Failure) -> bytes:
     """A bug in olladmr: logged with its traceback, answered 500 JSON (never an HTML traceback)."""
     log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
     return prepare_error(request, internal_error())
@@ -124,7 +127,7 @@ class IndexedRoutes(Resource):
         self._klein = klein_resource
         self._exact = {f"{prefix}/{op}".encode(): op for prefix in ENGINE_PREFIXES for op in INFERENCE}
 
-    def render(self, request: OllaRequest) -> Any:  # type: ignore[override]
+    def render(self, request: OllaRequest) -> Any:
         headers = request.responseHeaders
         headers.removeHeader(b"server")  # no version advertising
         try:
@@ -157,7 +160,7 @@ class ProxyResource(Resource):
         self._proxy = proxy
         self._call = call
 
-    def render(self, request: OllaRequest) -> int:  # type: ignore[override]
+    def render(self, request: OllaRequest) -> int:
         request.proxied = True
         self._proxy.handle(request, self._call)
         return NOT_DONE_YET
@@ -196,11 +199,11 @@ class OllaApp:
     # -- errors
 
     @app.handle_errors(ClientError)
-    def _client_error(self, request: OllaRequest, failure: Failure) -> bytes:
-        return prepare_error(request, failure.value)
+    def _client_error(self, request: IRequest, failure: Failure) -> bytes:
+        return prepare_error(request, cast(ClientError, failure.value))  # registered for ClientError only
 
     @app.handle_errors(Exception)
-    def _internal_error(self, request: OllaRequest, failure: Failure) -> bytes:
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
         """Registered last: Klein tries error handlers in order."""
         return internal_error_answer(request, failure)
 

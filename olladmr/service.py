@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IFileDescriptor, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,6 +38,13 @@ from .proxy.upstream import UpstreamClient
 from .workers import WorkerPool, adopt, watch_master
 
 log = Logger()
+
+
+class _HostPort(Protocol):
+    """An address with ``host`` and ``port`` (``IPv4Address``, ``IPv6Address``)."""
+
+    host: str
+    port: int
 
 
 class ListenError(SystemExit):
@@ -97,7 +104,8 @@ class Listener:
 
     def fileno(self) -> int:
         """The listening socket's file descriptor (for worker processes)."""
-        return self.port.fileno()  # type: ignore[union-attr]
+        assert self.port is not None, "not listening"
+        return cast(IFileDescriptor, self.port).fileno()  # a socket port is its own file descriptor
 
     def family(self) -> int:
         """The listening socket's address family (for worker processes)."""
@@ -112,7 +120,8 @@ class Listener:
             return self.description
         host = self.port.getHost()
         if hasattr(host, "port"):
-            return f"{host.host}:{host.port}"
+            address = cast(_HostPort, host)
+            return f"{address.host}:{address.port}"
         return str(getattr(host, "name", host))
 
 

@@ -53,7 +53,7 @@ def _tune_pypy() -> None:
     """On PyPy, let the JIT trace Twisted's long call chains (default limit: no speed-up)."""
     if platform.python_implementation() == "PyPy":
         try:
-            import pypyjit  # type: ignore[import-not-found]
+            import pypyjit
 
             pypyjit.set_param("trace_limit=16000")
         except Exception:  # pragma: no cover - other PyPy versions

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred

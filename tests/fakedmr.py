@@ -374,13 +374,24 @@ class _BigBodyProducer:
 
 
 class _TrackingChannel(HTTPChannel):
-    """HTTP/1.1 channel that registers itself with its FakeDMR while connected."""
+    """
+    HTTP/1.1 channel that registers itself with its FakeDMR while connected.
+
+    Header limits as DMR's (Go net/http: ``MaxHeaderBytes`` 1 MB, plus 4 KB
+    of slack, answered 431), not Twisted's 16 KB.
+    """
 
     factory: _FakeSite
+    MAX_LENGTH = totalHeadersSize = (1 << 20) + 4096
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.fake._channels.add(self)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; "
+                             b"charset=utf-8\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large")
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)

@@ -192,6 +192,14 @@ class RawHTTPClient(Protocol):
             else:
                 self._quiet_timer = reactor.callLater(self.quiet, self._finish, True)
 
+    def _consume(self, buf: bytearray) -> bool:
+        """Move up to ``_remaining`` bytes of ``buf`` into the body; whether that part is now complete."""
+        take = bytes(buf[: self._remaining])
+        del buf[: len(take)]
+        self._keep(take)
+        self._remaining -= len(take)
+        return self._remaining == 0
+
     def _keep(self, chunk: bytes) -> None:
         current = self._current
         assert current is not None
@@ -254,11 +262,7 @@ class RawHTTPClient(Protocol):
             elif self._state == "length":
                 if not buf:
                     return
-                take = bytes(buf[: self._remaining])
-                del buf[: len(take)]
-                self._keep(take)
-                self._remaining -= len(take)
-                if self._remaining == 0:
+                if self._consume(buf):
                     self._response_done()
             elif self._state == "chunk-size":
                 end = buf.find(b"\r\n")
@@ -278,11 +282,7 @@ class RawHTTPClient(Protocol):
             elif self._state == "chunk-data":
                 if not buf:
                     return
-                take = bytes(buf[: self._remaining])
-                del buf[: len(take)]
-                self._keep(take)
-                self._remaining -= len(take)
-                if self._remaining == 0:
+                if self._consume(buf):
                     self._state = "chunk-crlf"
             elif self._state == "chunk-crlf":
                 if len(buf) < 2:

@@ -7,7 +7,6 @@ import json
 import pytest
 import pytest_twisted
 from conftest import config_for, in_thread, within
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone

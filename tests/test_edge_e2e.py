@@ -137,3 +137,39 @@ async def test_cors_preflight_and_simple_requests(daemon_factory, fake):
     assert response.code == 200
     assert response.headers.getRawHeaders(b"access-control-allow-origin") == [b"http://app.example"]
     assert b"X-Olla-Endpoint" in b",".join(response.headers.getRawHeaders(b"access-control-expose-headers"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_requests_per_minute_limits_the_health_route_only(daemon_factory, fake):
+    """health_requests_per_minute is enforced on /internal/health (429 + Retry-After) and limits nothing else."""
+    daemon = await daemon_factory(config_for(fake, server={"rate_limits": {"health_requests_per_minute": 2}}))
+    codes = []
+    for _ in range(3):
+        response, body = await daemon.request("GET", "/internal/health")
+        codes.append(response.code)
+    assert codes == [200, 200, 429]
+    assert response.headers.getRawHeaders(b"retry-after") and response.headers.getRawHeaders(b"x-ratelimit-limit") == [b"2"]
+    assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+    for _ in range(3):  # the inference routes have no limit configured
+        response, _ = await daemon.post_json(PATH, CHAT)
+        assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrency_cap_alone_is_enforced(daemon_factory, fake):
+    """max_concurrent_per_client works without any rate limit configured (it used to need one to be on)."""
+    from twisted.internet.defer import Deferred
+
+    daemon = await daemon_factory(config_for(fake, server={"rate_limits": {"max_concurrent_per_client": 1}}))
+    fake.hold = Deferred()
+    first = Deferred.fromCoroutine(daemon.post_json(PATH, {**CHAT, "stream": True}))
+    from conftest import eventually
+
+    await eventually(lambda: len(daemon.parts.inflight) == 1, 5, "the first request in flight")
+    response, body = await daemon.post_json(PATH, CHAT)
+    assert response.code == 429 and json.loads(body)["error"]["code"] == "too_many_concurrent_requests"
+    fake.hold.callback(None)
+    response, _ = await first
+    assert response.code == 200
+    response, _ = await daemon.post_json(PATH, CHAT)
+    assert response.code == 200

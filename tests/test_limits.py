@@ -108,3 +108,20 @@ def _until(predicate) -> Deferred[None]:
     from conftest import eventually
 
     return Deferred.fromCoroutine(eventually(predicate, 5))
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_over_twisteds_own_cap_but_within_the_limit_are_served(daemon_factory, fake):
+    """Twisted's built-in 16 KB header cap never answers first: 40 KB of headers pass under the default 512 KB limit."""
+    daemon = await daemon_factory(config_for(fake))
+    response, _ = await daemon.request("GET", "/internal/health", headers={"x-big": "a" * 40000})
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_header_limit_answers_431_json(daemon_factory, fake):
+    """Past the default max_header_size the answer is olladmr's 431 JSON, not a bare 400."""
+    daemon = await daemon_factory(config_for(fake))
+    proto = await raw(daemon, b"GET /internal/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (600 * 1024) + b"\r\n\r\n")
+    status, error = status_and_error(await within(proto.closed, 5, "the connection to close"))
+    assert status == 431 and error["code"] == "request_header_fields_too_large"

@@ -19,10 +19,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from .reader import ConfigError, Section, fmt_seconds, parse_duration, parse_size, show_value
+from .reader import ConfigError, Section, count, fmt_seconds, parse_duration, parse_size, show_value
 from .schema import (
     BALANCERS,
     DEFAULT_CORS_HEADERS,
@@ -457,12 +457,8 @@ def _origin(section: Section, index: int, item: object) -> str:
 
 
 def _max_age(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError(value)
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(value)
-        return value
+        return count(value)
     return int(parse_duration(value))
 
 

@@ -104,17 +104,20 @@ def parse_duration(value: object) -> float:
     return total
 
 
+def count(value: object) -> int:
+    """``value`` if it is a whole number of zero or more (not a bool), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
 def parse_size(value: object) -> int:
     """
     Parse a byte size (``50MB``, ``512KB``, ``1GiB``, or a plain integer of
     bytes).  Units are binary (1KB = 1024 bytes), as in Olla.
     """
-    if isinstance(value, bool):
-        raise ValueError(value)
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(value)
-        return value
+        return count(value)
     if not isinstance(value, str):
         raise ValueError(value)
     match = _SIZE.fullmatch(value.strip())

@@ -42,7 +42,7 @@ def _trusted(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
-def client_address(peer_ip: str, xff_header_values: list[bytes] | None, config: RateLimitConfig) -> str:
+def client_address(peer_ip: str, xff_header_values: Sequence[bytes] | None, config: RateLimitConfig) -> str:
     """
     The address to limit ``peer_ip``'s request by (see the module docstring).
 

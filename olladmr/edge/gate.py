@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from ..config.schema import Config, RateLimitConfig, ServerConfig
 from .auth import Authenticator, admin_unauthorized, unauthorized
@@ -88,7 +88,7 @@ class Gate:
         """Stop the sweep."""
         self.limiter.stop()
 
-    def admit(self, request: IRequest) -> Admission:
+    def admit(self, request: Request) -> Admission:
         """Let ``request`` in (an :class:`Admission`) or raise the ClientError that refuses it."""
         if not self.active:
             return self._open

@@ -14,9 +14,10 @@ from __future__ import annotations
 import io
 import os
 from itertools import count
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -54,6 +55,14 @@ class AccessObserver(Protocol):
     def local_request(self, request: OllaRequest, elapsed: float) -> None: ...
 
 
+class _Connection(Protocol):
+    """What :meth:`OllaChannel._abort` uses of its transport (a TCP or TLS connection)."""
+
+    connected: int
+
+    def abortConnection(self) -> None: ...
+
+
 class OllaChannel(HTTPChannel):
     """
     HTTP/1.1 server connection with olladmr's limits: header block size
@@ -73,6 +82,18 @@ class OllaChannel(HTTPChannel):
         site = getattr(self, "site", None)
         return site if isinstance(site, OllaSite) else None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._size_caps()
+
+    def _size_caps(self) -> None:
+        # Twisted's own caps (a silent close for a line over MAX_LENGTH, a bare
+        # 400 past totalHeadersSize, both 16 KB) must never fire before our 431.
+        site = self._olla()
+        if site is not None:
+            cap = max(HTTPChannel.totalHeadersSize, site.limits.max_header_size + 2)
+            self.MAX_LENGTH = self.totalHeadersSize = cap
+
     def dataReceived(self, data: bytes) -> None:
         if self._rejected:
             return
@@ -85,8 +106,7 @@ class OllaChannel(HTTPChannel):
         if site is not None:
             limits = site.limits
             if self._header_bytes == 0:
-                # Twisted's own cap (a bare 400) must never be the one that fires first.
-                self.totalHeadersSize = max(HTTPChannel.totalHeadersSize, limits.max_header_size + 2)
+                self._size_caps()  # a reload may have changed the limit since the last request
                 if self._header_timer is None and limits.read_header_timeout > 0:
                     self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
             self._header_bytes += len(line)
@@ -99,6 +119,16 @@ class OllaChannel(HTTPChannel):
                 )
                 return
         super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """One header line alone is over the limit (LineReceiver would just close): 431 instead."""
+        site = self._olla()
+        limit = site.limits.max_header_size if site is not None else self.MAX_LENGTH
+        self.reject(
+            431,
+            "request_header_fields_too_large",
+            f"the request line and headers exceed {limit} bytes (server.request_limits.max_header_size)",
+        )
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._rejected:
@@ -156,16 +186,17 @@ class OllaChannel(HTTPChannel):
         log.info("rejected a request with {status}: {message}", status=status, message=message)
 
     def _abort(self) -> None:
-        if self.transport is not None and self.transport.connected:
-            self.transport.abortConnection()
+        transport = cast("_Connection | None", self.transport)
+        if transport is not None and transport.connected:
+            transport.abortConnection()
 
     def readConnectionLost(self) -> None:
-        if self._rejected:
+        # Only a transport that sees IHalfCloseableProtocol calls this, and HTTPChannel
+        # (with no readConnectionLost of its own) does not declare it: end the connection.
+        if self.transport is not None:
             self.transport.loseConnection()
-        else:
-            super().readConnectionLost()
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel("_header_timer")
         self._cancel("_body_timer")
         super().connectionLost(reason)
@@ -231,7 +262,8 @@ class OllaSite(server.Site):
     """Serves the route tree; owns request ids and hands locally answered requests to the access log."""
 
     requestFactory = OllaRequest
-    protocol = OllaChannel  # plain HTTP/1.1: no HTTP/2 negotiation wrapper
+    # plain HTTP/1.1: no HTTP/2 negotiation wrapper (HTTPFactory types ``protocol`` as that wrapper's factory)
+    protocol = OllaChannel  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
 
@@ -245,7 +277,7 @@ class OllaSite(server.Site):
         self._prefix = os.urandom(4).hex()
         self._ids = count(1)
 
-    @property  # type: ignore[override]
+    @property
     def timeOut(self) -> float | None:
         """The idle keep-alive timeout new connections get (``server.idle_timeout``; 0: none)."""
         return self.limits.idle_timeout or None

@@ -27,7 +27,7 @@ class Catalogue:
                 seen.setdefault(normalise_model(str(model["id"])), model)
         return list(seen.values())
 
-    def olla_list(self, include_unavailable: bool = False) -> dict[str, object]:
+    def olla_list(self, include_unavailable: bool = False) -> dict[str, Any]:
         """``/olla/models``: each model with the endpoints that have it and their status."""
         by_key: dict[str, dict[str, Any]] = {}
         for ep in self.fleet:

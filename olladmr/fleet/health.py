@@ -53,7 +53,9 @@ USER_AGENT = f"olladmr/{__version__}".encode()
 class HTTPGetter(Protocol):
     """The part of treq's ``HTTPClient`` the monitor uses (``StubTreq`` and test fakes provide it too)."""
 
-    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    def get(
+        self, url: str, /, *, headers: Headers | None = ..., allow_redirects: bool = ..., unbuffered: bool = ...
+    ) -> Deferred[Any]: ...
 
 
 def health_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
@@ -152,7 +154,7 @@ class HealthMonitor(Service):
             self._loops[ep.name] = (loop, ep.config.check_interval)
             started.append(self.check(ep))
             loop.start(ep.config.check_interval, now=False).addErrback(
-                lambda f, name=ep.name: log.failure("health loop for {endpoint} died", f, endpoint=name)
+                lambda f, name: log.failure("health loop for {endpoint} died", f, endpoint=name), ep.name
             )
         return started
 

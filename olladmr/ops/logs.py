@@ -44,6 +44,7 @@ class SwitchableOutput:
         self.format = fmt
 
     def __call__(self, event: dict[str, Any]) -> None:
+        text: str | None
         if self.format == "json":
             text = eventAsJSON(event) + "\n"
         else:

@@ -141,7 +141,7 @@ class Metrics:
         )
         info = Gauge("olladmr_info", "olladmr build information", ["version"], registry=r)
         info.labels(__version__).set(1)
-        r.register(_FleetCollector(fleet))  # type: ignore[arg-type]
+        r.register(_FleetCollector(fleet))
         self.config_loaded.set(clock.seconds())
         self.model_stats = ModelStats()
         self.total = 0

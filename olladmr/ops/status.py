@@ -90,7 +90,7 @@ class StatusReport:
         listing = self._catalogue.olla_list(include_unavailable=True)
         stats = self._metrics.model_stats
         models = []
-        for entry in listing["data"]:  # type: ignore[attr-defined]
+        for entry in listing["data"]:
             models.append({**entry, **stats.summary(entry["key"])})
         known = {m["key"] for m in models}
         others = {name: stats.summary(name) for name in stats.requests if name not in known}

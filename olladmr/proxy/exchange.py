@@ -27,10 +27,10 @@ any phase to DONE, except RELAYING, which the relay ends itself.
 from __future__ import annotations
 
 import enum
-from typing import Any, Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol, cast
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -133,7 +133,7 @@ class Exchange:
         """Cut this exchange off (shutdown deadline): the client connection is aborted."""
         transport = self.request.transport
         if transport is not None:
-            transport.abortConnection()
+            cast(ITCPTransport, transport).abortConnection()  # the client's TCP (or TLS) connection
 
     def _client_gone(self, reason: Failure) -> None:
         if self.phase is Phase.DONE:
@@ -185,7 +185,7 @@ class Exchange:
             return
         self.phase = Phase.QUEUED
         self._pending = waiting
-        waiting.addCallbacks(self._slot_granted, self._slot_failed, (endpoint,), None, (endpoint,))
+        waiting.addCallbacks(self._slot_granted, self._slot_failed, callbackArgs=(endpoint,), errbackArgs=(endpoint,))
 
     def _slot_granted(self, _: object, endpoint: EndpointState) -> None:
         self._pending = None
@@ -234,7 +234,7 @@ class Exchange:
             endpoint.name, self.call.method, url, headers, body_producer(request.content), fresh=fresh
         )
         self._pending = d
-        d.addCallbacks(self._got_response, self._got_failure, (endpoint,), None, (endpoint, fresh))
+        d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
 
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
@@ -302,7 +302,9 @@ class Exchange:
         self.phase = Phase.CHECKING
         d = read_body(response, MAX_503_BODY)
         self._pending = d
-        d.addCallbacks(self._got_503_body, self._got_503_failure, (response, endpoint), None, (endpoint,))
+        d.addCallbacks(
+            self._got_503_body, self._got_503_failure, callbackArgs=(response, endpoint), errbackArgs=(endpoint,)
+        )
 
     def _got_503_body(self, body: bytes, response: IResponse, endpoint: EndpointState) -> None:
         self._pending = None
@@ -454,4 +456,4 @@ class _Discard(Protocol):
     """Swallows a response body we no longer want, closing its connection."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        cast(IPushProducer, self.transport).stopProducing()  # deliverBody's transport is an IPushProducer

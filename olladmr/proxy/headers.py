@@ -9,7 +9,7 @@ upstreams cannot set ``X-Olla-*`` headers or cookies on our clients.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -105,7 +105,7 @@ def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:
         put(lname, list(values))
 
 
-def merge_vary(existing: list[bytes] | None, token: bytes) -> bytes:
+def merge_vary(existing: Sequence[bytes] | None, token: bytes) -> bytes:
     """A ``Vary`` value holding the ``existing`` tokens plus ``token`` (once, case-insensitively)."""
     tokens = [t.strip() for value in existing or () for t in value.split(b",") if t.strip()]
     if b"*" in tokens or token.lower() in (t.lower() for t in tokens):

@@ -14,9 +14,9 @@ connection for everything else -- never a synthesised ``[DONE]``.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Callable, cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -168,20 +168,20 @@ class ResponseRelay(Protocol):
 
     def stop(self, why: str) -> None:
         """Stop relaying: the client left, or a timeout fired."""
+        if why == CLIENT_DISCONNECTED:
+            self.client_gone = True  # even after a timeout stopped us: nothing may be written any more
         if self._stopped is not None:
             return
         self._stopped = why
-        if why == CLIENT_DISCONNECTED:
-            self.client_gone = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()  # deliverBody's transport is an IPushProducer
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         if self.client_gone:
-            self._on_done(CLIENT_DISCONNECTED, self.bytes)
+            self._on_done(self._stopped or CLIENT_DISCONNECTED, self.bytes)  # what stopped us first
             return
         request = self.request
         if request.channel is not None:
@@ -206,5 +206,5 @@ class ResponseRelay(Protocol):
         else:
             transport = request.transport
             if transport is not None:
-                transport.abortConnection()
+                cast(ITCPTransport, transport).abortConnection()  # the client's TCP (or TLS) connection
         self._on_done(outcome, self.bytes)

@@ -13,15 +13,12 @@ proxy can decide whether failing over is safe.
 from __future__ import annotations
 
 import io
-import json
 from typing import IO, Any, Hashable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -132,7 +129,8 @@ class UpstreamClient:
     def _apply(self, proxy: ProxyConfig) -> None:
         self.proxy = proxy
         self.pool.maxPersistentPerHost = proxy.max_idle_connections
-        self.pool.cachedConnectionTimeout = proxy.idle_connection_timeout
+        # Twisted infers ``int`` from the default (240); it is any number of seconds (a callLater delay).
+        self.pool.cachedConnectionTimeout = proxy.idle_connection_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = False
         self._agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self.pool)
         self._fresh_agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self._fresh_pool)
