@@ -88,11 +88,12 @@ class OllaChannel(HTTPChannel):
 
     def _size_caps(self) -> None:
         # Twisted's own caps (a silent close for a line over MAX_LENGTH, a bare
-        # 400 past totalHeadersSize, both 16 KB) must never fire before our 431.
+        # 400 past totalHeadersSize, both 16 KB) must never fire before our 431,
+        # and a partial line must not grow past the limit either.
         site = self._olla()
         if site is not None:
-            cap = max(HTTPChannel.totalHeadersSize, site.limits.max_header_size + 2)
-            self.MAX_LENGTH = self.totalHeadersSize = cap
+            # (our own check runs first, per line; these only bound a line still being received)
+            self.MAX_LENGTH = self.totalHeadersSize = site.limits.max_header_size + 2
 
     def dataReceived(self, data: bytes) -> None:
         if self._rejected:

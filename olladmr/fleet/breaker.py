@@ -30,6 +30,11 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         self._trial_out: float | None = None  # when the half-open trial was sent
 
+    def reconfigure(self, threshold: int, cooldown: float) -> None:
+        """Adopt reloaded settings; the failure count and open/half-open state are kept."""
+        self.threshold = threshold
+        self.cooldown = cooldown
+
     @property
     def state(self) -> str:
         if self._opened_at is None:

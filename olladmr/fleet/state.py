@@ -67,6 +67,24 @@ class EndpointState:
         self._waiters: deque[tuple[Deferred[None], IDelayedCall]] = deque()
         self.removed = False
 
+    # -- configuration
+
+    def reconfigure(self, config: EndpointConfig, breaker_failures: int, breaker_cooldown: float) -> None:
+        """Adopt a reloaded configuration, keeping counters and models; a new URL or model path re-checks from unknown."""
+        if config != self.config:
+            if config.url != self.config.url or config.model_url != self.config.model_url:
+                self.status = UNKNOWN
+                self.status_reason = "configuration changed"
+                self.models_known = False
+            self.config = config
+            self.next_check_due = 0.0
+        self.breaker.reconfigure(breaker_failures, breaker_cooldown)
+
+    def remove(self) -> None:
+        """The endpoint left the configuration: never routable again; its queued requests fail (in-flight ones finish)."""
+        self.removed = True
+        self.fail_waiters(CancelledError(f"endpoint {self.name} was removed from the configuration"))
+
     # -- what real traffic tells us
 
     def record_attempt(self) -> None:
@@ -207,20 +225,12 @@ class Fleet:
             state = old.get(ep_config.name)
             if state is None:
                 state = EndpointState(ep_config, self._clock, proxy.breaker_failures, proxy.breaker_cooldown)
-            elif state.config != ep_config:
-                if state.config.url != ep_config.url or state.config.model_url != ep_config.model_url:
-                    state.status = UNKNOWN
-                    state.status_reason = "configuration changed"
-                    state.models_known = False
-                state.config = ep_config
-                state.next_check_due = 0.0
-            state.breaker.threshold = proxy.breaker_failures
-            state.breaker.cooldown = proxy.breaker_cooldown
+            else:
+                state.reconfigure(ep_config, proxy.breaker_failures, proxy.breaker_cooldown)
             new[ep_config.name] = state
-        removed = [name for name in old if name not in new]
-        for name in removed:
-            old[name].removed = True
-            old[name].fail_waiters(CancelledError(f"endpoint {name} was removed from the configuration"))
+        for name, state in old.items():
+            if name not in new:
+                state.remove()
         self.endpoints = new
 
     def routable(self) -> list[EndpointState]:

@@ -1,0 +1,124 @@
+"""Unit tests for ``olladmr.edge.site``: the channel's limits on a ``Clock`` and an in-memory transport."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+
+from olladmr.config import parse_config
+from olladmr.edge.site import EdgeLimits, OllaChannel, OllaSite
+
+
+class Echo(Resource):
+    """Answers every request with its method and body length, recording the requests it saw."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, int]] = []
+
+    def render(self, request: Any) -> bytes:
+        body = request.content.read()
+        self.seen.append((request.method, len(body)))
+        return b"ok"
+
+
+def connect(**server: Any) -> tuple[OllaChannel, StringTransport, Clock, Echo]:
+    clock = Clock()
+    config = parse_config({"server": server, "endpoints": [{"url": "http://a:1"}]}, "t")
+    resource = Echo()
+    site = OllaSite(resource, clock, EdgeLimits(config.server))
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    assert isinstance(channel, OllaChannel)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock, resource
+
+
+def answer(transport: StringTransport) -> tuple[int, dict[str, Any]]:
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)["error"]
+
+
+def test_headers_that_do_not_arrive_in_time_get_408() -> None:
+    """read_header_timeout runs from the first byte of a request: after it, 408 JSON and a half-closed connection."""
+    channel, transport, clock, resource = connect(read_header_timeout="2s")
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    clock.advance(1.9)
+    assert transport.value() == b""
+    clock.advance(0.2)
+    status, error = answer(transport)
+    assert status == 408 and error["code"] == "request_timeout" and "read_header_timeout" in error["message"]
+    assert resource.seen == []
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408() -> None:
+    """read_timeout bounds the body once the headers are in; a complete body in time is served."""
+    channel, transport, clock, resource = connect(read_timeout="3s")
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+    clock.advance(2.9)
+    assert transport.value() == b""
+    clock.advance(0.2)
+    status, error = answer(transport)
+    assert status == 408 and "read_timeout" in error["message"] and resource.seen == []
+
+
+def test_a_body_in_time_is_served_and_leaves_no_timer() -> None:
+    """A request that arrives whole within the timeouts is served and cancels both of its timers."""
+    channel, transport, clock, resource = connect(read_timeout="3s", read_header_timeout="2s", idle_timeout=0)
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n12345")
+    assert resource.seen == [(b"POST", 5)] and transport.value().startswith(b"HTTP/1.1 200")
+    assert clock.getDelayedCalls() == []
+
+
+def test_header_block_over_the_limit_gets_431_even_in_one_line() -> None:
+    """A header line longer than max_header_size (LineReceiver's own cap would just close) is answered 431 JSON."""
+    channel, transport, clock, _ = connect(request_limits={"max_header_size": "8KB"})
+    channel.dataReceived(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 9000)
+    status, error = answer(transport)
+    assert status == 431 and error["code"] == "request_header_fields_too_large"
+
+
+def test_headers_past_twisteds_16kb_but_within_the_limit_are_served() -> None:
+    """Twisted's 16 KB totalHeadersSize never answers first: 30 KB of headers under a 64 KB limit are served."""
+    channel, transport, _, resource = connect(request_limits={"max_header_size": "64KB"})
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 1000) for i in range(30))
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+    assert resource.seen == [(b"GET", 0)] and transport.value().startswith(b"HTTP/1.1 200")
+
+
+def test_content_length_over_the_body_limit_gets_413_before_the_body() -> None:
+    """A declared body over max_body_size is refused at once, without reading it."""
+    channel, transport, _, resource = connect(request_limits={"max_body_size": "1KB"})
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    status, error = answer(transport)
+    assert status == 413 and error["code"] == "request_too_large" and resource.seen == []
+
+
+def test_a_rejected_connection_is_aborted_after_lingering() -> None:
+    """After a rejection the connection half-closes and is aborted LINGER seconds later."""
+    channel, transport, clock, _ = connect(read_header_timeout="1s")
+    transport.connected = True
+    aborted: list[bool] = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    clock.advance(1)
+    assert transport.value().startswith(b"HTTP/1.1 408")
+    clock.advance(OllaChannel.LINGER - 0.1)
+    assert aborted == []
+    clock.advance(0.2)
+    assert aborted == [True]
+
+
+def test_request_ids_are_unique_and_honour_a_valid_client_id() -> None:
+    """Each request gets a fresh X-Olla-Request-ID unless the client sent a printable X-Request-ID of at most 128 bytes."""
+    channel, transport, _, _ = connect()
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nX-Request-ID: abc-1\r\n\r\n")
+    ids = [line.split(b": ", 1)[1] for line in transport.value().split(b"\r\n") if line.lower().startswith(b"x-olla-request-id")]
+    assert len(ids) == 2 and ids[1] == b"abc-1" and ids[0] != b"abc-1" and b"-" in ids[0]
