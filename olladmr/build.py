@@ -24,13 +24,17 @@ from .config.files import load_config
 from .config.schema import Config
 from .edge.gate import Gate
 from .edge.site import EdgeLimits, OllaSite
+from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.health import HealthMonitor, health_client
+from .fleet.responses import ResponseDirectory
 from .fleet.state import Fleet
 from .ops.lifecycle import Lifecycle
 from .ops.logs import AccessLog, LogControl
 from .ops.metrics import Metrics
+from .ops.process import ProcessStats
 from .ops.status import StatusReport
+from .proxy.affinity import ResponseAffinity
 from .proxy.proxy import InFlight, Proxy
 from .proxy.upstream import UpstreamClient
 from .reload import ConfigReloader, Reconfiguration
@@ -47,7 +51,9 @@ class Daemon:
     config: Config
     listener: Listener
     fleet: Fleet
+    aliases: Aliases
     catalogue: Catalogue
+    responses: ResponseAffinity
     upstream: UpstreamClient
     inflight: InFlight
     metrics: Metrics
@@ -89,9 +95,12 @@ def build(
     )
     upstream = UpstreamClient(reactor, config.proxy)
     fleet = Fleet(config, reactor)
-    catalogue = Catalogue(fleet)
+    aliases = Aliases(config)
+    catalogue = Catalogue(fleet, aliases)
     inflight = InFlight()
-    metrics = Metrics(fleet, reactor, inflight.__len__)
+    directory = ResponseDirectory(reactor)
+    metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__)
+    affinity = ResponseAffinity(directory, upstream, reactor, observe_probe=metrics.probe_observed)
     health_http, health_pool = health_client(reactor)
     health = HealthMonitor(
         fleet, health_http, reactor, config, pool=health_pool, observe_check=metrics.health_checks_observe
@@ -104,6 +113,7 @@ def build(
         reactor,
         config,
         inflight=inflight,
+        responses=affinity,
         mark_offline=health.mark_offline,
         observers=(metrics, access_log),
     )
@@ -122,7 +132,7 @@ def build(
     reconfiguration = Reconfiguration(
         config,
         # fleet first: the health monitor reconciles its loops against it, last
-        [fleet, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
+        [fleet, aliases, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
         listen=listener.description,
         listen_fixed=listen is not None or inherit is not None,
     )
@@ -143,8 +153,16 @@ def build(
         balancer=lambda: proxy.balancer.name,
         reloads=reloader.counts,
     )
+    process = ProcessStats(lifecycle)
     app = OllaApp(
-        proxy=proxy, catalogue=catalogue, status=status, metrics=metrics, lifecycle=lifecycle, reload=reloader.reload
+        proxy=proxy,
+        catalogue=catalogue,
+        aliases=aliases,
+        status=status,
+        metrics=metrics,
+        lifecycle=lifecycle,
+        process=process,
+        reload=reloader.reload,
     )
     site = OllaSite(app.resource(gate), reactor, limits, access_log)
     service = OllaService(
@@ -158,7 +176,7 @@ def build(
         upstream=upstream,
         lifecycle=lifecycle,
         log_control=log_control,
-        children=(reloader,),
+        children=(reloader, process),
         workers=pool,
     )
     return Daemon(
@@ -166,7 +184,9 @@ def build(
         config=config,
         listener=listener,
         fleet=fleet,
+        aliases=aliases,
         catalogue=catalogue,
+        responses=affinity,
         upstream=upstream,
         inflight=inflight,
         metrics=metrics,

@@ -1,20 +1,45 @@
 """
-The daemon's own error answers, in the OpenAI shape.
+The daemon's own error answers, in the shape the client speaks.
 
 Upstream answers are never rewritten; this module only renders errors that
-olladmr itself decides on (bad input, no endpoint, timeouts, ...).  Every
-error answer goes through :func:`prepare_error` (status, headers, body),
-whether it is returned from a resource or written by the proxy.
+olladmr itself decides on (bad input, no endpoint, timeouts, ...).  A
+:class:`ClientError` is rendered in a :data:`Dialect`: OpenAI's
+``{"error": {"message", "type", "code"}}`` (the default, also what the
+Responses API's SDK reads) or Anthropic's ``{"type": "error", "error":
+{"type", "message"}}``, so each SDK raises the right exception class.
+Every error answer goes through :func:`prepare_error` (status, headers,
+body), whether it is returned from a resource or written by the proxy.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Literal
 
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
+
+
+Dialect = Literal["openai", "anthropic"]
+OPENAI: Dialect = "openai"
+ANTHROPIC: Dialect = "anthropic"
+
+#: Anthropic's error type for each status olladmr answers with (what its SDK expects in the body).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's error ``type`` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
 
 
 @dataclass
@@ -27,21 +52,30 @@ class ClientError(Exception):
     code: str | None = None
     headers: dict[bytes, bytes] = field(default_factory=dict)
 
-    def body(self) -> bytes:
-        """The JSON body of this answer."""
-        return error_body(self.message, self.type, self.code)
+    def body(self, dialect: Dialect = OPENAI) -> bytes:
+        """The JSON body of this answer in ``dialect``."""
+        return error_body(self.message, self.type, self.code, dialect, self.status)
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    """``{"error": {"message", "type", "code"}}`` as compact JSON bytes."""
-    return json.dumps(
-        {"error": {"message": message, "type": type_, "code": code}}, separators=(",", ":")
-    ).encode("utf-8")
+def error_body(message: str, type_: str, code: str | None, dialect: Dialect = OPENAI, status: int = 400) -> bytes:
+    """An error body as compact JSON bytes: OpenAI's ``{"error": {...}}`` or Anthropic's ``{"type": "error", ...}``."""
+    if dialect == ANTHROPIC:
+        document: dict[str, object] = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
+    else:
+        document = {"error": {"message": message, "type": type_, "code": code}}
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
-def prepare_error(request: IRequest, error: ClientError) -> bytes:
+def dialect_for_path(path: bytes) -> Dialect:
+    """The error dialect a request path speaks: Anthropic's on the Messages routes, OpenAI's everywhere else."""
+    if b"/v1/messages" in path or path.startswith((b"/olla/anthropic/", b"/olla/dmr/anthropic/")):
+        return ANTHROPIC
+    return OPENAI
+
+
+def prepare_error(request: IRequest, error: ClientError, dialect: Dialect = OPENAI) -> bytes:
     """Set ``error``'s status and headers on ``request`` and return its body (not yet written)."""
-    body = error.body()
+    body = error.body(dialect)
     request.setResponseCode(error.status)
     headers = request.responseHeaders
     headers.setRawHeaders(b"content-type", [b"application/json"])
@@ -51,11 +85,11 @@ def prepare_error(request: IRequest, error: ClientError) -> bytes:
     return body
 
 
-def write_error(request: Request, error: ClientError) -> None:
+def write_error(request: Request, error: ClientError, dialect: Dialect = OPENAI) -> None:
     """Write ``error`` as the complete response to ``request`` and finish it (unless the client is gone)."""
     if request.finished or request.channel is None:
         return
-    request.write(prepare_error(request, error))
+    request.write(prepare_error(request, error, dialect))
     request.finish()
 
 

@@ -2,16 +2,20 @@
 The route tree (Klein): which paths exist, which methods they take, and
 what is checked before a request is proxied.
 
-Inference routes validate the body (JSON object with a string ``model``,
-within the size limit) and hand over to :class:`~olladmr.proxy.Proxy`,
-which owns the response from then on.  Everything olladmr answers itself
-is JSON; every error is in the OpenAI shape.
+Model-routed POSTs validate the body (JSON object with a string
+``model``, within the size limit) and hand over to
+:class:`~olladmr.proxy.proxy.Proxy`, which owns the response from then
+on; so do model look-ups and the Responses API's ``GET``/``DELETE`` of a
+stored response (bound to the endpoint that holds it).  Everything
+olladmr answers itself is JSON; errors are in the shape of the route's
+API (Anthropic's on the Messages routes, OpenAI's elsewhere).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass
 from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
 
@@ -25,14 +29,26 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .edge.gate import Admission, Gate
+from .edge.gate import Gate
 from .edge.site import OllaRequest
-from .errors import ClientError, bad_request, internal_error, method_not_allowed, not_found, prepare_error, too_large
+from .errors import (
+    ClientError,
+    bad_request,
+    dialect_for_path,
+    internal_error,
+    method_not_allowed,
+    not_found,
+    prepare_error,
+    too_large,
+)
+from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.models import normalise_model
 from .ops.lifecycle import Lifecycle
 from .ops.metrics import CONTENT_TYPE, Metrics
+from .ops.process import ProcessStats
 from .ops.status import StatusReport
+from .proxy.affinity import RESPONSE_ID
 from .proxy.headers import add_response_headers
 from .proxy.proxy import Proxy
 from .proxy.record import ProxyCall
@@ -40,10 +56,61 @@ from .reload import ReloadResult
 
 DMR_PREFIX = b"/olla/dmr"
 log = Logger()
-ENGINE_PREFIXES = ("/olla/dmr/engines/v1", "/olla/dmr/engines/llama.cpp/v1", "/olla/dmr/engines/vllm/v1")
-INFERENCE = ("chat/completions", "completions", "embeddings")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
-_TABLE = "/olla/dmr/engines[/llama.cpp|/vllm]/v1/{models,chat/completions,completions,embeddings}"
+#: DMR's engine prefixes olladmr serves (the default engine and the two explicit ones).
+ENGINES = ("/engines", "/engines/llama.cpp", "/engines/vllm")
+_TABLE = (
+    "/olla/dmr/engines[/llama.cpp|/vllm]/{v1/models[/NAME], v1/chat/completions, v1/completions, v1/embeddings, "
+    "v1/messages[/count_tokens], v1/responses[/ID[/input_items]], rerank, score, v1/images/generations}, "
+    "/olla/dmr/anthropic/v1/messages[/count_tokens]"
+)
+
+
+@dataclass(frozen=True)
+class PostRoute:
+    """One model-routed POST route: its metrics label, the DMR path it goes to, the API it speaks."""
+
+    route: str
+    upstream: bytes
+    api: str = "openai"  # "openai", "anthropic" or "responses"
+    passthrough: bool = False  # an Olla Anthropic route served natively: X-Olla-Mode: passthrough
+
+
+#: (DMR path under an engine prefix, route label, API) of every model-routed POST.
+ENGINE_POSTS = (
+    ("/v1/chat/completions", "chat/completions", "openai"),
+    ("/v1/completions", "completions", "openai"),
+    ("/v1/embeddings", "embeddings", "openai"),
+    ("/v1/messages", "messages", "anthropic"),
+    ("/v1/messages/count_tokens", "messages/count_tokens", "anthropic"),
+    ("/v1/responses", "responses", "responses"),
+    ("/rerank", "rerank", "openai"),
+    ("/score", "score", "openai"),
+    ("/v1/images/generations", "images/generations", "openai"),
+)
+#: Olla's provider-agnostic OpenAI routes, served for the DMR fleet.
+OLLA_OPENAI_BASES = ("/olla/proxy/v1", "/olla/openai/v1")
+OLLA_OPENAI_POSTS = ("chat/completions", "completions", "embeddings", "responses")
+
+
+def _post_routes() -> dict[bytes, PostRoute]:
+    table: dict[bytes, PostRoute] = {}
+    for engine in ENGINES:
+        for suffix, route, api in ENGINE_POSTS:
+            table[f"/olla/dmr{engine}{suffix}".encode()] = PostRoute(route, f"{engine}{suffix}".encode(), api)
+    for suffix, route in (("/v1/messages", "messages"), ("/v1/messages/count_tokens", "messages/count_tokens")):
+        table[f"/olla/dmr/anthropic{suffix}".encode()] = PostRoute(route, f"/anthropic{suffix}".encode(), "anthropic")
+        table[f"/olla/anthropic{suffix}".encode()] = PostRoute(
+            route, f"/anthropic{suffix}".encode(), "anthropic", passthrough=True
+        )
+    for base in OLLA_OPENAI_BASES:
+        for op in OLLA_OPENAI_POSTS:
+            api = "responses" if op == "responses" else "openai"
+            table[f"{base}/{op}".encode()] = PostRoute(op, f"/engines/v1/{op}".encode(), api)
+    return table
+
+
+POST_ROUTES = _post_routes()
 
 
 def _json(request: OllaRequest, payload: object, status: int = 200) -> bytes:
@@ -65,8 +132,8 @@ def _allow(request: OllaRequest, *methods: str) -> None:
     raise method_not_allowed(method, methods + (("HEAD",) if "GET" in methods else ()), request.path.decode("latin-1"))
 
 
-def _parse_model(request: OllaRequest) -> str:
-    """The ``model`` of a JSON inference body, or a 400/413 ClientError."""
+def _parse_body(request: OllaRequest) -> dict[str, Any]:
+    """The JSON object of a model-routed POST, with a valid string ``model``, or a 400/413 ClientError."""
     if request.body_too_large:
         # Site.buildProtocol sets ``channel.site``; Twisted's HTTPChannel does not declare it.
         raise too_large(request.channel.site.limits.max_body_size)  # type: ignore[attr-defined]
@@ -87,15 +154,25 @@ def _parse_model(request: OllaRequest) -> str:
         raise bad_request("\"model\" is required, e.g. \"ai/smollm2\"", "model_required")
     if not isinstance(model, str) or not model.strip():
         raise bad_request(f"\"model\" must be a non-empty string, got {type(model).__name__}", "invalid_model")
+    _check_model_name(model)
+    return body
+
+
+def _check_model_name(model: str) -> None:
     if len(model) > 512 or any(ord(c) < 0x20 for c in model):
         raise bad_request("\"model\" is not a valid model name", "invalid_model")
-    return model
+
+
+def _query(request: OllaRequest) -> bytes:
+    """``?query`` of the request (or nothing), to append to an upstream path."""
+    _, sep, query = request.uri.partition(b"?")
+    return sep + query
 
 
 def internal_error_answer(request: IRequest, failure: Failure) -> bytes:
     """A bug in olladmr: logged with its traceback, answered 500 JSON (never an HTML traceback)."""
     log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
-    return prepare_error(request, internal_error())
+    return prepare_error(request, internal_error(), dialect_for_path(request.path))
 
 
 def _check_routable(request: OllaRequest) -> None:
@@ -113,9 +190,10 @@ def _check_routable(request: OllaRequest) -> None:
 class IndexedRoutes(Resource):
     """
     The route tree's front door: the gate first, then the routes.  The
-    inference routes (the hot path) are found by one dict lookup on the
-    exact path and call the same handler the Klein table maps them to;
-    every other request goes through Klein.
+    model-routed POSTs (the hot path) are found by one dict lookup on the
+    exact path; every other request goes through Klein.  Errors are
+    answered in the dialect of the route (Anthropic's on the Messages
+    routes, OpenAI's elsewhere).
     """
 
     isLeaf = True
@@ -125,27 +203,28 @@ class IndexedRoutes(Resource):
         self._app = app
         self._gate = gate
         self._klein = klein_resource
-        self._exact = {f"{prefix}/{op}".encode(): op for prefix in ENGINE_PREFIXES for op in INFERENCE}
 
     def render(self, request: OllaRequest) -> Any:
         headers = request.responseHeaders
         headers.removeHeader(b"server")  # no version advertising
         try:
             admission = self._gate.admit(request)
+            request.admission = admission
             if admission.headers:
                 add_response_headers(headers, admission.headers)
             if admission.preflight is not None:
                 request.setResponseCode(admission.preflight)
                 return b""
-            op = self._exact.get(request.path)
-            if op is None or request.method != b"POST":
+            spec = POST_ROUTES.get(request.path)
+            if spec is None or request.method != b"POST":
                 _check_routable(request)
                 return self._klein.render(request)
-            return self._app.inference(request, op, admission).render(request)
+            return self._app.post(request, spec).render(request)
         except HTTPException as exc:  # werkzeug refusing the URL or Host while binding
-            return prepare_error(request, ClientError(exc.code or 400, exc.description or exc.name, code="bad_request"))
+            error = ClientError(exc.code or 400, exc.description or exc.name, code="bad_request")
+            return prepare_error(request, error, dialect_for_path(request.path))
         except ClientError as error:
-            return prepare_error(request, error)
+            return prepare_error(request, error, dialect_for_path(request.path))
         except Exception:
             return internal_error_answer(request, Failure())
 
@@ -180,16 +259,20 @@ class OllaApp:
         *,
         proxy: Proxy,
         catalogue: Catalogue,
+        aliases: Aliases,
         status: StatusReport,
         metrics: Metrics,
         lifecycle: Lifecycle,
+        process: ProcessStats,
         reload: Callable[[], ReloadResult],
     ) -> None:
         self._proxy = proxy
         self._catalogue = catalogue
+        self._aliases = aliases
         self._status = status
         self._metrics = metrics
         self._lifecycle = lifecycle
+        self._process = process
         self._reload = reload
 
     def resource(self, gate: Gate) -> Resource:
@@ -200,7 +283,7 @@ class OllaApp:
 
     @app.handle_errors(ClientError)
     def _client_error(self, request: IRequest, failure: Failure) -> bytes:
-        return prepare_error(request, cast(ClientError, failure.value))  # registered for ClientError only
+        return prepare_error(request, cast(ClientError, failure.value), dialect_for_path(request.path))
 
     @app.handle_errors(Exception)
     def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -221,47 +304,129 @@ class OllaApp:
     def _fallback(self, request: OllaRequest) -> bytes:
         raise self._no_route(request)
 
-    # -- DMR routes
+    # -- the route table
 
-    for _prefix in ENGINE_PREFIXES:
-        app.route(_prefix + "/models", methods=ALL_METHODS, endpoint="models")(lambda self, request: self.models(request))
-        for _op in INFERENCE:
-            app.route(f"{_prefix}/{_op}", methods=ALL_METHODS, endpoint=f"infer:{_op}")(
-                lambda self, request: self.inference_method(request)
-            )
-    del _prefix, _op
+    for _path in POST_ROUTES:
+        app.route(_path.decode(), methods=ALL_METHODS, endpoint=f"post:{_path.decode()}")(
+            lambda self, request: self.post_method(request)
+        )
+    for _engine in ENGINES:
+        _base = f"/olla/dmr{_engine}/v1"
+        app.route(f"{_base}/models", methods=ALL_METHODS, endpoint=f"models:{_base}")(
+            lambda self, request: self.models(request)
+        )
+        app.route(f"{_base}/models/<path:name>", methods=ALL_METHODS, endpoint=f"model:{_base}")(
+            lambda self, request, name: self.model(request, name)
+        )
+    for _base in [f"/olla/dmr{engine}/v1" for engine in ENGINES] + list(OLLA_OPENAI_BASES):
+        app.route(f"{_base}/responses/<rid>", methods=ALL_METHODS, endpoint=f"response:{_base}")(
+            lambda self, request, rid: self.response(request, rid, "")
+        )
+        app.route(f"{_base}/responses/<rid>/input_items", methods=ALL_METHODS, endpoint=f"items:{_base}")(
+            lambda self, request, rid: self.response(request, rid, "/input_items")
+        )
+    for _base in OLLA_OPENAI_BASES:
+        app.route(f"{_base}/models", methods=ALL_METHODS, endpoint=f"models:{_base}")(
+            lambda self, request: self.models(request)
+        )
+    del _path, _engine, _base
 
-    def models(self, request: OllaRequest) -> bytes:
-        """The union of the routable endpoints' model lists, each model once, in DMR's shape."""
-        _allow(request, "GET")
-        data = self._catalogue.openai_list()
-        return _json(request, {"object": "list", "data": data})
-
-    def inference_method(self, request: OllaRequest) -> bytes:
+    def post_method(self, request: OllaRequest) -> bytes:
         """
-        Klein's view of an inference route: reached only by methods other
-        than POST (a POST to the exact path is dispatched by
+        Klein's view of a model-routed POST route: reached only by other
+        methods (a POST to the exact path is dispatched by
         :class:`IndexedRoutes` without Klein), so it answers 405.
         """
         _allow(request, "POST")
         raise self._no_route(request)
 
-    def inference(self, request: OllaRequest, op: str, admission: Admission) -> Resource:
-        """A POST to an inference route: validated here, proxied by the resource returned."""
+    def post(self, request: OllaRequest, spec: PostRoute) -> Resource:
+        """A model-routed POST: its body validated here, proxied by the resource returned."""
         _allow(request, "POST")
-        model = _parse_model(request)
+        body = _parse_body(request)
+        model: str = body["model"]
+        key = normalise_model(model)
+        admission = request.admission
+        headers = admission.headers
+        if spec.passthrough:
+            headers = {**headers, b"x-olla-mode": b"passthrough"}
+        response_id = None
+        if spec.api == "responses":
+            previous = body.get("previous_response_id")
+            if isinstance(previous, str) and RESPONSE_ID.fullmatch(previous):
+                response_id = previous
         call = ProxyCall(
             method=b"POST",
-            upstream_path=request.uri[len(DMR_PREFIX) :],
-            route=op,
+            upstream_path=spec.upstream + _query(request),
+            route=spec.route,
             model=model,
-            model_key=normalise_model(model),
+            model_key=key,
             arrived=request.arrived,
             request_id=request.request_id,
-            response_headers=admission.headers,
+            response_headers=headers,
             forward_credentials=admission.forward_credentials,
+            api=spec.api,
+            alias=self._aliases.get(key),
+            response_id=response_id,
+            capture_response=spec.route == "responses",
         )
         return ProxyResource(self._proxy, call)
+
+    def models(self, request: OllaRequest) -> bytes:
+        """The union of the routable endpoints' model lists (and the aliases), each model once, in DMR's shape."""
+        _allow(request, "GET")
+        return _json(request, {"object": "list", "data": self._catalogue.openai_list()})
+
+    def model(self, request: OllaRequest, name: str) -> Resource:
+        """``GET .../v1/models/{name...}``: proxied to an endpoint that lists the model (404 when none does)."""
+        _allow(request, "GET")
+        _check_model_name(name)
+        key = normalise_model(name)
+        admission = request.admission
+        return ProxyResource(
+            self._proxy,
+            ProxyCall(
+                method=request.method,
+                upstream_path=request.uri[len(DMR_PREFIX) :],
+                route="models/get",
+                model=name,
+                model_key=key,
+                arrived=request.arrived,
+                request_id=request.request_id,
+                response_headers=admission.headers,
+                forward_credentials=admission.forward_credentials,
+                alias=self._aliases.get(key),
+            ),
+        )
+
+    def response(self, request: OllaRequest, rid: str, tail: str) -> Resource:
+        """``GET``/``DELETE .../v1/responses/{id}[/input_items]``: proxied to the endpoint holding that response."""
+        if tail:
+            _allow(request, "GET")
+        else:
+            _allow(request, "GET", "DELETE")
+        if not RESPONSE_ID.fullmatch(rid):
+            raise not_found(f"no response {rid[:64]!r}: response ids look like resp_...", "not_found")
+        admission = request.admission
+        upstream = f"/engines/v1/responses/{rid}{tail}".encode() + _query(request)
+        if request.path.startswith(DMR_PREFIX + b"/"):
+            upstream = request.uri[len(DMR_PREFIX) :]
+        delete = request.method == b"DELETE"
+        return ProxyResource(
+            self._proxy,
+            ProxyCall(
+                method=request.method,
+                upstream_path=upstream,
+                route="responses/delete" if delete else ("responses/input_items" if tail else "responses/get"),
+                arrived=request.arrived,
+                request_id=request.request_id,
+                response_headers=admission.headers,
+                forward_credentials=admission.forward_credentials,
+                api="responses",
+                response_id=rid,
+                forget_response=delete,
+            ),
+        )
 
     # -- catalogue and status
 
@@ -270,6 +435,21 @@ class OllaApp:
         _allow(request, "GET")
         include = request.args.get(b"include_unavailable", [b"false"])[0].lower() in (b"1", b"true", b"yes")
         return _json(request, self._catalogue.olla_list(include_unavailable=include))
+
+    @app.route("/olla/models/<path:model_id>", methods=ALL_METHODS)
+    def olla_model(self, request: OllaRequest, model_id: str) -> bytes:
+        """One model by id or alias; ids may contain ``/`` (``ai/smollm2``), which Olla cannot look up."""
+        _allow(request, "GET")
+        entry = self._catalogue.olla_model(model_id)
+        if entry is None:
+            raise not_found(f"model {model_id!r} was not found on any endpoint", "model_not_found")
+        return _json(request, entry)
+
+    @app.route("/olla/anthropic/v1/models", methods=ALL_METHODS)
+    def anthropic_models(self, request: OllaRequest) -> bytes:
+        """The models in Anthropic's list shape (``data``, ``has_more``, ``first_id``, ``last_id``)."""
+        _allow(request, "GET")
+        return _json(request, self._catalogue.anthropic_list())
 
     @app.route("/internal/health", methods=ALL_METHODS)
     def health(self, request: OllaRequest) -> bytes:
@@ -296,6 +476,18 @@ class OllaApp:
     def status_models(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
         return _json(request, self._status.models())
+
+    @app.route("/internal/stats/models", methods=ALL_METHODS)
+    def stats_models(self, request: OllaRequest) -> bytes:
+        """Olla's per-model statistics."""
+        _allow(request, "GET")
+        return _json(request, self._status.model_stats())
+
+    @app.route("/internal/process", methods=ALL_METHODS)
+    def process(self, request: OllaRequest) -> bytes:
+        """The process itself: memory, garbage collection, threads, uptime, versions."""
+        _allow(request, "GET")
+        return _json(request, self._process.snapshot())
 
     @app.route("/internal/reload", methods=ALL_METHODS)
     def reload(self, request: OllaRequest) -> bytes:

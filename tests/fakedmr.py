@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import posixpath
+import random
 import re
+import string
 import struct
 import uuid
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+import zlib
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import unquote
 
@@ -39,11 +44,24 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-__all__ = ["FakeDMR", "RecordedRequest", "normalize_model_name"]
+__all__ = ["FakeDMR", "RecordedRequest", "StoredResponse", "normalize_model_name"]
 
 KNOWN_BACKENDS = frozenset({"llama.cpp", "vllm", "mlx", "sglang", "diffusers"})
 INFERENCE_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
+ENGINE_V1_ENDPOINTS = INFERENCE_ENDPOINTS | {"messages", "messages/count_tokens", "images/generations"}
+"""POSTs under ``/engines[/{b}]/v1/`` that the scheduler routes by ``model``."""
+ENGINE_OPS = frozenset({"rerank", "score"})
+"""POSTs directly under ``/engines[/{b}]/`` (no ``/v1``) routed by ``model``."""
+OVERFLOW_ENDPOINTS = frozenset({"chat/completions", "completions", "messages"})
+RUNNER_MODES = {"embeddings": "embedding", "rerank": "reranking", "score": "reranking",
+                "images/generations": "image-generation"}
+"""Endpoint -> DMR backend mode (``backendModeForRequest``); anything else is ``completion``."""
 MAX_INFERENCE_BODY = 10 * 1024 * 1024  # maximumOpenAIInferenceRequestSize
+MAX_COMPAT_BODY = 10 * 1024 * 1024  # Anthropic and Responses handlers' MaxBytesReader (413)
+ANTHROPIC_PATHS = {"/anthropic/v1/messages": "messages", "/anthropic/v1/messages/count_tokens": "messages/count_tokens"}
+RESPONSE_TTL = 3600.0  # pkg/responses DefaultTTL
+RESPONSES_ALLOW = {"create": ("POST",), "one": ("DELETE", "GET"), "items": ("GET",)}
+"""Methods of the Responses handler's patterns (Go adds HEAD to a GET pattern's Allow)."""
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
 JSON_GO = b"application/json"  # DMR's own JSON: no charset
@@ -73,7 +91,12 @@ MIDSTREAM_ERROR = {
         "type": "server_error",
     }
 }
+ANTHROPIC_MIDSTREAM_ERROR = {
+    "type": "error",
+    "error": {"type": "api_error", "message": "Failed to decode the batch, n_batch = 2048, ret = -3"},
+}
 FAULT_AFTER_CONTENT_EVENTS = 2
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"  # a zero time.Time as Go's JSON encoder writes it
 EMBEDDING_DIMENSIONS = 8
 BIG_BODY_CHUNK = 64 * 1024
 _BIG_BODY_PATTERN = (b"0123456789abcdefghijklmnopqrstuvwxyz" * 2000)[:BIG_BODY_CHUNK]
@@ -82,7 +105,22 @@ DEFAULT_TOKENS = ("Hello", ",", " world", "!")
 _log = Logger()
 
 Runner = tuple[str, str]
-"""A runner's identity: (mode, normalised model), mode being "completion" or "embedding"."""
+"""A runner's identity: (mode, normalised model); mode is DMR's: "completion", "embedding",
+"reranking" or "image-generation"."""
+
+
+def _tiny_png() -> bytes:
+    """A valid 1x1 transparent RGBA PNG (signature, IHDR, IDAT, IEND with their CRCs)."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 5)) + chunk(b"IEND", b"")
+
+
+TINY_PNG = _tiny_png()
+TINY_PNG_B64 = base64.b64encode(TINY_PNG).decode("ascii")
 
 
 @dataclass
@@ -133,13 +171,74 @@ def _go_quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _clean_path(path: str) -> str:
-    """Apply DMR's ``path.Clean`` for paths containing ``//`` and the ``/v1`` alias."""
+def _clean_slashes(path: str) -> str:
+    """Apply DMR's ``path.Clean`` to paths containing ``//``."""
     if "//" in path:
         path = posixpath.normpath(re.sub("/+", "/", path))
+    return path
+
+
+def _clean_path(path: str) -> str:
+    """Apply DMR's ``path.Clean`` for paths containing ``//`` and the ``/v1`` alias."""
+    path = _clean_slashes(path)
     if path in ("/v1", "/rerank", "/score") or path.startswith("/v1/"):
         path = "/engines" + path
     return path
+
+
+def _engine_op_path(path: str) -> tuple[str | None, str] | None:
+    """Split ``/engines[/{b}]/rerank`` or ``…/score`` into (backend or None, op).
+
+    As in Go's mux, ``/engines/v1/rerank`` names the backend ``v1``.
+    """
+    if not path.startswith("/engines/"):
+        return None
+    segments = path[len("/engines/") :].split("/")
+    if len(segments) == 1 and segments[0] in ENGINE_OPS:
+        return None, segments[0]
+    if len(segments) == 2 and segments[0] and segments[1] in ENGINE_OPS:
+        return segments[0], segments[1]
+    return None
+
+
+@dataclass(frozen=True)
+class _ResponsesTarget:
+    """A path the Responses handler serves: what it names, for which backend segment."""
+
+    kind: str | None  # "create", "one" (GET/DELETE {id}), "items" ({id}/input_items); None: no pattern
+    backend: str | None = None
+    response_id: str = ""
+
+
+def _responses_target(path: str) -> _ResponsesTarget | None:
+    """Whether DMR's router sends ``path`` (already slash-cleaned) to the Responses handler.
+
+    ``/responses`` and ``/v1/responses`` are subtrees (an unknown shape below them is
+    the handler's ``404 page not found``); the ``/engines/…`` forms are exact patterns,
+    anything else under ``/engines`` belongs to the scheduler.
+    """
+    segments = path.split("/")[1:]
+    subtree = False
+    backend = None
+    if segments[:1] == ["responses"]:
+        rest, subtree = segments[1:], True
+    elif segments[:2] == ["v1", "responses"]:
+        rest, subtree = segments[2:], True
+    elif segments[:2] == ["engines", "responses"]:
+        rest = segments[2:]
+    elif segments[:3] == ["engines", "v1", "responses"]:
+        rest = segments[3:]
+    elif len(segments) >= 4 and segments[0] == "engines" and segments[1] and segments[2:4] == ["v1", "responses"]:
+        rest, backend = segments[4:], segments[1]
+    else:
+        return None
+    if not rest:
+        return _ResponsesTarget("create", backend)
+    if len(rest) == 1 and rest[0]:
+        return _ResponsesTarget("one", backend, unquote(rest[0]))
+    if len(rest) == 2 and rest[0] and rest[1] == "input_items":
+        return _ResponsesTarget("items", backend, unquote(rest[0]))
+    return _ResponsesTarget(None) if subtree else None
 
 
 def _engine_v1_path(path: str) -> tuple[str | None, str] | None:
@@ -156,13 +255,50 @@ def _engine_v1_path(path: str) -> tuple[str | None, str] | None:
 
 
 def _is_inference(method: str, uri: str) -> bool:
-    """Whether a request is a POST to a chat/completions/embeddings route."""
-    parts = _engine_v1_path(_clean_path(uri.split("?", 1)[0]))
-    return method == "POST" and parts is not None and parts[1] in INFERENCE_ENDPOINTS
+    """Whether a request is a POST to a route DMR sends to a runner by ``model``.
+
+    That is chat/completions, completions, embeddings, Anthropic messages and
+    count_tokens (``/engines`` and ``/anthropic`` forms), images, rerank, score,
+    and a Responses API create.
+    """
+    if method != "POST":
+        return False
+    path = _clean_slashes(uri.split("?", 1)[0])
+    target = _responses_target(path)
+    if target is not None:
+        return target.kind == "create"
+    if path in ANTHROPIC_PATHS:
+        return True
+    path = _clean_path(path)
+    parts = _engine_v1_path(path)
+    return (parts is not None and parts[1] in ENGINE_V1_ENDPOINTS) or _engine_op_path(path) is not None
+
+
+def _block_texts(value: Any) -> list[str]:
+    """Texts of a string or of a list of ``{"type": "text", "text": …}`` blocks."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [b["text"] for b in value if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    return []
 
 
 def _texts(payload: dict[str, Any], endpoint: str) -> list[str]:
     """The prompt texts of a request: message contents, prompts or inputs."""
+    if endpoint in ("messages", "messages/count_tokens"):  # Anthropic: system, then every message
+        messages = payload.get("messages")
+        found = _block_texts(payload.get("system"))
+        for message in messages if isinstance(messages, list) else []:
+            found += _block_texts(message.get("content")) if isinstance(message, dict) else []
+        return found
+    if endpoint == "rerank":
+        documents = payload.get("documents")
+        docs = [d for d in documents if isinstance(d, str)] if isinstance(documents, list) else []
+        return _block_texts(payload.get("query")) + docs
+    if endpoint == "score":
+        return [t for key in ("text_1", "text_2") for t in _str_list(payload.get(key))]
+    if endpoint == "images/generations":
+        return _block_texts(payload.get("prompt"))
     if endpoint == "chat/completions":
         messages = payload.get("messages")
         texts: list[str] = []
@@ -176,6 +312,38 @@ def _texts(payload: dict[str, Any], endpoint: str) -> list[str]:
     value = payload.get("prompt" if endpoint == "completions" else "input")
     items = value if isinstance(value, list) else [] if value is None else [value]
     return [item if isinstance(item, str) else json.dumps(item) for item in items]
+
+
+def _str_list(value: Any) -> list[str]:
+    """A string as a one-item list, a list of strings as itself, anything else as []."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return []
+
+
+def _random_id(prefix: str, alphabet: str = string.ascii_lowercase + string.digits, length: int = 24) -> str:
+    """``prefix`` plus ``length`` random characters (DMR's ``GenerateID`` uses a-z0-9)."""
+    return prefix + "".join(random.choices(alphabet, k=length))
+
+
+def _go_time(seconds: float) -> str:
+    """A UTC time as Go's JSON encoder writes a ``time.Time`` (RFC 3339, trimmed nanoseconds)."""
+    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    fraction = f".{moment.microsecond:06d}".rstrip("0") if moment.microsecond else ""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
+
+
+def _sse(event: str, data: Any) -> bytes:
+    """One named server-sent event: ``event: <type>\\ndata: <json>\\n\\n``."""
+    return b"event: " + event.encode("utf-8") + b"\ndata: " + _dumps(data) + b"\n\n"
+
+
+def _relevance(query: str, document: str) -> float:
+    """Deterministic relevance: the share of the query's distinct lower-case words in the document."""
+    wanted = set(query.lower().split())
+    return round(len(wanted & set(document.lower().split())) / len(wanted), 6) if wanted else 0.0
 
 
 def _model_not_found(name: str) -> str:
@@ -276,15 +444,18 @@ class _Exchange:
         await _follow(source)
 
     def start(
-        self, status: int, content_type: bytes, *, length: int | None = None, server: bool = False
+        self, status: int, content_type: bytes, *, length: int | None = None, server: bool | bytes = False
     ) -> None:
-        """Set the status line and headers (sent with the first write)."""
+        """Set the status line and headers (sent with the first write).
+
+        ``server``: True for llama.cpp's ``Server: llama.cpp``, or the header's value.
+        """
         request = self.request
         request.setResponseCode(status)
         request.responseHeaders.removeHeader(b"server")
         request.setHeader(b"content-type", content_type)
         if server:
-            request.setHeader(b"server", b"llama.cpp")
+            request.setHeader(b"server", b"llama.cpp" if server is True else server)
         if length is not None:
             request.setHeader(b"content-length", b"%d" % length)
         for name, value in self.fake.extra_headers:
@@ -300,7 +471,7 @@ class _Exchange:
         if not self.done:
             self.request.finish()
 
-    def send(self, status: int, body: bytes, content_type: bytes, *, server: bool = False) -> None:
+    def send(self, status: int, body: bytes, content_type: bytes, *, server: bool | bytes = False) -> None:
         """Send a complete response with a Content-Length."""
         if self.done:
             return
@@ -313,9 +484,15 @@ class _Exchange:
         self.request.setHeader(b"x-content-type-options", b"nosniff")
         self.send(status, message.encode("utf-8") + b"\n", TEXT_PLAIN)
 
-    def send_json(self, obj: Any) -> None:
+    def send_json(self, obj: Any, status: int = 200) -> None:
         """Send DMR's own JSON (no charset, trailing newline like Go's encoder)."""
-        self.send(200, _dumps(obj) + b"\n", JSON_GO)
+        self.send(status, _dumps(obj) + b"\n", JSON_GO)
+
+    def send_405(self, methods: Sequence[str]) -> None:
+        """Go's ServeMux answer to a known path with a wrong method (HEAD joins GET)."""
+        allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
+        self.request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+        self.send_error(405, "Method Not Allowed")
 
     def abort(self) -> None:
         """Reset the TCP connection at once; not counted as a client disconnect."""
@@ -426,6 +603,26 @@ class _FakeResource(Resource):
         return NOT_DONE_YET
 
 
+@dataclass
+class StoredResponse:
+    """One entry of a fake's Responses API store."""
+
+    response: dict[str, Any]  # the response object as GET returns it
+    input_items: list[dict[str, Any]]  # this request's input, as input_items lists it
+    turn: int  # 1 + the length of the chain it continued
+    expires_at: float  # reactor seconds; retrievable while now <= expires_at
+
+
+@dataclass
+class _RunnerInfo:
+    """What ``/engines/ps`` shows about a runner besides its key."""
+
+    backend: str
+    model: str  # the reference (as sent) of the request that first loaded it
+    last_used: float
+    references: int = 0
+
+
 class FakeDMR:
     """A fake DMR on 127.0.0.1 whose behaviour tests steer through plain attributes.
 
@@ -453,12 +650,52 @@ class FakeDMR:
       (``application/octet-stream``) from a push producer obeying TCP
       backpressure; see ``bytes_produced`` (cumulative) and ``producer_paused``.
     * ``models_status`` / ``models_delay``: for the model list and model get.
+    * ``anthropic_ping``: an Anthropic stream sends a ``ping`` event right after
+      ``content_block_start`` (default False).
+    * ``response_ttl``: seconds (on the fake's reactor clock) a stored Responses
+      API response stays retrievable; DMR's is one hour.
+
+    Routes beyond the seed's (see ``dmr-2026-surface.md``; each model-routed one
+    runs DMR's checks of section 3, honours ``loading_503`` / ``force_status`` /
+    ``load_failure`` / ``cold_load_delay`` / ``header_delay``, and streams obey
+    ``chunk_delay`` / ``hold`` / ``midstream_error`` / ``truncate_stream``):
+
+    * Anthropic: ``POST /engines[/{b}]/v1/messages[/count_tokens]`` (DMR's
+      plain-text errors) and ``POST /anthropic/v1/messages[/count_tokens]``,
+      which first answers Anthropic-shaped 413/400/400/404 errors.  Streams use
+      ``event:`` + ``data:`` framing and no ``[DONE]``; ``midstream_error`` sends
+      ``event: error``.  ``max_tokens`` below the token count truncates
+      (``stop_reason: "max_tokens"``).  Input tokens are the words of ``system``
+      and of every message.
+    * Responses API (``/responses``, ``/v1/responses``, ``/engines[/v1]/responses``,
+      ``/engines/{b}/v1/responses``, plus ``/{id}`` and ``/{id}/input_items``),
+      translated to the fake's chat completion like DMR does.  The generated
+      tokens are ``tokens`` plus one more, ``" [turn N]"``, N being 1 + the number
+      of stored responses reachable through ``previous_response_id`` (DMR's
+      history walk stops at the first missing one), so tests can check chains.
+      ``max_output_tokens`` truncates.  Completed (and, like DMR, failed)
+      responses land in ``stored_responses`` unless ``store`` is false; ``stop()``
+      and ``reset()`` empty it (a restarted DMR forgets).  Engine-side failures
+      come back like DMR wraps them: a ``status: "failed"`` response with
+      ``error.code: "upstream_error"`` and the upstream's status, or, when
+      streaming, a 200 carrying ``error`` + ``response.failed`` events.
+      ``midstream_error`` ends the stream cleanly after two deltas with neither
+      ``response.completed`` nor an error event (DMR drops llama.cpp's in-band
+      error) and stores nothing.
+    * ``POST /engines[/{b}]/rerank`` (llama.cpp; relevance = share of the query's
+      words found in the document), ``…/score`` (vLLM, ``Server: uvicorn``),
+      ``…/v1/images/generations`` (diffusers, ``Server: uvicorn``, a 1x1 PNG).
+    * ``GET /engines/ps``: DMR's ``BackendStatus`` array for warm and loading
+      runners (``model_name`` is the reference that first loaded it; ``in_use``
+      and ``loading`` are omitted when false, like Go's ``omitempty``; an in-use
+      or loading runner has Go's zero ``last_used``).
 
     Recordings: ``requests`` (every request, in arrival order),
-    ``inference_requests``, ``active`` (inference requests in flight),
-    ``disconnects`` (in-flight inference requests the *client* abandoned;
-    connections the fake closes itself are not counted), ``when_request()``
-    and ``when_disconnected()``.
+    ``inference_requests`` (POSTs to model-routed routes, see ``_is_inference``),
+    ``active`` (inference requests in flight), ``disconnects`` (in-flight
+    inference requests the *client* abandoned; connections the fake closes
+    itself are not counted), ``when_request()`` and ``when_disconnected()``;
+    ``stored_responses`` (Responses API store, id -> ``StoredResponse``).
     """
 
     def __init__(
@@ -482,8 +719,10 @@ class FakeDMR:
         self._exchanges: set[_Exchange] = set()
         self._warm: set[Runner] = set()
         self._loads: dict[Runner, tuple[Deferred[None], IDelayedCall]] = {}
+        self._runners: dict[Runner, _RunnerInfo] = {}
         self._request_waiters: list[Deferred[RecordedRequest]] = []
         self._disconnect_waiters: list[tuple[int, Deferred[None]]] = []
+        self.stored_responses: dict[str, StoredResponse] = {}
         self.port = 0
         self.active = 0
         self._set_defaults()
@@ -503,6 +742,8 @@ class FakeDMR:
         self.big_body = 0
         self.models_status = 200
         self.models_delay = 0.0
+        self.anthropic_ping = False
+        self.response_ttl = RESPONSE_TTL
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to every response the fake starts
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
@@ -510,6 +751,8 @@ class FakeDMR:
         self.bytes_produced = 0
         self.producer_paused = False
         self._warm.clear()
+        self._runners = {runner: info for runner, info in self._runners.items() if runner in self._loads}
+        self.stored_responses.clear()
 
     def __repr__(self) -> str:
         return f"<FakeDMR {self.name} {self.url}>"
@@ -550,6 +793,8 @@ class FakeDMR:
             call.cancel()
         self._loads.clear()
         self._warm.clear()
+        self._runners.clear()
+        self.stored_responses.clear()
         if self._channels:
             waiter: Deferred[None] = Deferred()
             self._closed_waiters.append(waiter)
@@ -563,7 +808,7 @@ class FakeDMR:
                 waiter.callback(None)
 
     def reset(self) -> None:
-        """Restore every knob, clear the recordings and counters, make models cold.
+        """Restore every knob, clear the recordings, counters and response store, make models cold.
 
         ``active`` is left alone: it counts requests still in flight.
         """

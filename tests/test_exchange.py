@@ -5,27 +5,25 @@ Everything runs on a :class:`~twisted.internet.task.Clock` with in-memory
 fakes: no sockets, no reactor.  The host is a real
 :class:`~olladmr.proxy.proxy.Proxy` (so :class:`InFlight` and the observers
 are the real ones); only the upstream HTTP client, its responses and the
-client's request are fakes, defined at the top of this module.
+client's request are fakes: the request and the upstream transport from
+:mod:`proxyfakes`, the rest defined at the top of this module.
 """
 
 from __future__ import annotations
 
 import gc
-import io
-import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, cast
 
 import pytest
-from twisted.internet.address import IPv4Address
+from proxyfakes import CHAT_PATH, CLIENT_IP, FakeRequest, FakeUpstreamTransport, connection_lost, sse_event
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -35,7 +33,9 @@ from olladmr.config import parse_config
 from olladmr.config.schema import Config
 from olladmr.failures import UpstreamFailure
 from olladmr.fleet.models import normalise_model
+from olladmr.fleet.responses import ResponseDirectory
 from olladmr.fleet.state import EndpointState, Fleet
+from olladmr.proxy.affinity import ResponseAffinity
 from olladmr.proxy.exchange import MAX_UPSTREAM_HEADER_BYTES, Exchange, Phase
 from olladmr.proxy.proxy import InFlight, Proxy
 from olladmr.proxy.record import (
@@ -51,158 +51,9 @@ from olladmr.proxy.record import (
 )
 
 MODEL = "ai/smollm2"
-CHAT_PATH = b"/engines/v1/chat/completions"
-CLIENT_IP = "192.0.2.7"
 
 
 # --------------------------------------------------------------------------- fakes
-
-
-class FakeClientTransport:
-    """The client connection under a request: records ``abortConnection`` and ``loseConnection``."""
-
-    def __init__(self) -> None:
-        self.aborted = 0
-        self.lost = 0
-
-    def abortConnection(self) -> None:
-        self.aborted += 1
-
-    def loseConnection(self) -> None:
-        self.lost += 1
-
-
-class FakeRequest:
-    """
-    A hand-written stand-in for ``twisted.web.server.Request`` (DummyRequest
-    pulls on producers in a loop and has no channel, transport or content).
-
-    It implements exactly what the exchange, the relay and ``write_error``
-    use -- ``notifyFinish``, ``setResponseCode``, ``responseHeaders``,
-    ``write``, ``finish``, ``finished``, ``registerProducer`` /
-    ``unregisterProducer``, ``getClientAddress``, ``isSecure``,
-    ``requestHeaders``, ``content``, ``uri``, ``channel``, ``transport``,
-    ``defaultContentType`` -- with Twisted's rules for misuse: ``write``
-    after ``finish`` raises, ``finish`` after the connection was lost raises,
-    writes after the connection was lost are dropped (kept in ``dropped``),
-    and registering a second producer raises.  :meth:`lose_client` is
-    ``Request.connectionLost``: channel gone, content closed, every
-    ``notifyFinish`` Deferred errbacked.
-    """
-
-    def __init__(
-        self,
-        body: bytes = b"",
-        uri: bytes = CHAT_PATH,
-        headers: dict[bytes, list[bytes]] | None = None,
-        secure: bool = False,
-    ) -> None:
-        self.uri = uri
-        self.requestHeaders = Headers(headers or {})
-        self.responseHeaders = Headers()
-        self.content = io.BytesIO(body)
-        self.channel: object | None = object()
-        self.transport = FakeClientTransport()
-        self.defaultContentType: bytes | None = b"text/html"
-        self.code = 200
-        self.code_message: bytes | None = None
-        self.written: list[bytes] = []
-        self.dropped: list[bytes] = []
-        self.finished = False
-        self.finish_calls = 0
-        self.producer: object | None = None
-        self.streaming: bool | None = None
-        self.unregistered = 0
-        self._notifications: list[Deferred[None]] = []
-        self._disconnected = False
-        self._secure = secure
-
-    # -- what the proxy uses
-
-    def getClientAddress(self) -> IPv4Address:
-        return IPv4Address("TCP", CLIENT_IP, 51000)
-
-    def isSecure(self) -> bool:
-        return self._secure
-
-    def notifyFinish(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._notifications.append(d)
-        return d
-
-    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
-        assert not self.written, "status set after the body started"
-        self.code = code
-        self.code_message = message
-
-    def write(self, data: bytes) -> None:
-        assert isinstance(data, bytes)
-        if self.finished:
-            raise RuntimeError("Request.write called on a request after Request.finish was called.")
-        if self._disconnected:
-            self.dropped.append(data)
-            return
-        self.written.append(data)
-
-    def finish(self) -> None:
-        self.finish_calls += 1
-        if self._disconnected:
-            raise RuntimeError("Request.finish called on a request after its connection was lost")
-        assert not self.finished, "finish called twice"
-        self.finished = True
-        notifications, self._notifications = self._notifications, []
-        for d in notifications:
-            d.callback(None)
-
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        if self.producer is not None:
-            raise ValueError("a producer is already registered")
-        self.producer = producer
-        self.streaming = streaming
-
-    def unregisterProducer(self) -> None:
-        assert self.channel is not None, "unregisterProducer on a request whose channel is gone"
-        self.producer = None
-        self.unregistered += 1
-
-    # -- what the tests use
-
-    def lose_client(self, reason: Exception | None = None) -> None:
-        """The client's connection is lost (``Request.connectionLost``)."""
-        self._disconnected = True
-        self.channel = None
-        self.content.close()
-        notifications, self._notifications = self._notifications, []
-        for d in notifications:
-            d.errback(Failure(reason or ConnectionDone("client went away")))
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.written)
-
-    def header(self, name: bytes) -> bytes | None:
-        values = self.responseHeaders.getRawHeaders(name)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@implementer(IPushProducer)
-class FakeUpstreamTransport:
-    """The upstream response's transport (a push producer): records every producer call, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pauseProducing")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resumeProducing")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stopProducing")
 
 
 class FakeResponse:
@@ -251,11 +102,6 @@ def json_response(body: bytes, code: int = 200, phrase: bytes = b"OK", **headers
 def sse_response() -> FakeResponse:
     """A 200 event stream of unknown length."""
     return FakeResponse(200, b"OK", {b"content-type": [b"text/event-stream; charset=utf-8"]})
-
-
-def connection_lost() -> ResponseFailed:
-    """What Twisted's client reports when the upstream connection drops mid-body."""
-    return ResponseFailed([Failure(ConnectionLost("upstream went away"))])
 
 
 @dataclass
@@ -400,19 +246,17 @@ def make(*endpoints: dict[str, Any], **proxy: Any) -> Harness:
     client = FakeUpstreamClient()
     inflight = InFlight()
     recorder = Recorder()
-    host = Proxy(fleet, cast(Any, client), clock, config, inflight=inflight, mark_offline=recorder, observers=[recorder])
+    affinity = ResponseAffinity(ResponseDirectory(clock), cast(Any, client), clock)
+    host = Proxy(
+        fleet, cast(Any, client), clock, config, inflight=inflight, responses=affinity, mark_offline=recorder,
+        observers=[recorder],
+    )
     return Harness(clock, config, fleet, client, inflight, recorder, host)
 
 
 def endpoint(name: str, priority: int = 100, **more: Any) -> dict[str, Any]:
     """An endpoint mapping as the config file would hold it."""
     return {"name": name, "url": f"http://{name}.test:1", "priority": priority, **more}
-
-
-def sse_event(payload: bytes) -> dict[str, Any]:
-    """The JSON of one ``data: ...`` SSE event."""
-    assert payload.startswith(b"data: ") and payload.endswith(b"\n\n"), payload
-    return cast(dict[str, Any], json.loads(payload[len(b"data: ") : -2]))
 
 
 @implementer(ILogObserver)

@@ -2,7 +2,7 @@
 Unit tests of :mod:`olladmr.proxy.relay`: :class:`ResponseRelay` driven
 directly (as ``IResponse.deliverBody`` would), :class:`StreamWatch` and
 :class:`UsageTail`, on a :class:`~twisted.internet.task.Clock` with the
-in-memory fakes defined at the top of this module.
+in-memory fakes of :mod:`proxyfakes`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from typing import Any, cast
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer
+from proxyfakes import FakeRequest, FakeUpstreamTransport, connection_lost, sse_event
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from zope.interface import implementer
 
 from olladmr.proxy.record import CLIENT_DISCONNECTED, OK, READ_TIMEOUT, REQUEST_TIMEOUT, UPSTREAM_TRUNCATED
 from olladmr.proxy.relay import ResponseRelay, StreamWatch, UsageTail, parse_usage
@@ -29,93 +28,6 @@ PROPERTY = settings(max_examples=80, deadline=None, derandomize=True, database=N
 
 
 # --------------------------------------------------------------------------- fakes
-
-
-class FakeClientTransport:
-    """The client connection under a request: counts ``abortConnection`` calls."""
-
-    def __init__(self) -> None:
-        self.aborted = 0
-
-    def abortConnection(self) -> None:
-        self.aborted += 1
-
-
-class FakeRequest:
-    """
-    A hand-written stand-in for ``twisted.web.server.Request`` with exactly
-    what :class:`ResponseRelay` uses -- ``write``, ``finish``,
-    ``registerProducer`` / ``unregisterProducer``, ``channel``,
-    ``transport`` -- and Twisted's rules for misuse: ``write`` after
-    ``finish`` raises, ``finish`` after the connection was lost raises,
-    writes after the connection was lost are dropped (kept in ``dropped``).
-    :meth:`lose_client` is ``Request.connectionLost`` (channel set to None).
-    """
-
-    def __init__(self) -> None:
-        self.channel: object | None = object()
-        self.transport = FakeClientTransport()
-        self.written: list[bytes] = []
-        self.dropped: list[bytes] = []
-        self.finished = False
-        self.finish_calls = 0
-        self.producer: object | None = None
-        self.streaming: bool | None = None
-        self.unregistered = 0
-        self._disconnected = False
-
-    def write(self, data: bytes) -> None:
-        assert isinstance(data, bytes)
-        if self.finished:
-            raise RuntimeError("Request.write called on a request after Request.finish was called.")
-        if self._disconnected:
-            self.dropped.append(data)
-            return
-        self.written.append(data)
-
-    def finish(self) -> None:
-        self.finish_calls += 1
-        if self._disconnected:
-            raise RuntimeError("Request.finish called on a request after its connection was lost")
-        assert not self.finished, "finish called twice"
-        self.finished = True
-
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        if self.producer is not None:
-            raise ValueError("a producer is already registered")
-        self.producer = producer
-        self.streaming = streaming
-
-    def unregisterProducer(self) -> None:
-        assert self.channel is not None, "unregisterProducer on a request whose channel is gone"
-        self.producer = None
-        self.unregistered += 1
-
-    def lose_client(self) -> None:
-        """The client's connection is lost."""
-        self._disconnected = True
-        self.channel = None
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.written)
-
-
-@implementer(IPushProducer)
-class FakeUpstreamTransport:
-    """The upstream response's transport (a push producer): records every producer call, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pauseProducing")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resumeProducing")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stopProducing")
 
 
 class Relayed:
@@ -144,17 +56,6 @@ class Relayed:
 
     def end(self, reason: Exception | None = None) -> None:
         self.relay.connectionLost(Failure(reason or ResponseDone()))
-
-
-def connection_lost() -> ResponseFailed:
-    """What Twisted's client reports when the upstream connection drops mid-body."""
-    return ResponseFailed([Failure(ConnectionLost("upstream went away"))])
-
-
-def sse_event(payload: bytes) -> dict[str, Any]:
-    """The JSON of one ``data: ...`` SSE event."""
-    assert payload.startswith(b"data: ") and payload.endswith(b"\n\n"), payload
-    return cast(dict[str, Any], json.loads(payload[len(b"data: ") : -2]))
 
 
 CHUNK_1 = b'data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}\n\n'

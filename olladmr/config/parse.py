@@ -16,12 +16,16 @@ the features (auth, CORS, rate limits, ...) import only the schema.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
+import unicodedata
+from collections import deque
 from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
+from ..names import normalise_model
 from .reader import ConfigError, Section, count, fmt_seconds, parse_duration, parse_size, show_value
 from .schema import (
     BALANCERS,
@@ -48,11 +52,27 @@ from .schema import (
     default_endpoint,
 )
 
-# Keys that Olla understands and olladmr deliberately ignores, per section.
-# They are accepted (so an Olla file loads) and reported as ignored.
+#: The ignored-keys table entry shared by every endpoint (``discovery.static.endpoints[i]``
+#: and the short form's ``endpoints[i]``).
+ENDPOINT_SECTION = "discovery.static.endpoints[]"
+
+# Keys that Olla (v0.0.28: internal/config/types.go, config/config.yaml and
+# docs/content/configuration/reference.md) understands and olladmr has no use
+# for, per section.  They are accepted with any value (so an Olla file loads)
+# and reported in Config.ignored; the daemon warns about them once.  Every
+# other Olla key is honoured (read into the schema); a key neither Olla nor
+# olladmr knows is an error.
 OLLA_IGNORED: dict[str, frozenset[str]] = {
-    "": frozenset({"model_registry", "translators", "engineering", "dashboard", "model_aliases"}),
+    "": frozenset(
+        {
+            "model_registry",  # type, enable_unifier, unification.*, routing_strategy.*: one fixed strategy here
+            "translators",  # translators.anthropic.*: no Anthropic translation in olladmr
+            "engineering",  # show_nerdstats
+            "dashboard",  # newer Olla (after v0.0.28): no dashboard here
+        }
+    ),
     "server": frozenset({"request_logging", "write_timeout"}),
+    "server.rate_limits": frozenset({"per_endpoint"}),  # in Olla's sample file, read by nothing
     "proxy": frozenset(
         {
             "engine",
@@ -61,7 +81,7 @@ OLLA_IGNORED: dict[str, frozenset[str]] = {
             "response_timeout",
             "tls_handshake_timeout",
             "stream_buffer_size",
-            "sticky_sessions",
+            "sticky_sessions",  # enabled, idle_ttl_seconds, max_sessions, key_sources, prefix_hash_bytes
             "max_retries",
             "retry_backoff",
             "retry",
@@ -69,9 +89,44 @@ OLLA_IGNORED: dict[str, frozenset[str]] = {
         }
     ),
     "discovery": frozenset({"refresh_interval", "health_check"}),
-    "discovery.model_discovery": frozenset({"concurrent_workers", "retry_attempts", "retry_backoff"}),
-    "endpoint": frozenset({"preserve_path", "model_filter"}),
+    "discovery.model_discovery": frozenset({"timeout", "concurrent_workers", "retry_attempts", "retry_backoff"}),
+    ENDPOINT_SECTION: frozenset({"preserve_path", "model_filter", "tags"}),  # tags: in Olla's Lemonade guide only
 }
+
+
+# --------------------------------------------------------------------------
+# ${VAR} placeholders (Olla's envresolver syntax, in header and credential values)
+
+_PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
+
+
+def expand_env(value: str, environ: Mapping[str, str], fail: Callable[[str], ConfigError]) -> str:
+    """
+    Replace ``${VAR}`` and ``${VAR:-default}`` in ``value`` from ``environ``.
+
+    As in Olla: no bare ``$VAR``; the default applies when the variable is
+    unset or empty; an unset variable without a default is an error (which
+    names the variable, never the value).
+    """
+    if "${" not in value:
+        return value
+    missing: list[str] = []
+
+    def substitute(match: re.Match[str]) -> str:
+        name, sep, fallback = match.group(1).partition(":-")
+        found = environ.get(name)
+        if found:
+            return found
+        if sep:
+            return fallback
+        if found is None:
+            missing.append(name)
+        return ""
+
+    expanded = _PLACEHOLDER.sub(substitute, value)
+    if missing:
+        raise fail(f"environment variable {missing[0]} is not set (and the ${{...}} placeholder has no :-default)")
+    return expanded
 
 
 # --------------------------------------------------------------------------
@@ -117,7 +172,7 @@ def _parse_path(section: Section, key: str, default: str) -> str:
     return value
 
 
-def _parse_headers(section: Section, key: str) -> tuple[tuple[str, str], ...]:
+def _parse_headers(section: Section, key: str, environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     value = section.raw(key)
     if value is None:
         return ()
@@ -132,48 +187,102 @@ def _parse_headers(section: Section, key: str) -> tuple[tuple[str, str], ...]:
             raise section.error(where, "is managed by olladmr and cannot be set")
         if isinstance(val, bool) or not isinstance(val, (str, int, float)):
             raise section.error(where, f"expected a string, got {show_value(val)}")
-        sval = str(val)
+        sval = expand_env(str(val), environ, lambda problem: section.error(where, problem))
         if any(c in sval for c in "\r\n\x00"):
             raise section.error(where, "must not contain line breaks")
         out.append((name, sval))
     return tuple(out)
 
 
-def _parse_outbound_auth(parent: Section, environ: Mapping[str, str]) -> bytes | None:
-    """``auth: {type: bearer, token | token_file | token_env}`` -> the Authorization header value."""
+AUTH_TYPES = ("bearer", "api_key", "basic")
+#: Credential keys by auth type, each a group of alternatives of which exactly one is given.
+_AUTH_SOURCES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "bearer": (("token", "token_file", "token_env"),),
+    "api_key": (("key", "key_file"),),
+    "basic": (("username", "username_file"), ("password", "password_file")),
+}
+_AUTH_KEYS = ("token", "token_file", "token_env", "key", "key_file", "username", "username_file", "password", "password_file")
+
+
+def _credential(sec: Section, group: tuple[str, ...], environ: Mapping[str, str]) -> tuple[str, str]:
+    """The one credential of ``group`` that is given, resolved: (key it came from, value)."""
+    given = [key for key in group if sec.has(key)]
+    if len(given) != 1:
+        choices = ", ".join(group[:-1]) + f" or {group[-1]}"
+        raise sec.error(group[0], f"give exactly one of {choices}")
+    source = given[0]
+    value = sec.string(source, "")
+    if source.endswith("_file"):
+        try:
+            with open(value, encoding="utf-8") as handle:
+                text = handle.read().strip()
+        except OSError as exc:
+            raise sec.error(source, f"cannot read {value}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise sec.error(source, f"{value} is not UTF-8 text") from None
+    elif source.endswith("_env"):
+        text = environ.get(value, "").strip()
+        if not text:
+            raise sec.error(source, f"environment variable {value} is not set or empty")
+    else:
+        text = expand_env(value, environ, lambda problem: sec.error(source, problem)).strip()
+    if not text or any(c in text for c in "\r\n\x00"):
+        raise sec.error(source, f"the {source.partition('_')[0]} is empty or contains line breaks")
+    return source, text
+
+
+def _parse_outbound_auth(parent: Section, environ: Mapping[str, str]) -> tuple[str, bytes] | None:
+    """
+    ``auth:`` -> (header name, header value) for every upstream request, as in Olla:
+    ``bearer`` (token | token_file | token_env) -> ``Authorization: Bearer ...``;
+    ``api_key`` (key | key_file, header: X-Api-Key) -> ``X-Api-Key: ...``;
+    ``basic`` (username | username_file, password | password_file) -> ``Authorization: Basic ...``.
+    Inline values may use ``${VAR}`` / ``${VAR:-default}``; files are read now
+    (again on each reload).  Errors never echo a credential.
+    """
     if not parent.has("auth"):
         parent.raw("auth")
         return None
-    sec = parent.section("auth", "endpoint.auth")
-    kind = sec.choice("type", "bearer", ("bearer",))
-    sources = [key for key in ("token", "token_file", "token_env") if sec.has(key)]
-    if len(sources) != 1:
-        raise sec.error("token", "give exactly one of token, token_file or token_env")
-    source = sources[0]
-    value = sec.string(source, "")
-    if source == "token_file":
-        try:
-            with open(value, encoding="utf-8") as handle:
-                token = handle.read().strip()
-        except OSError as exc:
-            raise sec.error(source, f"cannot read {value}: {exc.strerror or exc}") from None
-    elif source == "token_env":
-        token = environ.get(value, "").strip()
-        if not token:
-            raise sec.error(source, f"environment variable {value} is not set or empty")
+    sec = parent.section("auth", f"{ENDPOINT_SECTION}.auth")
+    kind = sec.choice("type", "bearer", AUTH_TYPES)
+    groups = _AUTH_SOURCES[kind]
+    allowed = {key for group in groups for key in group}
+    for key in _AUTH_KEYS:
+        if key not in allowed and sec.has(key):
+            raise sec.error(key, f"does not apply to auth type {kind}")
+    if kind != "api_key":
+        if sec.has("header"):
+            raise sec.error("header", f"does not apply to auth type {kind} (only to api_key)")
+        sec.raw("header")
+    for key in _AUTH_KEYS:
+        sec.raw(key)  # the null ones
+    resolved = [_credential(sec, group, environ) for group in groups]
+    header = "authorization"
+    if kind == "bearer":
+        source, token = resolved[0]
+        if " " in token:
+            raise sec.error(source, "the token contains spaces")
+        value = "Bearer " + token
+    elif kind == "api_key":
+        header = sec.string("header", "X-Api-Key").strip()
+        if not _HEADER_NAME.match(header):
+            raise sec.error("header", f"expected a header name such as \"X-Api-Key\", got {show_value(header)}")
+        if header.lower() in _RESERVED_HEADERS or header.lower().startswith(("x-olla-", "proxy-")):
+            raise sec.error("header", "is managed by olladmr and cannot be set")
+        value = resolved[0][1]
     else:
-        token = value.strip()
-    if not token or any(c in token for c in "\r\n\x00 "):
-        raise sec.error(source, "the token is empty or contains spaces or line breaks")
+        (user_source, user), (_, password) = resolved
+        if ":" in user:
+            raise sec.error(user_source, 'the username must not contain ":"')
+        value = "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
     sec.finish()
-    assert kind == "bearer"
-    return b"Bearer " + token.encode("utf-8")
+    return header, value.encode("utf-8")
 
 
 def _parse_endpoint(parent: Section, item: object, path: str, environ: Mapping[str, str]) -> EndpointConfig:
     if not isinstance(item, dict):
         raise ConfigError(parent.source, path, f"expected a mapping with at least a url, got {show_value(item)}")
-    sec = parent.item(item, path, "endpoint")
+    sec = parent.item(item, path, ENDPOINT_SECTION)
     url = _parse_url(sec, "url")
     default_name = urlsplit(url).netloc
     name = sec.string("name", default_name).strip()
@@ -189,6 +298,7 @@ def _parse_endpoint(parent: Section, item: object, path: str, environ: Mapping[s
             "check_timeout",
             f"must not be longer than check_interval ({fmt_seconds(check_interval)}), got {show_value(sec.raw('check_timeout'))}",
         )
+    auth = _parse_outbound_auth(sec, environ)
     endpoint = EndpointConfig(
         name=name,
         url=url,
@@ -198,12 +308,13 @@ def _parse_endpoint(parent: Section, item: object, path: str, environ: Mapping[s
         health_check_url=_parse_path(sec, "health_check_url", DEFAULT_MODELS_PATH),
         check_interval=check_interval,
         check_timeout=check_timeout,
-        headers=_parse_headers(sec, "headers"),
+        headers=_parse_headers(sec, "headers", environ),
         max_concurrent=sec.integer("max_concurrent", 0, minimum=0),
         queue_size=sec.integer("queue_size", 64, minimum=0),
         queue_timeout=sec.duration("queue_timeout", 30.0),
         forward_client_auth=sec.boolean("forward_client_auth", False),
-        auth_header=_parse_outbound_auth(sec, environ),
+        auth_header=None if auth is None else auth[1],
+        auth_header_name="authorization" if auth is None else auth[0],
     )
     sec.finish()
     return endpoint
@@ -295,9 +406,9 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
     endpoints = _parse_endpoints(static, static.sequence("endpoints"), "discovery.static.endpoints", environ)
     static.finish()
     md = disc.section("model_discovery", "discovery.model_discovery")
-    md.boolean("enabled", True)
+    if not md.boolean("enabled", True):
+        md.report_ignored("enabled")  # olladmr always learns each endpoint's models
     model_discovery_interval = md.duration("interval", 300.0, minimum=1.0)
-    md.duration("timeout", 30.0)
     md.finish()
     disc.finish()
 
@@ -314,9 +425,13 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
     )
     if log.has("output"):
         output = log.string("output", "stdout")
-        if output not in ("stdout", "stderr"):
-            raise log.error("output", f'expected stdout or stderr, got {show_value(output)}')
+        if output not in ("stdout", "stderr", "file"):
+            raise log.error("output", f"expected stdout, stderr or file, got {show_value(output)}")
+        if output != "stdout":
+            log.report_ignored("output")  # olladmr logs to stdout (twistd's --logfile/--logger redirect it)
     log.finish()
+
+    model_aliases = parse_model_aliases(top, "model_aliases")
 
     top.finish()
     if not endpoints:
@@ -327,6 +442,7 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         endpoints=endpoints,
         logging=logging,
         model_discovery_interval=model_discovery_interval,
+        model_aliases=model_aliases,
         source=source,
         ignored=tuple(sink),
     )
@@ -474,7 +590,8 @@ def parse_cors(section: Section) -> CorsConfig:
     origins = tuple(dict.fromkeys(_origin(section, i, item) for i, item in enumerate(section.sequence("allowed_origins"))))
     methods = tuple(m.upper() for m in _strings(section, "allowed_methods", DEFAULT_CORS_METHODS, _TOKEN, "an HTTP method"))
     headers = _strings(section, "allowed_headers", DEFAULT_CORS_HEADERS, _TOKEN, "a header name")
-    exposed = _strings(section, "exposed_headers", DEFAULT_EXPOSED_HEADERS, _TOKEN, "a header name")
+    # As in Olla, an empty list means the default: expose the X-Olla-* headers.
+    exposed = _strings(section, "exposed_headers", DEFAULT_EXPOSED_HEADERS, _TOKEN, "a header name") or DEFAULT_EXPOSED_HEADERS
     credentials = section.boolean("allow_credentials", False)
     max_age = section.get("max_age", 600, _max_age, 'a number of seconds or a duration such as "10m"')
     if credentials and "*" in origins:
@@ -549,3 +666,141 @@ def parse_rate_limits(section: Section) -> RateLimitConfig:
     )
 
 
+# --------------------------------------------------------------------------
+# model_aliases
+
+MAX_MODEL_NAME = 512
+
+
+def _shown_alias(alias: str) -> str:
+    """An alias as it appears in a key path: cut short if very long."""
+    return alias if len(alias) <= 64 else alias[:64] + "..."
+
+
+def _model_name_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as an alias or model name, or ``None``."""
+    if not isinstance(value, str):
+        return f"expected a model name (a string), got {show_value(value)}"
+    if not value.strip():
+        return "is empty"
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        return "must not contain control characters"
+    if value != value.strip():
+        return f"has leading or trailing spaces: {show_value(value)}"
+    if len(value) > MAX_MODEL_NAME:
+        return f"is longer than {MAX_MODEL_NAME} characters ({len(value)})"
+    return None
+
+
+def parse_model_aliases(parent: Section, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """
+    Read Olla's ``model_aliases: {alias: [real model, ...]}`` into ordered pairs.
+
+    Names are kept as written; they are compared the way DMR compares model
+    names (:func:`olladmr.names.normalise_model`: ``smollm2`` is
+    ``ai/smollm2:latest``).  Refused, each as ``model_aliases.<alias>: ...``:
+    an empty, over-long or control-character name; an empty target list;
+    the same model twice in one alias; two aliases that are the same name;
+    an alias that is itself the target of an alias (its own: it would hide
+    the real model; another's: a chain or a cycle).
+    """
+    raw = parent.raw(key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise parent.error(key, f"expected a mapping of alias names to lists of model names, got {show_value(raw)}")
+    base = parent.key_path(key)
+    source = parent.source
+    aliases: list[tuple[str, tuple[str, ...]]] = []
+    keys: dict[str, str] = {}  # normalised alias -> alias as written
+    for alias, targets in raw.items():
+        if isinstance(alias, str) and alias.strip():
+            where = f"{base}.{_shown_alias(alias)}"
+        else:
+            where = base
+        if not isinstance(alias, str):
+            raise ConfigError(source, base, f"alias names must be strings, got {show_value(alias)}")
+        problem = _model_name_problem(alias)
+        if problem is not None:
+            raise ConfigError(source, where, "an alias name is empty" if where == base else problem)
+        normal = normalise_model(alias)
+        if normal in keys:
+            raise ConfigError(
+                source, where, f'is the same alias as "{_shown_alias(keys[normal])}" (both are model "{normal}")'
+            )
+        keys[normal] = alias
+        if not isinstance(targets, list):
+            raise ConfigError(source, where, f"expected a list of model names, got {show_value(targets)}")
+        if not targets:
+            raise ConfigError(source, where, "lists no models; give at least one real model name")
+        seen: dict[str, int] = {}
+        for index, target in enumerate(targets):
+            problem = _model_name_problem(target)
+            if problem is not None:
+                raise ConfigError(source, f"{where}[{index}]", problem)
+            assert isinstance(target, str)
+            model = normalise_model(target)
+            if model in seen:
+                raise ConfigError(
+                    source,
+                    f"{where}[{index}]",
+                    f'"{target}" is listed twice (the same model as [{seen[model]}] "{targets[seen[model]]}")',
+                )
+            seen[model] = index
+        aliases.append((alias, tuple(targets)))
+    _check_alias_targets(source, base, aliases, keys)
+    return tuple(aliases)
+
+
+def _check_alias_targets(
+    source: str, base: str, aliases: list[tuple[str, tuple[str, ...]]], keys: Mapping[str, str]
+) -> None:
+    """No alias may be the target of an alias: not its own (it names a real model) nor another's (a chain or cycle)."""
+    targets = {alias: [normalise_model(t) for t in models] for alias, models in aliases}
+    for alias, models in aliases:
+        where = f"{base}.{_shown_alias(alias)}"
+        own = normalise_model(alias)
+        for index, model in enumerate(targets[alias]):
+            if model == own:
+                raise ConfigError(
+                    source,
+                    where,
+                    f'names an existing model: it lists itself ([{index}] "{models[index]}"); '
+                    "an alias must be a new name, or requests for the real model would be rerouted",
+                )
+        for index, model in enumerate(targets[alias]):
+            if model not in keys:
+                continue
+            other = keys[model]
+            cycle = _alias_cycle(alias, other, targets, keys)
+            if cycle is not None:
+                problem = "forms a cycle: " + " -> ".join(_shown_alias(a) for a in cycle)
+            else:
+                problem = (
+                    f'[{index}] "{models[index]}" is itself an alias ({base}.{_shown_alias(other)}); '
+                    "aliases must list real model names, not other aliases"
+                )
+            raise ConfigError(source, where, problem)
+
+
+def _alias_cycle(
+    start: str, first: str, targets: Mapping[str, list[str]], keys: Mapping[str, str]
+) -> list[str] | None:
+    """The aliases ``start -> first -> ... -> start`` if following alias targets from ``first`` leads back."""
+    reached_from: dict[str, str] = {first: start}
+    queue = deque([first])
+    while queue:  # breadth-first, so the cycle reported is a shortest one
+        current = queue.popleft()
+        for model in targets[current]:
+            nxt = keys.get(model)
+            if nxt is None:
+                continue
+            if nxt == start:
+                chain = [current]
+                while chain[-1] != first:
+                    chain.append(reached_from[chain[-1]])
+                return [start, *reversed(chain), start]
+            if nxt not in reached_from:
+                reached_from[nxt] = current
+                queue.append(nxt)
+    return None

@@ -278,6 +278,11 @@ class Section:
             raise self.error(key, f"expected a list, got {show_value(value)}")
         return value
 
+    def report_ignored(self, key: str) -> None:
+        """Mark ``key`` as read and report it as accepted but not used (for value-dependent cases)."""
+        self._used.add(key)
+        self.sink.append(self.key_path(key))
+
     def finish(self) -> None:
         """Fail on unknown keys; record the accepted-but-ignored ones in the sink."""
         for key in self._data:

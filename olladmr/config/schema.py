@@ -62,13 +62,14 @@ class EndpointConfig:
     queue_timeout: float = 30.0
     forward_client_auth: bool = False
     auth_header: bytes | None = field(default=None, repr=False)  # outbound credentials: never shown
+    auth_header_name: str = "authorization"  # X-Api-Key (or as configured) for auth type api_key
 
     @cached_property
     def encoded_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """The headers added to every upstream request (configured ones, then outbound auth)."""
         out = tuple((name.encode(), value.encode()) for name, value in self.headers)
         if self.auth_header is not None:
-            out += ((b"authorization", self.auth_header),)
+            out += ((self.auth_header_name.lower().encode(), self.auth_header),)
         return out
 
     @property
@@ -201,6 +202,8 @@ class Config:
     endpoints: tuple[EndpointConfig, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     model_discovery_interval: float = 300.0
+    #: ``model_aliases``: (alias, (real model, ...)) pairs, in file order, names as written.
+    model_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str = "<built-in defaults>"
     ignored: tuple[str, ...] = ()
 
@@ -210,6 +213,10 @@ class Config:
             if ep.name == name:
                 return ep
         return None
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """``model_aliases`` as a mapping from each alias (as written) to its real model names, in order."""
+        return dict(self.model_aliases)
 
 
 def default_endpoint() -> EndpointConfig:

@@ -52,6 +52,8 @@ class Admission:
 
 #: The admission of every request while the gate has nothing to check.
 OPEN = Admission()
+#: What a request carries before the gate has seen it: no credentials go upstream.
+CLOSED = Admission(forward_credentials=False)
 
 
 class Gate:

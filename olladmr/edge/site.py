@@ -27,6 +27,7 @@ from twisted.web.resource import IResource
 from ..config.schema import Config, ServerConfig
 from ..errors import error_body
 from ..proxy.headers import client_request_id
+from .gate import CLOSED, Admission
 
 log = Logger()
 
@@ -204,11 +205,16 @@ class OllaChannel(HTTPChannel):
 
 
 class OllaRequest(server.Request):
-    """A request that carries ``request_id``, ``arrived``, ``body_too_large`` and whether it was ``proxied``."""
+    """
+    A request that carries ``request_id``, ``arrived``, ``body_too_large``,
+    whether it was ``proxied``, and the gate's ``admission`` (recorded by
+    the front door before any route runs; until then nothing is allowed).
+    """
 
     request_id: str = "-"
     body_too_large = False
     proxied = False
+    admission: Admission = CLOSED
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)

@@ -10,9 +10,10 @@ decision and reason reported in ``X-Olla-Routing-*`` headers) or a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ClientError, not_found, unavailable
+from .aliases import Alias
 from .state import EndpointState, Fleet
 
 STRATEGY = "model-aware"
@@ -26,6 +27,7 @@ class RoutingDecision:
     decision: str
     reason: str
     strategy: str = STRATEGY
+    names: dict[str, str] = field(default_factory=dict)  # for an alias: endpoint -> the real model id it lists
 
     def headers(self) -> dict[bytes, bytes]:
         return {
@@ -53,8 +55,12 @@ def _describe(ep: EndpointState) -> str:
     return f"{ep.name} {ep.status} ({ep.status_reason})"
 
 
-def route(fleet: Fleet, model: str | None, model_key: str | None) -> RoutingDecision:
-    """Choose candidates for ``model`` (``None`` for model-less requests)."""
+def route(fleet: Fleet, model: str | None, model_key: str | None, alias: Alias | None = None) -> RoutingDecision:
+    """Choose candidates for ``model`` (``None`` for model-less requests), resolving an alias first."""
+    if alias is not None:
+        decision = _route_alias(fleet, alias)
+        if decision is not None:
+            return decision
     everyone = list(fleet)
     routable = [ep for ep in everyone if ep.routable]
     if model_key is not None:
@@ -92,3 +98,21 @@ def route(fleet: Fleet, model: str | None, model_key: str | None) -> RoutingDeci
         unavailable(f"no DMR endpoint is available: {detail}", "no_endpoints_available", _retry_after(everyone)),
         "no_endpoints_available",
     )
+
+
+def _route_alias(fleet: Fleet, alias: Alias) -> RoutingDecision | None:
+    """Every routable endpoint that lists one of the alias's models, with the name it lists (first in alias order)."""
+    candidates: list[EndpointState] = []
+    names: dict[str, str] = {}
+    for ep in fleet:
+        if not ep.routable:
+            continue
+        for key in alias.keys:
+            listed = ep.listed_name(key)
+            if listed is not None:
+                candidates.append(ep)
+                names[ep.name] = listed
+                break
+    if not candidates:
+        return None  # route the alias's own name (an endpoint may list a model of that name), or fail as usual
+    return RoutingDecision(candidates, "routed", "alias", names=names)

@@ -114,6 +114,15 @@ class EndpointState:
     def has_model(self, key: str) -> bool:
         return key in self.model_keys
 
+    def listed_name(self, key: str) -> str | None:
+        """The model id this endpoint lists for routing key ``key`` (as it spells it), if it lists it."""
+        if key not in self.model_keys:
+            return None
+        for model in self.models:
+            if normalise_model(str(model["id"])) == key:
+                return str(model["id"])
+        return None
+
     def set_models(self, models: list[dict[str, object]]) -> None:
         self.models = models
         self.model_keys = frozenset(normalise_model(str(m["id"])) for m in models)

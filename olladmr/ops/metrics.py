@@ -105,7 +105,13 @@ class ModelStats:
 class Metrics:
     """Owns the registry, the request metrics, the per-model statistics and the running totals."""
 
-    def __init__(self, fleet: Fleet, clock: IReactorTime, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        clock: IReactorTime,
+        in_flight: Callable[[], int],
+        response_entries: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.fleet = fleet
         self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
@@ -136,6 +142,15 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10), registry=r,
         )
         self.reloads = Counter("olladmr_config_reloads", "configuration reloads", ["result"], registry=r)
+        self.response_probes = Histogram(
+            "olladmr_response_probe_duration_seconds",
+            "looking for the endpoint that holds a stored Responses API answer, by result (found, missing, failed)",
+            ["result"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r,
+        )
+        Gauge(
+            "olladmr_response_affinity_entries", "Responses API answers whose endpoint this instance remembers",
+            registry=r,
+        ).set_function(response_entries)
         self.config_loaded = Gauge(
             "olladmr_config_loaded_timestamp_seconds", "when the running configuration was loaded", registry=r
         )
@@ -199,6 +214,10 @@ class Metrics:
     def health_checks_observe(self, endpoint: str, result: str, seconds: float) -> None:
         """A health check of ``endpoint`` ended with ``result`` after ``seconds``."""
         self.health_checks.labels(endpoint, result).observe(seconds)
+
+    def probe_observed(self, result: str, seconds: float) -> None:
+        """A response-owner probe ended with ``result`` after ``seconds``."""
+        self.response_probes.labels(result).observe(seconds)
 
     def reload_observed(self, ok: bool) -> None:
         """A configuration reload succeeded (``ok``) or was refused."""

@@ -96,6 +96,39 @@ class StatusReport:
         others = {name: stats.summary(name) for name in stats.requests if name not in known}
         return {"models": models, "total_models": listing["total"], "unlisted": others}
 
+    def model_stats(self) -> dict[str, Any]:
+        """``/internal/stats/models`` (Olla's route): per-model requests, success rate and latency percentiles."""
+        stats = self._metrics.model_stats
+        models = []
+        for name, total in sorted(stats.requests.items(), key=lambda item: -item[1]):
+            summary = stats.summary(name)
+            failed = summary["failures"]
+            latency = summary["latency_ms"]
+            models.append(
+                {
+                    "name": name,
+                    "total_requests": total,
+                    "successful_requests": total - failed,
+                    "failed_requests": failed,
+                    "success_rate": round((total - failed) / total, 4) if total else None,
+                    "p50_latency_ms": latency["p50"],
+                    "p95_latency_ms": latency["p95"],
+                    "p99_latency_ms": latency["p99"],
+                }
+            )
+        total = sum(stats.requests.values())
+        failed = sum(stats.failures.values())
+        return {
+            "timestamp": self._lifecycle.uptime() + self._lifecycle.started_at,
+            "models": models,
+            "summary": {
+                "total_models": len(models),
+                "total_requests": total,
+                "overall_success_rate": round((total - failed) / total, 4) if total else None,
+                "most_popular_model": models[0]["name"] if models else None,
+            },
+        }
+
     def service(self) -> dict[str, Any]:
         """``/internal/status``."""
         life = self._lifecycle

@@ -8,7 +8,9 @@ An :class:`Exchange` is an explicit state machine over :class:`Phase`::
                   +-- failover +-----------+   (nothing sent to the client yet)
 
 * ROUTING: the router gave candidates; the balancer picks one and a
-  concurrency slot is taken (QUEUED while waiting for one).
+  concurrency slot is taken (QUEUED while waiting for one).  A request
+  about a stored Responses API answer is first bound to the endpoint that
+  holds it (LOCATING while the owner is probed for), and never leaves it.
 * SENDING: the request is out; waiting for the upstream's headers.  A
   failure that cannot have started work upstream (refused, unreachable,
   connect timeout) goes back to ROUTING for another endpoint; a reset on a
@@ -34,20 +36,22 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
 from ..bodies import read_body
 from ..config.schema import Config
-from ..errors import ClientError, bad_gateway, gateway_timeout, unavailable, write_error
+from ..errors import ANTHROPIC, OPENAI, ClientError, bad_gateway, gateway_timeout, unavailable, write_error
 from ..failures import HEADER_TIMEOUT, UpstreamFailure
 from ..fleet.balancer import Balancer
 from ..fleet.routing import RoutingDecision, route
 from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout
 from .headers import add_response_headers, copy_response_headers, upstream_request_headers
 from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
-from .relay import ResponseRelay, StreamWatch, UsageTail
-from .upstream import UpstreamClient, body_producer
+from .affinity import ResponseAffinity
+from .relay import ANTHROPIC_STREAM, OPENAI_STREAM, RESPONSES_STREAM, ResponseIdSniffer, ResponseRelay, StreamWatch, UsageTail
+from .rewrite import rewrite_model
+from .upstream import BytesProducer, UpstreamClient, body_producer
 
 log = Logger()
 
@@ -56,12 +60,14 @@ LOADING_MARKER = b"Loading model"
 MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
 MAX_503_BODY = 64 * 1024
 _SSE = b"text/event-stream"
+_STREAMS = {"anthropic": ANTHROPIC_STREAM, "responses": RESPONSES_STREAM}
 
 
 class Phase(enum.Enum):
     """Where an exchange is; see the module docstring."""
 
     ROUTING = "routing"
+    LOCATING = "locating"
     QUEUED = "queued"
     SENDING = "sending"
     CHECKING = "checking"
@@ -77,6 +83,7 @@ class ExchangeHost(TypingProtocol):
     clock: IReactorTime
     config: Config
     balancer: Balancer
+    responses: ResponseAffinity
 
     def mark_offline(self, endpoint: EndpointState, reason: str) -> None: ...
 
@@ -117,7 +124,7 @@ class Exchange:
     def start(self) -> None:
         """Route the request and make the first attempt."""
         try:
-            self.decision = route(self.host.fleet, self.call.model, self.call.model_key)
+            self.decision = route(self.host.fleet, self.call.model, self.call.model_key, self.call.alias)
         except ClientError as error:
             self._fail(error)
             return
@@ -127,6 +134,9 @@ class Exchange:
         total = self.config.proxy.request_timeout
         if total > 0:
             self._deadline = self.host.clock.callLater(total, self._request_timed_out)
+        if self.call.response_id is not None:
+            self._bind_response(self.call.response_id)
+            return
         self._next()
 
     def abort(self) -> None:
@@ -155,6 +165,52 @@ class Exchange:
             ),
             outcome=REQUEST_TIMEOUT,
         )
+
+    # -- LOCATING: a stored response's owner
+
+    def _bind_response(self, response_id: str) -> None:
+        affinity = self.host.responses
+        owner = affinity.owner(response_id)
+        if owner is not None:
+            endpoint = self.host.fleet.get(owner)
+            if endpoint is None:  # it left the configuration: whoever still has the answer must say so
+                affinity.forget(response_id)
+            elif not endpoint.routable:
+                self._fail(
+                    unavailable(
+                        f"response {response_id} is held by endpoint {owner}, which is not available now "
+                        f"({endpoint.status}: {endpoint.status_reason}); only it can continue this conversation",
+                        "response_endpoint_unavailable",
+                        max(1, int(endpoint.breaker.retry_after() or endpoint.config.check_interval)),
+                    )
+                )
+                return
+            else:
+                self._pin(endpoint, "response_affinity")
+                return
+        self.phase = Phase.LOCATING
+        d = affinity.locate(response_id, [ep for ep in self.remaining if ep.routable])
+        self._pending = d
+        d.addCallbacks(self._located, self._locate_failed)
+
+    def _located(self, endpoint: EndpointState | None) -> None:
+        self._pending = None
+        if self.phase is Phase.DONE:
+            return
+        if endpoint is None or not endpoint.routable:
+            self._next()  # nobody holds it: the endpoint chosen answers DMR's own "not found"
+            return
+        self._pin(endpoint, "response_located")
+
+    def _locate_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self.phase is not Phase.DONE and not failure.check(CancelledError):
+            self._next()
+
+    def _pin(self, endpoint: EndpointState, reason: str) -> None:
+        self.decision = RoutingDecision([endpoint], "routed", reason)
+        self.remaining = [endpoint]
+        self._next()
 
     # -- ROUTING and QUEUED
 
@@ -230,9 +286,15 @@ class Exchange:
             forward_credentials=config.forward_client_auth and self.call.forward_credentials,
         )
         url = config.url.encode() + self.call.upstream_path
-        d = self.host.client.request(
-            endpoint.name, self.call.method, url, headers, body_producer(request.content), fresh=fresh
-        )
+        real = self.decision.names.get(endpoint.name) if self.decision is not None else None
+        body: IBodyProducer | None
+        if real is not None and request.content is not None:  # a model alias: this endpoint's name for it
+            request.content.seek(0)
+            body = BytesProducer(rewrite_model(request.content.read(), real))
+            self.record.model = real
+        else:
+            body = body_producer(request.content)
+        d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh)
         self._pending = d
         d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
 
@@ -359,7 +421,11 @@ class Exchange:
         setter = out.setRawHeaders
         setter(b"x-olla-endpoint", [endpoint.name.encode()])
         setter(b"x-olla-backend-type", [BACKEND_TYPE])
-        if self.call.model is not None:
+        real = self.decision.names.get(endpoint.name) if self.decision is not None else None
+        if real is not None:
+            setter(b"x-olla-model", [real.encode("utf-8", "replace")])
+            setter(b"x-olla-model-alias", [(self.call.model or "").encode("utf-8", "replace")])
+        elif self.call.model is not None:
             setter(b"x-olla-model", [self.call.model.encode("utf-8", "replace")])
         setter(b"x-olla-response-time", [b"%dms" % round((now - self.call.arrived) * 1000)])
         if self.decision is not None:
@@ -375,14 +441,16 @@ class Exchange:
     def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
         is_sse = self._start_response(response, endpoint)
+        api = self.call.api
         relay = ResponseRelay(
             self.request,
             self.host.clock,
             self.config.proxy.read_timeout,
-            StreamWatch() if is_sse else None,
+            StreamWatch(_STREAMS.get(api, OPENAI_STREAM)) if is_sse else None,
             self._relay_done,
             endpoint.name,
-            UsageTail() if response.code < 300 and self.call.model is not None else None,
+            UsageTail(head=api == "anthropic") if response.code < 300 and self.call.model is not None else None,
+            ResponseIdSniffer() if self.call.capture_response and response.code == 200 else None,
         )
         self.record.streamed = is_sse
         self._relay = relay
@@ -396,6 +464,10 @@ class Exchange:
             self.record.first_byte_at = relay.first_byte_at
             if relay.usage is not None:
                 self.record.usage = relay.usage.usage()
+            if outcome == OK and relay.sniffer is not None and relay.sniffer.found and self.record.endpoint:
+                self.host.responses.remember(relay.sniffer.found, self.record.endpoint)
+        if outcome == OK and self.call.forget_response and self.call.response_id and self.record.status == 200:
+            self.host.responses.forget(self.call.response_id)
         self._complete(outcome)
 
     # -- DONE
@@ -431,7 +503,7 @@ class Exchange:
                 error.headers.setdefault(name, value)
         self.record.status = error.status
         self.record.error = error.message
-        write_error(self.request, error)
+        write_error(self.request, error, ANTHROPIC if self.call.api == "anthropic" else OPENAI)
         self._complete(outcome or (UPSTREAM_ERROR if error.status in (502, 504) else REJECTED))
 
     def _complete(self, outcome: str) -> None:

@@ -22,6 +22,7 @@ from twisted.web.server import Request
 from ..config.schema import Config
 from ..fleet.balancer import Balancer, make_balancer
 from ..fleet.state import EndpointState, Fleet
+from .affinity import ResponseAffinity
 from .exchange import Exchange
 from .record import ExchangeRecord, ProxyCall
 from .upstream import UpstreamClient
@@ -78,7 +79,7 @@ class InFlight:
 
 
 class Proxy:
-    """Owns the balancer and what exchanges share: fleet, upstream client, clock, configuration, observers."""
+    """Owns the balancer and what exchanges share: fleet, upstream client, clock, configuration, response affinity, observers."""
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class Proxy:
         config: Config,
         *,
         inflight: InFlight,
+        responses: ResponseAffinity,
         mark_offline: Callable[[EndpointState, str], None],
         observers: Sequence[ExchangeObserver] = (),
     ) -> None:
@@ -96,6 +98,7 @@ class Proxy:
         self.clock = clock
         self.config = config
         self.inflight = inflight
+        self.responses = responses
         self._mark_offline = mark_offline
         self._observers = tuple(observers)
         self.balancer: Balancer = make_balancer(config.proxy.load_balancer)

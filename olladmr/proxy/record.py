@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..fleet.aliases import Alias
+
 OK = "ok"
 CLIENT_DISCONNECTED = "client_disconnected"
 UPSTREAM_TRUNCATED = "upstream_truncated"
@@ -37,6 +39,11 @@ class ProxyCall:
     request_id: str = "-"
     response_headers: dict[bytes, bytes] = field(default_factory=lambda: _NO_HEADERS)  # the gate's (rate limits, CORS)
     forward_credentials: bool = True  # False while olladmr checks API keys itself
+    api: str = "openai"  # "openai", "anthropic" or "responses": error shapes and how its streams end
+    alias: Alias | None = None  # the model is an alias of these real models
+    response_id: str | None = None  # bound to the endpoint holding this stored Responses API answer
+    capture_response: bool = False  # a Responses API create: remember where its answer is stored
+    forget_response: bool = False  # a DELETE of response_id: forget it once deleted
 
 
 @dataclass

@@ -14,7 +14,8 @@ connection for everything else -- never a synthesised ``[DONE]``.
 from __future__ import annotations
 
 import json
-from typing import Callable, cast
+import re
+from typing import Callable, NamedTuple, cast
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
@@ -29,29 +30,61 @@ from .record import CLIENT_DISCONNECTED, OK, READ_TIMEOUT, REQUEST_TIMEOUT, UPST
 log = Logger()
 
 
+class StreamDialect(NamedTuple):
+    """How one API's event streams end: the markers of a clean end, of a finished answer and of an in-band error."""
+
+    name: str
+    done: tuple[bytes, ...]
+    finished: tuple[bytes, ...]
+    errors: tuple[bytes, ...]
+
+
+#: OpenAI chat/completions streams: ``data: [DONE]``, a non-null ``finish_reason``, ``data: {"error"...}``.
+OPENAI_STREAM = StreamDialect(
+    "openai",
+    (b"data: [DONE]",),
+    (b'"finish_reason":"', b'"finish_reason": "'),
+    (b'data: {"error"', b'data:{"error"'),
+)
+#: Anthropic Messages streams end with ``message_stop``; failures are ``event: error``.
+ANTHROPIC_STREAM = StreamDialect("anthropic", (b"event: message_stop",), (), (b"event: error",))
+#: Responses API streams end with ``response.completed`` (or ``.incomplete``); failures are ``.failed`` or ``error``.
+RESPONSES_STREAM = StreamDialect(
+    "responses",
+    (b"event: response.completed", b"event: response.incomplete"),
+    (),
+    (b"event: response.failed", b"event: error"),
+)
+
+
 class StreamWatch:
     """
-    Watches a copy of an SSE stream for how it ends: ``[DONE]``, a non-null
-    ``finish_reason`` or an in-band error event.  Bytes are never changed.
+    Watches a copy of an SSE stream for how it ends, in its API's dialect:
+    a clean end (``[DONE]``, ``message_stop``, ``response.completed``), a
+    finished answer (a non-null ``finish_reason``) or an in-band error
+    event.  Bytes are never changed.
     """
 
-    __slots__ = ("done", "finished", "error", "_tail")
+    __slots__ = ("done", "finished", "error", "dialect", "_tail", "_keep")
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: StreamDialect = OPENAI_STREAM) -> None:
         self.done = False
         self.finished = False
         self.error = False
+        self.dialect = dialect
         self._tail = b""
+        self._keep = max(len(m) for m in dialect.done + dialect.finished + dialect.errors) + 8
 
     def feed(self, data: bytes) -> None:
         window = self._tail + data
-        if not self.done and b"data: [DONE]" in window:
+        dialect = self.dialect
+        if not self.done and any(m in window for m in dialect.done):
             self.done = True
-        if not self.finished and (b'"finish_reason":"' in window or b'"finish_reason": "' in window):
+        if not self.finished and dialect.finished and any(m in window for m in dialect.finished):
             self.finished = True
-        if not self.error and (b'data: {"error"' in window or b'data:{"error"' in window):
+        if not self.error and any(m in window for m in dialect.errors):
             self.error = True
-        self._tail = window[-32:]
+        self._tail = window[-self._keep :]
 
     @property
     def complete(self) -> bool:
@@ -62,34 +95,63 @@ class StreamWatch:
     def at_event_boundary(self) -> bool:
         return self._tail == b"" or self._tail.endswith(b"\n\n") or self._tail.endswith(b"\r\n\r\n")
 
+    def error_event(self, message: str, code: str) -> bytes:
+        """The in-band error event that ends a broken stream of this dialect."""
+        return sse_error_event(message, code, self.dialect)
+
 
 class UsageTail:
     """
-    Keeps the last few KB of a response body to read the upstream's
-    ``usage`` object from at the end (the final SSE chunk or the JSON
-    body); the relayed bytes are untouched.
+    Keeps the last few KB of a response body (and, for streams that report
+    part of their usage up front, the first few KB) to read the upstream's
+    ``usage`` from at the end: the final SSE chunk or the JSON body, plus
+    an Anthropic ``message_start``.  The relayed bytes are untouched.
+
+    OpenAI's ``prompt_tokens``/``completion_tokens`` and the Anthropic and
+    Responses APIs' ``input_tokens``/``output_tokens`` are both reported as
+    ``prompt_tokens``/``completion_tokens`` (the raw keys are kept too).
     """
 
-    __slots__ = ("_tail",)
+    __slots__ = ("_tail", "_head", "_head_wanted")
     SIZE = 2048  # the final usage chunk (llama.cpp: usage + timings) fits; kept small per stream
+    HEAD = 2048
 
-    def __init__(self) -> None:
+    def __init__(self, head: bool = False) -> None:
         self._tail = b""
+        self._head = b""
+        self._head_wanted = head
 
     def feed(self, data: bytes) -> None:
+        if self._head_wanted:
+            self._head += data[: self.HEAD - len(self._head)]
+            self._head_wanted = len(self._head) < self.HEAD
         tail = self._tail + data if len(data) < self.SIZE else data
         self._tail = tail[-self.SIZE :] if len(tail) > self.SIZE else tail
 
     def usage(self) -> dict[str, object] | None:
-        return parse_usage(self._tail)
+        """The usage the body reported (head and tail merged, the tail's values winning), normalised."""
+        found = parse_usage(self._tail)
+        first = parse_usage(self._head, first=True) if self._head else None
+        if first is not None:
+            found = {**first, **(found or {})}
+        return normalise_usage(found) if found is not None else None
+
+
+def normalise_usage(usage: dict[str, object]) -> dict[str, object]:
+    """``usage`` with ``prompt_tokens``/``completion_tokens`` also set from ``input_tokens``/``output_tokens``."""
+    if "input_tokens" in usage and "prompt_tokens" not in usage:
+        usage["prompt_tokens"] = usage["input_tokens"]
+    if "output_tokens" in usage and "completion_tokens" not in usage:
+        usage["completion_tokens"] = usage["output_tokens"]
+    return usage
 
 
 _DECODER = json.JSONDecoder()
 
 
-def parse_usage(tail: bytes) -> dict[str, object] | None:
-    """The last complete ``"usage": {...}`` object in ``tail``, if any."""
-    at = tail.rfind(b'"usage"')
+def parse_usage(tail: bytes, first: bool = False) -> dict[str, object] | None:
+    """The last (or, with ``first``, the first) complete ``"usage": {...}`` object in ``tail``, if any."""
+    at = tail.find(b'"usage"') if first else tail.rfind(b'"usage"')
     while at >= 0:
         start = tail.find(b"{", at)
         if start >= 0 and tail[at + 7 : start].strip(b" \t\r\n:") == b"":
@@ -99,16 +161,48 @@ def parse_usage(tail: bytes) -> dict[str, object] | None:
                 value = None
             if isinstance(value, dict):
                 return value
-        at = tail.rfind(b'"usage"', 0, at)
+        at = tail.find(b'"usage"', at + 7) if first else tail.rfind(b'"usage"', 0, at)
     return None
 
 
-def sse_error_event(message: str, code: str) -> bytes:
-    """One SSE event carrying an OpenAI-shaped error."""
-    payload = json.dumps(
-        {"error": {"message": message, "type": "upstream_error", "code": code}}, separators=(",", ":")
-    )
-    return f"data: {payload}\n\n".encode()
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9]{1,64})"')
+
+
+class ResponseIdSniffer:
+    """Finds the response id (``resp_...``) near the start of a Responses API answer; the bytes are untouched."""
+
+    __slots__ = ("_head", "found")
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._head = b""
+        self.found: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.found is not None or len(self._head) >= self.LIMIT:
+            return
+        self._head += data[: self.LIMIT - len(self._head)]
+        match = _RESPONSE_ID.search(self._head)
+        if match is not None:
+            self.found = match.group(1).decode("ascii")
+            self._head = b""
+
+
+def sse_error_event(message: str, code: str, dialect: StreamDialect = OPENAI_STREAM) -> bytes:
+    """
+    One SSE event carrying an error, as the dialect's SDK reads it: OpenAI's
+    ``data: {"error": ...}``, Anthropic's ``event: error`` with
+    ``{"type": "error", "error": {...}}``, the Responses API's ``event: error``
+    (with an ``error`` object too, so the OpenAI SDK raises).
+    """
+    error = {"message": message, "type": "upstream_error", "code": code}
+    if dialect.name == "anthropic":
+        payload = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}}, separators=(",", ":"))
+        return f"event: error\ndata: {payload}\n\n".encode()
+    if dialect.name == "responses":
+        document = {"type": "error", "code": code, "message": message, "param": None, "error": error}
+        return f"event: error\ndata: {json.dumps(document, separators=(',', ':'))}\n\n".encode()
+    return f"data: {json.dumps({'error': error}, separators=(',', ':'))}\n\n".encode()
 
 
 _MESSAGES = {
@@ -134,8 +228,10 @@ class ResponseRelay(Protocol):
         on_done: Callable[[str, int], None],
         endpoint: str,
         usage: UsageTail | None = None,
+        sniffer: ResponseIdSniffer | None = None,
     ) -> None:
         self.request = request
+        self.sniffer = sniffer
         self._clock = clock
         self._read_timeout = read_timeout
         self.watch = watch
@@ -163,6 +259,8 @@ class ResponseRelay(Protocol):
             self.watch.feed(data)
         if self.usage is not None:
             self.usage.feed(data)
+        if self.sniffer is not None:
+            self.sniffer.feed(data)
         if not self.client_gone:
             self.request.write(data)
 
@@ -201,7 +299,7 @@ class ResponseRelay(Protocol):
         )
         if watch is not None:
             prefix = b"" if watch.at_event_boundary else b"\n\n"
-            request.write(prefix + sse_error_event(_MESSAGES[outcome], outcome))
+            request.write(prefix + watch.error_event(_MESSAGES[outcome], outcome))
             request.finish()
         else:
             transport = request.transport
