@@ -22,6 +22,7 @@ setup(
             "pytest>=8.0",
             "pytest-twisted>=1.14.2",
             "openai>=1.40",
+            "anthropic>=0.40",
             "hypothesis>=6.100",
             "mypy>=1.10",
             "mypy-zope>=1.0",

@@ -818,7 +818,8 @@ class FakeDMR:
 
     @property
     def inference_requests(self) -> list[RecordedRequest]:
-        """The recorded POSTs to chat/completions, completions and embeddings."""
+        """The recorded POSTs to model-routed routes: chat/completions, completions, embeddings,
+        Anthropic messages and count_tokens, rerank, score, images, and Responses creates."""
         return [r for r in self.requests if _is_inference(r.method, r.uri)]
 
     def when_request(self) -> Deferred[RecordedRequest]:
@@ -877,7 +878,15 @@ class FakeDMR:
             for waiter in waiters:
                 if not waiter.called:
                     waiter.callback(recorded)
-        if path == "/":
+        unaliased = _clean_slashes(request.path.decode("latin-1"))
+        target = _responses_target(unaliased)
+        if target is not None:
+            self._route_responses(exchange, method, target, recorded)
+        elif unaliased == "/anthropic":  # Go's ServeMux redirects a subtree's root
+            self._redirect(exchange, method, "/anthropic/", recorded.uri)
+        elif unaliased.startswith("/anthropic/"):
+            self._route_anthropic(exchange, method, unaliased, recorded)
+        elif path == "/":
             if method == "GET":
                 exchange.send(200, b"Docker Model Runner is running", TEXT_PLAIN)
             else:
@@ -893,16 +902,53 @@ class FakeDMR:
 
     def _route_engines(self, exchange: _Exchange, method: str, path: str, recorded: RecordedRequest) -> None:
         parts = _engine_v1_path(path)
+        op = _engine_op_path(path)
         if path == "/engines/status" and method == "GET":
             exchange.send_json(ENGINE_STATUS)
+        elif path == "/engines/ps" and method == "GET":
+            exchange.send_json(self._ps())
         elif parts is not None and method == "GET" and parts[1] == "models":
             exchange.run(self._answer_models(exchange, None))
         elif parts is not None and method == "GET" and parts[1].startswith("models/"):
             exchange.run(self._answer_models(exchange, unquote(parts[1][len("models/") :])))
-        elif parts is not None and method == "POST" and parts[1] in INFERENCE_ENDPOINTS:
+        elif parts is not None and method == "POST" and parts[1] in ENGINE_V1_ENDPOINTS:
             self._check_inference(exchange, parts[0], parts[1], recorded.body)
+        elif op is not None and method == "POST":
+            self._check_inference(exchange, op[0], op[1], recorded.body)
         else:
             exchange.send_error(404, "not found")
+
+    @staticmethod
+    def _redirect(exchange: _Exchange, method: str, location: str, uri: str) -> None:
+        """Go's ``http.Redirect`` with 301, keeping the query (a body only for GET/HEAD)."""
+        query = uri.partition("?")[2]
+        target = location + ("?" + query if query else "")
+        exchange.request.setHeader(b"location", target.encode("latin-1"))
+        if method == "GET":
+            body = f'<a href="{target}">Moved Permanently</a>.\n\n'.encode("latin-1")
+            exchange.send(301, body, b"text/html; charset=utf-8")
+        else:
+            exchange.start(301, TEXT_PLAIN, length=0)
+            exchange.request.responseHeaders.removeHeader(b"content-type")
+            exchange.request.defaultContentType = None
+            exchange.finish()
+
+    def _ps(self) -> list[dict[str, Any]]:
+        """``GET /engines/ps``: warm runners, then loading ones (Go's BackendStatus, omitempty)."""
+        entries: list[dict[str, Any]] = []
+        for loading in (False, True):
+            for runner, info in self._runners.items():
+                if (runner in self._loads) != loading or (not loading and runner not in self._warm):
+                    continue
+                entry: dict[str, Any] = {"backend_name": info.backend, "model_name": info.model, "mode": runner[0]}
+                idle = not loading and info.references == 0
+                entry["last_used"] = _go_time(info.last_used) if idle else GO_ZERO_TIME
+                if info.references and not loading:
+                    entry["in_use"] = True
+                if loading:
+                    entry["loading"] = True
+                entries.append(entry)
+        return entries
 
     # -- model list --------------------------------------------------------
 
@@ -941,7 +987,7 @@ class FakeDMR:
         except _DMRError as error:
             exchange.send_error(error.status, error.message)
         else:
-            exchange.run(self._engine(exchange, endpoint, payload, runner))
+            exchange.run(self._engine(exchange, endpoint, payload, runner, backend))
 
     def _validate(
         self, backend: str | None, endpoint: str, body: bytes
@@ -964,32 +1010,64 @@ class FakeDMR:
         found = self._find_model(model)
         if found is None:
             raise _DMRError(404, _model_not_found(model))
-        mode = "embedding" if endpoint == "embeddings" else "completion"
-        return payload, (mode, normalize_model_name(found))
+        return payload, (RUNNER_MODES.get(endpoint, "completion"), normalize_model_name(found))
+
+    def _engine_failure(self) -> _Upstream | None:
+        """The failure knobs, in order (``loading_503`` counts down), or None."""
+        if self.load_failure:
+            return _Upstream(500, LOAD_FAILURE_MESSAGE.encode() + b"\n", TEXT_PLAIN, plain=True)
+        if self.loading_503 > 0:
+            self.loading_503 -= 1
+            return _Upstream(503, LOADING_503_BODY, JSON_LLAMA, server=True)
+        if self.force_status is not None:
+            status, body, content_type = self.force_status
+            return _Upstream(status, body, content_type.encode("latin-1"))
+        return None
 
     async def _engine(
-        self, exchange: _Exchange, endpoint: str, payload: dict[str, Any], runner: Runner
+        self, exchange: _Exchange, endpoint: str, payload: dict[str, Any], runner: Runner,
+        backend: str | None = None,
     ) -> None:
         """The failure knobs, in order; otherwise load the model and generate."""
-        if self.load_failure:
-            exchange.send_error(500, LOAD_FAILURE_MESSAGE)
-        elif self.loading_503 > 0:
-            self.loading_503 -= 1
-            exchange.send(503, LOADING_503_BODY, JSON_LLAMA, server=True)
-        elif self.force_status is not None:
-            status, body, content_type = self.force_status
-            exchange.send(status, body, content_type.encode("latin-1"))
+        failure = self._engine_failure()
+        if failure is not None:
+            failure.send(exchange)
         else:
-            await self._load(exchange, runner)
+            await self._on_runner(
+                exchange, runner, backend, payload["model"], lambda: self._generate(exchange, endpoint, payload)
+            )
+
+    async def _on_runner(
+        self, exchange: _Exchange, runner: Runner, backend: str | None, model_ref: str,
+        work: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Load ``runner``, wait ``header_delay``, run ``work`` while the runner counts as in use."""
+        await self._load(exchange, runner, backend, model_ref)
+        info = self._runners.get(runner)
+        if info is not None:
+            info.references += 1
+        try:
             await exchange.sleep(self.header_delay)
-            await self._generate(exchange, endpoint, payload)
+            await work()
+        finally:
+            if info is not None:
+                info.references -= 1
+                info.last_used = self._reactor.seconds()
 
     async def _generate(self, exchange: _Exchange, endpoint: str, payload: dict[str, Any]) -> None:
-        """llama.cpp's answer: context overflow, embeddings, a stream or one body."""
-        if endpoint != "embeddings" and any(OVERFLOW_MARKER in t for t in _texts(payload, endpoint)):
+        """The engine's answer: context overflow, embeddings, a stream or one body."""
+        if endpoint in OVERFLOW_ENDPOINTS and any(OVERFLOW_MARKER in t for t in _texts(payload, endpoint)):
             exchange.send(400, OVERFLOW_BODY, JSON_LLAMA, server=True)
         elif endpoint == "embeddings":
             self._embeddings(exchange, payload)
+        elif endpoint in ("messages", "messages/count_tokens"):
+            await self._anthropic(exchange, endpoint, payload)
+        elif endpoint == "rerank":
+            self._rerank(exchange, payload)
+        elif endpoint == "score":
+            self._score(exchange, payload)
+        elif endpoint == "images/generations":
+            self._images(exchange, payload)
         elif payload.get("stream") is True:
             await self._stream(exchange, endpoint, payload)
         elif endpoint == "chat/completions" and self.big_body > 0:
@@ -998,8 +1076,12 @@ class FakeDMR:
         else:
             exchange.send(200, _dumps(self._completion(endpoint, payload)), JSON_LLAMA, server=True)
 
-    async def _load(self, exchange: _Exchange, runner: Runner) -> None:
+    async def _load(
+        self, exchange: _Exchange, runner: Runner, backend: str | None = None, model_ref: str = ""
+    ) -> None:
         """Wait for the runner's cold load (one shared load per runner)."""
+        if runner not in self._runners:
+            self._runners[runner] = _RunnerInfo(backend or "llama.cpp", model_ref or runner[1], self._reactor.seconds())
         if runner in self._warm:
             return
         if runner not in self._loads:
@@ -1091,6 +1173,464 @@ class FakeDMR:
             exchange.write(b"data: " + (_dumps(MIDSTREAM_ERROR) if fault else b"[DONE]") + b"\n\n")
             exchange.finish()
 
+    # -- Anthropic Messages ----------------------------------------------------
+
+    def _route_anthropic(self, exchange: _Exchange, method: str, path: str, recorded: RecordedRequest) -> None:
+        """DMR's ``/anthropic`` handler: its own checks, in Anthropic's error shape, then the scheduler's."""
+        endpoint = ANTHROPIC_PATHS.get(path)
+        if endpoint is None:
+            exchange.send_error(404, "404 page not found")
+        elif method != "POST":
+            exchange.send_405(["POST"])
+        elif len(recorded.body) > MAX_COMPAT_BODY:
+            _anthropic_error(exchange, 413, "request_too_large", "Request body too large")
+        else:
+            model = _go_string_field(recorded.body, "model")  # json.Unmarshal into struct{Model string}
+            if model is None:
+                _anthropic_error(exchange, 400, "invalid_request_error", "Invalid JSON in request body")
+            elif not model:
+                _anthropic_error(exchange, 400, "invalid_request_error", "Missing required field: model")
+            elif self._find_model(model) is None:
+                _anthropic_error(exchange, 404, "not_found_error", f"Model not found: {model}")
+            else:  # forwarded to /engines/v1/messages[/count_tokens] on the scheduler
+                self._check_inference(exchange, None, endpoint, recorded.body)
+
+    async def _anthropic(self, exchange: _Exchange, endpoint: str, payload: dict[str, Any]) -> None:
+        """llama.cpp's native Anthropic answers: count_tokens, a message, or its stream."""
+        input_tokens = _count_tokens(_texts(payload, endpoint))
+        if endpoint == "messages/count_tokens":
+            exchange.send(200, _dumps({"input_tokens": input_tokens}), JSON_LLAMA, server=True)
+            return
+        tokens, stop_reason = list(self.tokens), "end_turn"
+        max_tokens = payload.get("max_tokens")
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < max_tokens < len(tokens):
+            tokens, stop_reason = tokens[:max_tokens], "max_tokens"
+        message_id = _random_id("msg_", string.ascii_letters + string.digits)
+        if payload.get("stream") is not True:
+            body = {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "text", "text": "".join(tokens)}],
+                "model": payload["model"],
+                "stop_reason": stop_reason,
+                "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": len(tokens)},
+            }
+            exchange.send(200, _dumps(body), JSON_LLAMA, server=True)
+            return
+        fault = "truncate" if self.truncate_stream else "error" if self.midstream_error else None
+        content = tokens[:FAULT_AFTER_CONTENT_EVENTS] if fault else tokens
+        start = {
+            "id": message_id, "type": "message", "role": "assistant", "content": [], "model": payload["model"],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0},
+        }
+        events = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        ]
+        if self.anthropic_ping:
+            events.append(("ping", {"type": "ping"}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": token}}) for token in content]
+        if fault is None:
+            events += [
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                ("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                   "usage": {"output_tokens": len(tokens)}}),
+                ("message_stop", {"type": "message_stop"}),
+            ]
+        exchange.start(200, EVENT_STREAM, server=True)
+        for index, (name, data) in enumerate(events):
+            if index:
+                await exchange.sleep(self.chunk_delay)
+            exchange.write(_sse(name, data))
+            if index == 0 and self.hold is not None:
+                await exchange.wait(self.hold)
+        if fault == "truncate":
+            exchange.cut()
+            return
+        if fault == "error":
+            await exchange.sleep(self.chunk_delay)
+            exchange.write(_sse("error", ANTHROPIC_MIDSTREAM_ERROR))
+        exchange.finish()
+
+    # -- rerank, score, images -------------------------------------------------------
+
+    def _rerank(self, exchange: _Exchange, payload: dict[str, Any]) -> None:
+        """llama.cpp's ``/rerank``: results by descending relevance, ``top_n`` of them."""
+        query, documents = payload.get("query"), payload.get("documents")
+        if not isinstance(query, str):
+            _llama_error(exchange, 400, '"query" must be provided')
+            return
+        if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+            _llama_error(exchange, 400, '"documents" must be a non-empty string array')
+            return
+        scored = sorted(((i, _relevance(query, d)) for i, d in enumerate(documents)), key=lambda r: (-r[1], r[0]))
+        top_n = payload.get("top_n")
+        if isinstance(top_n, int) and not isinstance(top_n, bool) and top_n > 0:
+            scored = scored[:top_n]
+        tokens = sum(_count_tokens([query, d]) for d in documents)
+        body = {
+            "model": payload["model"],
+            "object": "list",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": [{"index": i, "relevance_score": score} for i, score in scored],
+        }
+        exchange.send(200, _dumps(body), JSON_LLAMA, server=True)
+
+    def _score(self, exchange: _Exchange, payload: dict[str, Any]) -> None:
+        """vLLM's ``/score``: one score per (text_1, text_2) pair, 1:N or N:N."""
+        left, right = _str_list(payload.get("text_1")), _str_list(payload.get("text_2"))
+        if not left or not right or (len(left) != 1 and len(left) != len(right)):
+            error = {"message": "text_1 and text_2 must be strings or lists of strings of matching length",
+                     "type": "BadRequestError", "param": None, "code": 400}
+            exchange.send(400, _dumps({"error": error}), JSON_GO, server=b"uvicorn")
+            return
+        pairs = list(zip(left * len(right), right)) if len(left) == 1 else list(zip(left, right))
+        tokens = sum(_count_tokens([a, b]) for a, b in pairs)
+        body = {
+            "id": "score-" + uuid.uuid4().hex,
+            "object": "list",
+            "created": int(self._reactor.seconds()),
+            "model": payload["model"],
+            "data": [{"index": i, "object": "score", "score": _relevance(a, b)} for i, (a, b) in enumerate(pairs)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        }
+        exchange.send(200, _dumps(body), JSON_GO, server=b"uvicorn")
+
+    def _images(self, exchange: _Exchange, payload: dict[str, Any]) -> None:
+        """DMR's diffusers server (FastAPI): ``n`` tiny PNGs as ``b64_json``."""
+        prompt, n = payload.get("prompt"), payload.get("n", 1)
+        if not isinstance(prompt, str):
+            detail = [{"type": "missing" if prompt is None else "string_type", "loc": ["body", "prompt"],
+                       "msg": "Field required" if prompt is None else "Input should be a valid string",
+                       "input": prompt}]
+            exchange.send(422, _dumps({"detail": detail}), JSON_GO, server=b"uvicorn")
+        elif not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+            detail = [{"type": "less_than_equal", "loc": ["body", "n"], "msg": "Input should be between 1 and 10",
+                       "input": n}]
+            exchange.send(422, _dumps({"detail": detail}), JSON_GO, server=b"uvicorn")
+        elif payload.get("response_format") == "url":
+            unsupported = "URL response format is not supported. Use 'b64_json' instead."
+            exchange.send(400, _dumps({"detail": unsupported}), JSON_GO, server=b"uvicorn")
+        else:
+            data = [{"b64_json": TINY_PNG_B64, "url": None, "revised_prompt": None} for _ in range(n)]
+            body = {"created": int(self._reactor.seconds()), "data": data}
+            exchange.send(200, _dumps(body), JSON_GO, server=b"uvicorn")
+
+    # -- Responses API -----------------------------------------------------------
+
+    def _route_responses(
+        self, exchange: _Exchange, method: str, target: _ResponsesTarget, recorded: RecordedRequest
+    ) -> None:
+        """DMR's Responses handler (a Go ServeMux of its own: 405 with Allow, or 404 page not found)."""
+        if target.kind is None:
+            exchange.send_error(404, "404 page not found")
+            return
+        allowed = RESPONSES_ALLOW[target.kind]
+        if method not in allowed:
+            exchange.send_405(allowed)
+        elif target.kind == "create":
+            self._responses_create(exchange, target.backend, recorded.body)
+        elif method == "DELETE":  # Go's Store.Delete ignores the TTL
+            if self.stored_responses.pop(target.response_id, None) is None:
+                _responses_error(exchange, 404, "not_found", "Response not found")
+            else:
+                exchange.send_json({"id": target.response_id, "object": "response.deleted", "deleted": True})
+        elif (stored := self._stored(target.response_id)) is None:
+            _responses_error(exchange, 404, "not_found", "Response not found")
+        elif target.kind == "one":
+            exchange.send_json(stored.response)
+        else:
+            items = stored.input_items
+            exchange.send_json({
+                "object": "list",
+                "data": items,
+                "first_id": items[0]["id"] if items else None,
+                "last_id": items[-1]["id"] if items else None,
+                "has_more": False,
+            })
+
+    def _stored(self, response_id: str) -> StoredResponse | None:
+        """A stored response that has not expired (Go's ``Store.Get``)."""
+        stored = self.stored_responses.get(response_id)
+        if stored is None or self._reactor.seconds() > stored.expires_at:
+            return None
+        return stored
+
+    def _store(self, plan: _ResponsesPlan, response: dict[str, Any]) -> None:
+        if plan.store:
+            expires = self._reactor.seconds() + self.response_ttl
+            self.stored_responses[response["id"]] = StoredResponse(response, plan.input_items, plan.turn, expires)
+
+    def _responses_create(self, exchange: _Exchange, backend: str | None, body: bytes) -> None:
+        """``handleCreate``: its own checks (Responses error shape), then the chat completion."""
+        if len(body) > MAX_COMPAT_BODY:
+            _responses_error(exchange, 413, "request_too_large",
+                             f"Request body too large (max {MAX_COMPAT_BODY} bytes)")
+            return
+        try:
+            plan = self._responses_plan(body)
+        except _CompatError as error:
+            _responses_error(exchange, 400, "invalid_request", error.message)
+        else:
+            exchange.run(self._responses_run(exchange, backend, plan))
+
+    def _responses_plan(self, body: bytes) -> _ResponsesPlan:
+        """Decode and check a create body, resolve its chain; raise _CompatError like DMR."""
+        payload = _decode_create_request(body)
+        if not payload.get("model"):
+            raise _CompatError("model is required")
+        _check_unsupported_fields(payload)
+        for tool in payload.get("tools") or []:
+            if tool.get("type") != "function":
+                raise _CompatError(f"tool type {_go_quote(str(tool.get('type') or ''))} is not supported by "
+                                   "Docker Model Runner Responses compatibility layer")
+        texts = [payload["instructions"]] if payload.get("instructions") else []
+        previous, turn = payload.get("previous_response_id") or "", 1
+        if previous:
+            if self._stored(previous) is None:
+                raise _CompatError(f"previous_response_id {_go_quote(previous)} was not found")
+            chain: list[StoredResponse] = []
+            link: str = previous
+            while link and (stored := self._stored(link)) is not None and stored not in chain:
+                chain.append(stored)
+                link = stored.response.get("previous_response_id") or ""
+            turn += len(chain)
+            for stored in reversed(chain):  # DMR replays the earlier outputs, oldest first
+                texts += _output_texts(stored.response)
+        items = _parse_responses_input(payload)
+        for item in items:
+            texts += [part["text"] for part in item.get("content", []) if isinstance(part.get("text"), str)]
+            if isinstance(item.get("output"), str):
+                texts.append(item["output"])
+        return _ResponsesPlan(payload, payload.get("store") is not False, payload.get("stream") is True,
+                              texts, items, turn)
+
+    def _response_object(
+        self, plan: _ResponsesPlan, response_id: str, created: int, status: str, *,
+        output: list[dict[str, Any]] | None = None, output_text: str = "", usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None, incomplete: dict[str, Any] | None = None, finish_reason: str = "",
+    ) -> dict[str, Any]:
+        """A response object in DMR's field order, plus what the openai SDK's ``Response`` requires."""
+        payload = plan.payload
+        obj: dict[str, Any] = {
+            "id": response_id, "object": "response", "created_at": created, "model": payload["model"],
+            "status": status, "output": output or [],
+        }
+        if output_text:
+            obj["output_text"] = output_text
+        obj["error"] = error
+        obj["incomplete_details"] = incomplete
+        if finish_reason:
+            obj["finish_reason"] = finish_reason
+        parallel = payload.get("parallel_tool_calls")
+        obj.update({
+            "instructions": payload.get("instructions") or None,
+            "metadata": payload.get("metadata") or {},
+            "parallel_tool_calls": parallel if isinstance(parallel, bool) else True,
+            "temperature": payload.get("temperature"),
+            "tool_choice": payload.get("tool_choice") or "auto",
+            "tools": payload.get("tools") or [],
+            "top_p": payload.get("top_p"),
+            "max_output_tokens": payload.get("max_output_tokens"),
+            "store": plan.store,
+            "text": payload.get("text") or {"format": {"type": "text"}},
+            "truncation": payload.get("truncation") or "disabled",
+            "previous_response_id": payload.get("previous_response_id") or None,
+            "reasoning": None,
+            "usage": usage,
+            "user": payload.get("user") or None,
+            "reasoning_effort": payload.get("reasoning_effort") or None,
+        })
+        return obj
+
+    async def _responses_run(self, exchange: _Exchange, backend: str | None, plan: _ResponsesPlan) -> None:
+        """The chat completion DMR sends to the scheduler, and its answer made a response."""
+        model = plan.payload["model"]
+        response_id, created = _random_id("resp_"), int(self._reactor.seconds())
+        found = self._find_model(model)
+        upstream: _Upstream | None
+        if backend is not None and backend not in KNOWN_BACKENDS:
+            upstream = _Upstream(404, b"backend not found\n", TEXT_PLAIN, plain=True)
+        elif found is None:
+            upstream = _Upstream(404, _model_not_found(model).encode() + b"\n", TEXT_PLAIN, plain=True)
+        else:
+            upstream = self._engine_failure()
+        if upstream is not None or found is None:
+            self._responses_failed(exchange, plan, response_id, created, upstream)
+            return
+        runner = ("completion", normalize_model_name(found))
+        await self._on_runner(exchange, runner, backend, model,
+                              lambda: self._responses_generate(exchange, plan, response_id, created))
+
+    def _responses_failed(
+        self, exchange: _Exchange, plan: _ResponsesPlan, response_id: str, created: int, upstream: _Upstream | None
+    ) -> None:
+        """How DMR answers when the chat completion did not succeed (it stores the failure too)."""
+        assert upstream is not None
+        if upstream.status == 200:  # force_status with 200: DMR parses the body as a chat completion
+            self._responses_from_body(exchange, plan, response_id, created, upstream)
+            return
+        if not plan.stream:
+            message = upstream.body.decode("utf-8", "replace")
+            failed = self._response_object(plan, response_id, created, "failed",
+                                           error={"code": "upstream_error", "message": message})
+            self._store(plan, failed)
+            exchange.send_json(failed, upstream.status)
+            return
+        # StreamingResponseWriter.WriteHeader(non-200) writes two events first, so Go sends
+        # 200 with the headers the upstream had set (http.Error's text/plain, or llama.cpp's).
+        failed = self._response_object(plan, response_id, created, "failed")
+        if upstream.plain:
+            exchange.request.setHeader(b"x-content-type-options", b"nosniff")
+        exchange.start(200, upstream.content_type, server=upstream.server)
+        error = {"code": "upstream_error", "message": f"Upstream service returned status code: {upstream.status}"}
+        exchange.write(_sse("error", {"type": "error", "sequence_number": 1, "error": error}))
+        exchange.write(_sse("response.failed", {"type": "response.failed", "sequence_number": 2, "response": failed}))
+        self._store(plan, failed)
+        exchange.finish()
+
+    def _responses_from_body(
+        self, exchange: _Exchange, plan: _ResponsesPlan, response_id: str, created: int, upstream: _Upstream
+    ) -> None:
+        """A 200 ``force_status`` body read as DMR would read a chat completion."""
+        if plan.stream:  # the body has no SSE events DMR could translate, and no [DONE]
+            exchange.request.setHeader(b"cache-control", b"no-cache")
+            exchange.start(200, EVENT_STREAM, server=upstream.server)
+            started = self._response_object(plan, response_id, created, "in_progress")
+            exchange.write(_sse("response.created", {"type": "response.created", "sequence_number": 1,
+                                                     "response": started}))
+            exchange.write(_sse("response.in_progress", {"type": "response.in_progress", "sequence_number": 2,
+                                                         "response": started}))
+            exchange.finish()
+            return
+        try:
+            chat = json.loads(upstream.body)
+            text = chat["choices"][0]["message"]["content"] if chat.get("choices") else ""
+            usage = chat.get("usage")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            failed = self._response_object(plan, response_id, created, "failed",
+                                           error={"code": "parse_error", "message": "Failed to parse upstream response"})
+            self._store(plan, failed)
+            exchange.send_json(failed, 500)
+            return
+        output = [_message_item(_random_id("msg_"), text, "completed")] if isinstance(text, str) and text else []
+        usage_obj = _responses_usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)) \
+            if isinstance(usage, dict) else None
+        final = self._response_object(plan, response_id, created, "completed", output=output,
+                                      output_text=text if output else "", usage=usage_obj)
+        self._store(plan, final)
+        exchange.send_json(final)
+
+    async def _responses_generate(
+        self, exchange: _Exchange, plan: _ResponsesPlan, response_id: str, created: int
+    ) -> None:
+        """The engine's part: overflow, or ``tokens`` + the turn marker, whole or streamed."""
+        if any(OVERFLOW_MARKER in text for text in plan.prompt_texts):
+            overflow = _Upstream(400, OVERFLOW_BODY, JSON_LLAMA, server=True)
+            self._responses_failed(exchange, plan, response_id, created, overflow)
+            return
+        tokens = [*self.tokens, f" [turn {plan.turn}]"]
+        limit = plan.payload.get("max_output_tokens")
+        truncated = isinstance(limit, int) and 0 < limit < len(tokens)
+        if truncated:
+            tokens = tokens[:limit]
+        usage = _responses_usage(_count_tokens(plan.prompt_texts), len(tokens))
+        if plan.stream:
+            await self._responses_stream(exchange, plan, response_id, created, tokens, usage, truncated)
+            return
+        text = "".join(tokens)
+        final = self._response_object(plan, response_id, created, "completed", output_text=text, usage=usage,
+                                      output=[_message_item(_random_id("msg_"), text, "completed")])
+        self._store(plan, final)
+        exchange.send_json(final)
+
+    async def _responses_stream(
+        self, exchange: _Exchange, plan: _ResponsesPlan, response_id: str, created: int,
+        tokens: list[str], usage: dict[str, Any], truncated: bool,
+    ) -> None:
+        """DMR's StreamingResponseWriter over the fake's chat stream, tick for tick.
+
+        Each llama.cpp event is one tick (``chunk_delay`` apart, ``hold`` after the
+        first): the role chunk brings created + in_progress, the first token also the
+        item and part, each token a delta, ``[DONE]`` the closing events.
+        """
+        fault = "truncate" if self.truncate_stream else "error" if self.midstream_error else None
+        content = tokens[:FAULT_AFTER_CONTENT_EVENTS] if fault else tokens
+        sequence = itertools.count(1)
+        item_id = _random_id("msg_")
+        text = "".join(tokens)
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _sse(kind, {"type": kind, "sequence_number": next(sequence), **fields})
+
+        started = self._response_object(plan, response_id, created, "in_progress")
+        ticks = [[event("response.created", response=started), event("response.in_progress", response=started)]]
+        for index, token in enumerate(content):
+            tick = []
+            if index == 0:
+                tick.append(event("response.output_item.added", output_index=0,
+                                  item=_message_item(item_id, "", "in_progress")))
+                tick.append(event("response.content_part.added", **where, part=_output_text("")))
+            tick.append(event("response.output_text.delta", **where, delta=token, logprobs=[]))
+            ticks.append(tick)
+        final = None
+        if fault is None:
+            ticks.append([])  # the finish chunk: nothing to translate
+            item = _message_item(item_id, text, "completed")
+            final = self._response_object(
+                plan, response_id, created, "completed", output=[item] if text else [], output_text=text,
+                usage=usage, incomplete={"reason": "max_tokens"} if truncated else None,
+                finish_reason="length" if truncated else "stop",
+            )
+            closing = []
+            if text:
+                closing += [
+                    event("response.output_text.done", **where, text=text, logprobs=[], part=_output_text(text)),
+                    event("response.content_part.done", **where, part=_output_text(text)),
+                    event("response.output_item.done", output_index=0, item=item),
+                ]
+            ticks.append([*closing, event("response.completed", response=final)])
+        exchange.request.setHeader(b"cache-control", b"no-cache")
+        exchange.start(200, EVENT_STREAM, server=True)
+        for index, tick in enumerate(ticks):
+            if index:
+                await exchange.sleep(self.chunk_delay)
+            for data in tick:
+                exchange.write(data)
+            if index == 0 and self.hold is not None:
+                await exchange.wait(self.hold)
+        if fault == "truncate":
+            exchange.cut()
+            return
+        if fault == "error":  # llama.cpp's error event: DMR translates nothing, the stream just ends
+            await exchange.sleep(self.chunk_delay)
+        elif final is not None and not exchange.done:
+            self._store(plan, final)
+        exchange.finish()
+
+
+@dataclass
+class _Upstream:
+    """An answer the engine side gave instead of generating (what DMR's proxy relays)."""
+
+    status: int
+    body: bytes
+    content_type: bytes
+    server: bool = False  # llama.cpp's Server header
+    plain: bool = False  # a Go http.Error (adds X-Content-Type-Options: nosniff)
+
+    def send(self, exchange: _Exchange) -> None:
+        if self.plain:
+            exchange.request.setHeader(b"x-content-type-options", b"nosniff")
+        exchange.send(self.status, self.body, self.content_type, server=self.server)
+
 
 class _DMRError(Exception):
     """A plain-text error DMR answers before the engine sees the request."""
@@ -1099,6 +1639,227 @@ class _DMRError(Exception):
         super().__init__(status, message)
         self.status = status
         self.message = message
+
+
+def _go_string_field(body: bytes, name: str) -> str | None:
+    """``name`` of a JSON object body as Go's ``json.Unmarshal`` into a struct would read it.
+
+    ``null`` and a missing or null field read as ``""``; None means Unmarshal fails
+    (malformed JSON, not an object, or a non-string field).
+    """
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    if payload is None:
+        return ""
+    if not isinstance(payload, dict) or not isinstance(payload.get(name, ""), (str, type(None))):
+        return None
+    return payload.get(name) or ""
+
+
+def _anthropic_error(exchange: _Exchange, status: int, kind: str, message: str) -> None:
+    """DMR's ``writeAnthropicError``: Go JSON ``{"type":"error","error":{"type","message"}}``."""
+    exchange.send_json({"type": "error", "error": {"type": kind, "message": message}}, status)
+
+
+def _llama_error(exchange: _Exchange, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    """llama.cpp's JSON error ``{"error":{"code","message","type"}}``."""
+    exchange.send(status, _dumps({"error": {"code": status, "message": message, "type": kind}}), JSON_LLAMA,
+                  server=True)
+
+
+class _CompatError(Exception):
+    """A 400 ``invalid_request`` the Responses handler answers before any chat completion."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class _ResponsesPlan:
+    """A checked create request: what DMR would turn into one chat completion."""
+
+    payload: dict[str, Any]
+    store: bool
+    stream: bool
+    prompt_texts: list[str]  # instructions, earlier outputs of the chain, this input
+    input_items: list[dict[str, Any]] = field(default_factory=list)
+    turn: int = 1
+
+
+def _responses_error(exchange: _Exchange, status: int, code: str, message: str) -> None:
+    """The Responses handler's ``sendError``: ``{"error":{"code","message"}}`` (no ``type``)."""
+    exchange.send_json({"error": {"code": code, "message": message}}, status)
+
+
+def _go_kind(value: Any) -> str:
+    """How Go's JSON errors name a JSON value's kind."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    kinds: dict[type, str] = {str: "string", list: "array", dict: "object"}
+    return kinds.get(type(value), "null")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_CREATE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{name: ("string", lambda v: isinstance(v, str)) for name in (
+        "model", "instructions", "previous_response_id", "truncation", "service_tier", "safety_identifier",
+        "reasoning_effort", "user")},
+    **{name: ("bool", lambda v: isinstance(v, bool)) for name in ("store", "stream", "background",
+                                                                  "parallel_tool_calls")},
+    "max_output_tokens": ("int", _is_int),
+    "top_logprobs": ("int", _is_int),
+    "temperature": ("float64", _is_number),
+    "top_p": ("float64", _is_number),
+    "include": ("[]string", lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v)),
+    "tools": ("[]responses.Tool", lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v)),
+    "metadata": ("map[string]string", lambda v: isinstance(v, dict) and all(isinstance(i, str) for i in v.values())),
+    "text": ("responses.ResponseTextConfig", lambda v: isinstance(v, dict)),
+}
+"""Typed fields of DMR's ``CreateRequest`` (null is fine for each) and their Go types."""
+
+
+def _decode_create_request(body: bytes) -> dict[str, Any]:
+    """``json.Unmarshal`` into DMR's ``CreateRequest``, with Go-like error messages."""
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except json.JSONDecodeError as error:
+        if error.pos >= len(error.doc.rstrip()):
+            detail = "unexpected end of JSON input"
+        elif error.msg == "Extra data":
+            detail = f"invalid character '{error.doc[error.pos]}' after top-level value"
+        else:
+            detail = f"invalid character '{error.doc[error.pos]}' looking for beginning of value"
+        raise _CompatError("Invalid JSON: " + detail) from None
+    except ValueError as error:  # NaN / Infinity, or bytes that are not UTF-8
+        constant = str(error).rpartition(" ")[2] if "JSON constant" in str(error) else "\ufffd"
+        raise _CompatError(f"Invalid JSON: invalid character '{constant[:1]}' looking for beginning of value") from None
+    if payload is None:
+        return {}
+    if not isinstance(payload, dict):
+        raise _CompatError(f"Invalid JSON: json: cannot unmarshal {_go_kind(payload)} into Go value of type "
+                           "responses.CreateRequest")
+    for name, (go_type, valid) in _CREATE_FIELDS.items():
+        value = payload.get(name)
+        if value is not None and not valid(value):
+            kind = _go_kind(value)
+            if go_type == "int" and isinstance(value, float):
+                kind += " " + json.dumps(value)
+            raise _CompatError(f"Invalid JSON: json: cannot unmarshal {kind} into Go struct field "
+                               f"CreateRequest.{name} of type {go_type}")
+    return payload
+
+
+def _check_unsupported_fields(payload: dict[str, Any]) -> None:
+    """DMR's ``validateUnsupportedRequestFields``."""
+    suffix = "is not supported by Docker Model Runner Responses compatibility layer"
+    for name in ("include",):
+        if payload.get(name):
+            raise _CompatError(f"{name} {suffix}")
+    for name in ("stream_options", "top_logprobs"):
+        if payload.get(name) is not None:
+            raise _CompatError(f"{name} {suffix}")
+    truncation = payload.get("truncation") or ""
+    if truncation not in ("", "disabled"):
+        raise _CompatError(f"truncation value {_go_quote(truncation)} {suffix}")
+    if payload.get("background") is True:
+        raise _CompatError("background responses are not supported by Docker Model Runner Responses "
+                           "compatibility layer")
+    if payload.get("conversation") is not None:
+        raise _CompatError(f"conversation {suffix}; use previous_response_id instead")
+    if payload.get("prompt") is not None:
+        raise _CompatError(f"prompt {suffix}")
+    for name in ("service_tier", "safety_identifier"):
+        if payload.get(name):
+            raise _CompatError(f"{name} {suffix}")
+
+
+def _parse_responses_input(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """DMR's ``parseInput`` / ``convertInputItems``, giving the items ``input_items`` lists."""
+    if "input" not in payload:
+        return []
+    value = payload["input"]
+    if value is None or isinstance(value, str):  # Go reads null into a string as ""
+        return [_input_message("user", [_input_text(value or "")])]
+    if not isinstance(value, list):
+        raise _CompatError("failed to parse input: input must be a string or array of items: json: cannot "
+                           f"unmarshal {_go_kind(value)} into Go value of type []responses.InputItem")
+    items = []
+    for raw in value:
+        if raw is None:
+            continue  # a zero InputItem: no role, no content
+        if not isinstance(raw, dict):
+            raise _CompatError("failed to parse input: input must be a string or array of items: json: cannot "
+                               f"unmarshal {_go_kind(raw)} into Go value of type responses.InputItem")
+        if raw.get("type") == "function_call_output" or raw.get("call_id"):
+            items.append({"id": raw.get("id") or _random_id("fco_"), "type": "function_call_output",
+                          "call_id": raw.get("call_id") or "", "output": raw.get("output") or "",
+                          "status": "completed"})
+        elif raw.get("role") or "content" in raw:
+            role = raw.get("role") or "user"
+            parts = _parse_content(raw["content"], role) if "content" in raw else []
+            items.append(_input_message(role, parts, raw.get("id")))
+    return items
+
+
+def _parse_content(content: Any, role: str) -> list[dict[str, Any]]:
+    """DMR's ``parseContent``: a string, or ``input_text`` / ``text`` / image parts."""
+    if content is None or isinstance(content, str):
+        return [_input_text(content or "", role)]
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        kind = _go_kind(content if not isinstance(content, list) else next(p for p in content if not isinstance(p, dict)))
+        target = "[]responses.InputContentPart" if not isinstance(content, list) else "responses.InputContentPart"
+        raise _CompatError("failed to parse input: content must be string or array: json: cannot unmarshal "
+                           f"{kind} into Go value of type {target}")
+    parts = []
+    for part in content:
+        if part.get("type") in ("input_text", "text", "output_text"):
+            parts.append(_input_text(part.get("text") if isinstance(part.get("text"), str) else "", role))
+        elif part.get("type") in ("input_image", "image_url"):
+            parts.append({"type": "input_image", "image_url": part.get("image_url"), "detail": "auto"})
+    return parts
+
+
+def _input_text(text: str, role: str = "user") -> dict[str, Any]:
+    if role == "assistant":
+        return _output_text(text)
+    return {"type": "input_text", "text": text}
+
+
+def _input_message(role: str, content: list[dict[str, Any]], item_id: str | None = None) -> dict[str, Any]:
+    return {"id": item_id or _random_id("msg_"), "type": "message", "role": role, "status": "completed",
+            "content": content}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """An assistant output message item (DMR's field order)."""
+    return {"id": item_id, "type": "message", "role": "assistant", "content": [_output_text(text)], "status": status}
+
+
+def _output_texts(response: dict[str, Any]) -> list[str]:
+    """The assistant texts of a stored response (what DMR replays as history)."""
+    return ["".join(part.get("text", "") for part in item.get("content", []) if part.get("type") == "output_text")
+            for item in response.get("output", []) if item.get("type") == "message"]
+
+
+def _responses_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+            "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
 
 
 def _reject_constant(name: str) -> Any:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -254,3 +256,539 @@ async def test_stop_kills_and_restart_reuses_port(fake: FakeDMR, http: HTTPClien
     assert await fake.start(port) == port
     response, body = await call(http, fake, "GET", "/")
     assert (response.code, body) == (200, b"Docker Model Runner is running")
+
+
+# -- routes beyond the seed's: Anthropic, Responses, rerank/score/images, model lookup, ps ------------------------
+
+
+def named_events(body: bytes) -> list[tuple[str, Any]]:
+    """Parse an ``event:`` + ``data:`` SSE body into (event, decoded data) pairs, checking the framing."""
+    assert body.endswith(b"\n\n") or not body
+    events = []
+    for block in body.decode().split("\n\n")[:-1]:
+        event, data = block.split("\n")
+        assert event.startswith("event: ") and data.startswith("data: "), block
+        events.append((event[len("event: ") :], json.loads(data[len("data: ") :])))
+    return events
+
+
+def sdk_openai(fake: FakeDMR) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=fake.url + "/engines/v1", api_key="x", max_retries=0, timeout=10)
+
+
+def sdk_anthropic(fake: FakeDMR, prefix: str) -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(base_url=fake.url + prefix, api_key="sk-ant-x", max_retries=0, timeout=10)
+
+
+def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+    """Run a blocking SDK call off the reactor thread (as conftest's in_thread)."""
+    from twisted.internet import threads
+
+    return threads.deferToThread(fn, *args, **kwargs)
+
+
+MESSAGE = {"model": "ai/smollm2", "max_tokens": 64, "system": "be brief",
+           "messages": [{"role": "user", "content": [{"type": "text", "text": "say hello"}]}]}
+
+
+@pytest.mark.parametrize("prefix", ["/anthropic", "/engines", "/engines/llama.cpp"])
+@pytest_twisted.ensureDeferred
+async def test_anthropic_sdk_create_stream_and_count_tokens(fake: FakeDMR, prefix: str) -> None:
+    """The official anthropic SDK creates, streams and counts tokens against either prefix."""
+    import anthropic
+
+    client = sdk_anthropic(fake, prefix)
+
+    def work() -> tuple[Any, str, Any, Any]:
+        message = client.messages.create(**MESSAGE)
+        with client.messages.stream(**MESSAGE) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        count = client.messages.count_tokens(model="smollm2", messages=MESSAGE["messages"], system="be brief")
+        return message, text, final, count
+
+    message, text, final, count = await in_thread(work)
+    assert isinstance(message, anthropic.types.Message)
+    assert message.content[0].text == text == final.content[0].text == "".join(fake.tokens)
+    assert (message.stop_reason, message.usage.input_tokens, message.usage.output_tokens) == ("end_turn", 4, 4)
+    assert (final.stop_reason, final.usage.output_tokens) == ("end_turn", 4)
+    assert count.input_tokens == 4  # "be brief" + "say hello"
+    assert [r.uri for r in fake.inference_requests] == [prefix + "/v1/messages"] * 2 + [prefix + "/v1/messages/count_tokens"]
+    sent = fake.inference_requests[0].headers
+    assert len(sent["anthropic-version"]) == 1  # recorded like any header; this SDK sends its key as a bearer token
+    assert sent.get("x-api-key", sent.get("authorization")) in (["sk-ant-x"], ["Bearer sk-ant-x"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_wire_format(fake: FakeDMR, http: HTTPClient) -> None:
+    """llama.cpp's native Anthropic JSON and named-event stream (with the ping knob), never a [DONE]."""
+    import anthropic
+    from pydantic import TypeAdapter
+
+    headers = {"x-api-key": ["k"], "anthropic-version": ["2023-06-01"], "anthropic-beta": ["tools-2024-04-04"]}
+    response = await http.post(fake.url + "/engines/v1/messages", data=json.dumps(MESSAGE).encode(), headers=headers)
+    body = await response.content()
+    assert {k: fake.requests[-1].headers[k] for k in headers} == headers
+    assert header(response, "content-type") == ["application/json; charset=utf-8"]
+    assert header(response, "server") == ["llama.cpp"]
+    answer = json.loads(body)
+    assert list(answer) == ["id", "type", "role", "content", "model", "stop_reason", "stop_sequence", "usage"]
+    assert answer["id"].startswith("msg_") and len(answer["id"]) == 28 and answer["id"][4:].isalnum()
+    assert answer["content"] == [{"type": "text", "text": "Hello, world!"}] and answer["stop_sequence"] is None
+    anthropic.types.Message.model_validate(answer)
+    fake.anthropic_ping = True
+    response, body = await call(http, fake, "POST", "/anthropic/v1/messages", MESSAGE | {"stream": True})
+    assert header(response, "content-type") == ["text/event-stream"] and b"[DONE]" not in body
+    events = named_events(body)
+    assert [e for e, _ in events] == ["message_start", "content_block_start", "ping"] + ["content_block_delta"] * 4 + [
+        "content_block_stop", "message_delta", "message_stop"]
+    assert all(data["type"] == name for name, data in events)
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["usage"] == {"input_tokens": 4, "output_tokens": 0}
+    assert events[1][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    assert [d["delta"] for _, d in events[3:7]] == [{"type": "text_delta", "text": t} for t in fake.tokens]
+    assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                             "usage": {"output_tokens": 4}}
+    adapter: Any = TypeAdapter(anthropic.types.RawMessageStreamEvent)
+    for name, data in events:
+        if name != "ping":
+            adapter.validate_python(data)
+    response, body = await call(http, fake, "POST", "/engines/vllm/v1/messages", MESSAGE | {"max_tokens": 2})
+    assert (json.loads(body)["stop_reason"], json.loads(body)["content"][0]["text"]) == ("max_tokens", "Hello,")
+    response, body = await call(http, fake, "POST", "/v1/messages/count_tokens", MESSAGE)
+    assert (response.code, body, header(response, "server")) == (200, b'{"input_tokens":4}', ["llama.cpp"])
+
+
+ANTHROPIC_TOO_LARGE = b'{"model":"ai/smollm2","pad":"' + b"x" * (10 * 1024 * 1024) + b'"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "message", "plain"),
+    [
+        (b"{", 400, "invalid_request_error", "Invalid JSON in request body", "invalid request"),
+        (b"[]", 400, "invalid_request_error", "Invalid JSON in request body", "invalid request"),
+        (b'{"model":5}', 400, "invalid_request_error", "Invalid JSON in request body", "invalid request"),
+        (b"null", 400, "invalid_request_error", "Missing required field: model", "model is required"),
+        (b'{"messages":[]}', 400, "invalid_request_error", "Missing required field: model", "model is required"),
+        (b'{"model":"ai/nope"}', 404, "not_found_error", "Model not found: ai/nope",
+         "error while getting model: get model '\"ai/nope\"': model not found"),
+        (ANTHROPIC_TOO_LARGE, 413, "request_too_large", "Request body too large", "request too large"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_anthropic_prefix_errors_are_anthropic_shaped(
+    fake: FakeDMR, http: HTTPClient, body: bytes, status: int, kind: str, message: str, plain: str
+) -> None:
+    """/anthropic validates first in Anthropic's error shape; /engines/v1/messages answers DMR's plain text."""
+    response, answer = await call(http, fake, "POST", "/anthropic/v1/messages/count_tokens", body)
+    assert (response.code, header(response, "content-type")) == (status, ["application/json"])
+    assert answer == json.dumps({"type": "error", "error": {"type": kind, "message": message}},
+                                separators=(",", ":")).encode() + b"\n"
+    response, answer = await call(http, fake, "POST", "/engines/v1/messages", body)
+    assert (response.code, answer) == (400 if status == 413 else status, plain.encode() + b"\n")
+    assert header(response, "content-type") == ["text/plain; charset=utf-8"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_stream_faults_and_engine_knobs(fake: FakeDMR, http: HTTPClient) -> None:
+    """midstream_error ends with an in-band error event, truncate_stream cuts, load_failure is DMR's plain 500."""
+    fake.midstream_error = True
+    response, body = await call(http, fake, "POST", "/anthropic/v1/messages", MESSAGE | {"stream": True})
+    events = named_events(body)
+    assert [e for e, _ in events] == ["message_start", "content_block_start", "content_block_delta",
+                                      "content_block_delta", "error"]
+    assert events[-1][1] == {"type": "error", "error": {"type": "api_error", "message": ANY_STR}}
+    fake.reset()
+    fake.truncate_stream = True
+    body = json.dumps(MESSAGE | {"stream": True}).encode()
+    response = await http.post(fake.url + "/engines/v1/messages", data=body, unbuffered=True)
+    reader = EventReader()
+    response.deliverBody(reader)
+    assert not await reader.done  # the connection was cut, the chunked body never terminated
+    assert len(reader.events) == 4 and reader.events[-1].startswith("event: content_block_delta")
+    fake.reset()
+    fake.load_failure = True
+    response, answer = await call(http, fake, "POST", "/anthropic/v1/messages", MESSAGE)
+    assert response.code == 500 and answer.startswith(b"unable to load runner:")
+    assert header(response, "content-type") == ["text/plain; charset=utf-8"]
+    response, answer = await call(http, fake, "POST", "/engines/nope/v1/messages", b"not json")
+    assert (response.code, answer) == (404, b"backend not found\n")
+
+
+class _AnyStr:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_STR: Any = _AnyStr()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow", "body"),
+    [
+        ("GET", "/anthropic/v1/messages", 405, "POST", b"Method Not Allowed\n"),
+        ("DELETE", "/anthropic/v1/messages/count_tokens", 405, "POST", b"Method Not Allowed\n"),
+        ("POST", "/anthropic/v1/complete", 404, None, b"404 page not found\n"),
+        ("GET", "/responses", 405, "POST", b"Method Not Allowed\n"),
+        ("PUT", "/engines/v1/responses/resp_x", 405, "DELETE, GET, HEAD", b"Method Not Allowed\n"),
+        ("POST", "/v1/responses/resp_x/input_items", 405, "GET, HEAD", b"Method Not Allowed\n"),
+        ("GET", "/responses/resp_x/input_items/more", 404, None, b"404 page not found\n"),
+        ("GET", "/engines/v1/responses/resp_x/input_items/more", 404, None, b"not found\n"),
+        ("GET", "/engines/v1/messages", 404, None, b"not found\n"),
+        ("GET", "/engines/rerank", 404, None, b"not found\n"),
+        ("PUT", "/engines/llama.cpp/v1/images/generations", 404, None, b"not found\n"),
+        ("POST", "/engines/ps", 404, None, b"not found\n"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_wrong_methods_and_paths(
+    fake: FakeDMR, http: HTTPClient, method: str, path: str, status: int, allow: str | None, body: bytes
+) -> None:
+    """/engines/* answers 404 not found; the Anthropic and Responses muxes answer Go's 405 with Allow."""
+    response, answer = await call(http, fake, method, path)
+    assert (response.code, answer, header(response, "content-type")) == (status, body, ["text/plain; charset=utf-8"])
+    assert header(response, "allow") == (None if allow is None else [allow])
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_root_redirects(fake: FakeDMR, http: HTTPClient) -> None:
+    """Like Go's ServeMux, the subtree root without its slash is a 301 to /anthropic/."""
+    response = await http.get(fake.url + "/anthropic?x=1", allow_redirects=False)
+    await response.content()
+    assert (response.code, header(response, "location")) == (301, ["/anthropic/?x=1"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_sdk_responses_lifecycle(fake: FakeDMR, http: HTTPClient) -> None:
+    """The openai SDK creates, retrieves, lists input items of and deletes a stored response."""
+    import openai
+
+    client = sdk_openai(fake)
+
+    def work() -> tuple[Any, ...]:
+        created = client.responses.create(
+            model="smollm2", instructions="be brief",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "say hello"}]},
+                   {"type": "message", "role": "user", "content": "twice"}],
+        )
+        retrieved = client.responses.retrieve(created.id)
+        items = client.responses.input_items.list(created.id)
+        deleted = client.responses.delete(created.id)
+        with pytest.raises(openai.NotFoundError) as gone:
+            client.responses.retrieve(created.id)
+        return created, retrieved, items, deleted, gone.value
+
+    created, retrieved, items, deleted, gone = await in_thread(work)
+    assert created.id.startswith("resp_") and len(created.id) == 29 and created.id[5:].isalnum()
+    assert (created.status, created.output_text, created.model) == ("completed", "Hello, world! [turn 1]", "smollm2")
+    assert created.output[0].id.startswith("msg_") and created.output[0].content[0].annotations == []
+    assert (created.usage.input_tokens, created.usage.output_tokens, created.usage.total_tokens) == (5, 5, 10)
+    assert (created.instructions, created.previous_response_id, created.store) == ("be brief", None, True)
+    assert retrieved.model_dump() == created.model_dump()
+    assert [(i.role, i.content[0].text) for i in items.data] == [("user", "say hello"), ("user", "twice")]
+    assert items.first_id == items.data[0].id and items.last_id == items.data[1].id and not items.has_more
+    assert deleted is None and gone.status_code == 404
+    assert gone.body == {"code": "not_found", "message": "Response not found"}
+    assert fake.stored_responses == {}
+    response, body = await call(http, fake, "POST", "/responses", {"model": "ai/smollm2", "input": "x"})
+    assert (response.code, header(response, "content-type"), body[-1:]) == (200, ["application/json"], b"\n")
+    from openai.types.responses import Response
+
+    Response.model_validate(json.loads(body))  # strict: every field the SDK requires is there
+    rid = json.loads(body)["id"]
+    response, body = await call(http, fake, "DELETE", f"/engines/vllm/v1/responses/{rid}")
+    assert json.loads(body) == {"id": rid, "object": "response.deleted", "deleted": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_sdk_responses_stream(fake: FakeDMR, http: HTTPClient) -> None:
+    """stream=True yields DMR's event sequence; the response is stored once completed."""
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    client = sdk_openai(fake)
+    fake.chunk_delay = 0.001
+    events = await in_thread(lambda: list(client.responses.create(model="ai/smollm2", input="hi", stream=True)))
+    kinds = [e.type for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added"] + ["response.output_text.delta"] * 5 + [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    assert events[0].response.status == "in_progress" and events[0].response.id == events[-1].response.id
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == [*fake.tokens, " [turn 1]"]
+    final = events[-1].response
+    assert (final.status, final.output_text, final.usage.output_tokens) == ("completed", "".join(deltas), 5)
+    stored = await in_thread(client.responses.retrieve, final.id)
+    assert stored.output_text == final.output_text and fake.stored_responses[final.id].turn == 1
+    response, body = await call(http, fake, "POST", "/v1/responses", {"model": "ai/smollm2", "input": "x", "stream": True})
+    assert header(response, "content-type") == ["text/event-stream"] and b"[DONE]" not in body
+    assert header(response, "cache-control") == ["no-cache"] and header(response, "server") == ["llama.cpp"]
+    adapter: Any = TypeAdapter(ResponseStreamEvent)
+    for name, data in named_events(body):
+        assert data["type"] == name
+        adapter.validate_python(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_chain_lives_in_one_instance(fake: FakeDMR) -> None:
+    """A 3-turn previous_response_id chain works on one fake; its second turn on another fake is DMR's 400."""
+    import openai
+
+    other = FakeDMR(name="other")
+    await other.start()
+    try:
+        client, elsewhere = sdk_openai(fake), sdk_openai(other)
+
+        def work() -> tuple[list[Any], Any]:
+            turns, previous = [], None
+            for n in range(3):
+                turns.append(client.responses.create(model="ai/smollm2", input=f"turn {n}",
+                                                     previous_response_id=previous))
+                previous = turns[-1].id
+            with pytest.raises(openai.BadRequestError) as refused:
+                elsewhere.responses.create(model="ai/smollm2", input="turn 1", previous_response_id=turns[0].id)
+            return turns, refused.value
+
+        turns, refused = await in_thread(work)
+    finally:
+        await other.stop()
+    assert [t.output_text for t in turns] == [f"Hello, world! [turn {n}]" for n in (1, 2, 3)]
+    assert [t.previous_response_id for t in turns] == [None, turns[0].id, turns[1].id]
+    assert [t.usage.input_tokens for t in turns] == [2, 2 + 4, 2 + 4 + 4]  # DMR replays the earlier outputs
+    assert refused.status_code == 400
+    assert refused.body == {"code": "invalid_request",
+                            "message": f'previous_response_id "{turns[0].id}" was not found'}
+    assert other.stored_responses == {} and len(fake.stored_responses) == 3
+
+
+RESPONSES_TOO_LARGE = b'{"model":"ai/smollm2","input":"' + b"x" * (10 * 1024 * 1024) + b'"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        (b"{", 400, "invalid_request", "Invalid JSON: unexpected end of JSON input"),
+        (b"{x", 400, "invalid_request", "Invalid JSON: invalid character 'x' looking for beginning of value"),
+        (b"[]", 400, "invalid_request",
+         "Invalid JSON: json: cannot unmarshal array into Go value of type responses.CreateRequest"),
+        (b'{"model":7}', 400, "invalid_request",
+         "Invalid JSON: json: cannot unmarshal number into Go struct field CreateRequest.model of type string"),
+        (b"null", 400, "invalid_request", "model is required"),
+        (b'{"input":"hi"}', 400, "invalid_request", "model is required"),
+        (b'{"model":"ai/smollm2","conversation":"conv_1"}', 400, "invalid_request",
+         "conversation is not supported by Docker Model Runner Responses compatibility layer; "
+         "use previous_response_id instead"),
+        (b'{"model":"ai/smollm2","previous_response_id":"resp_000000000000000000000000"}', 400, "invalid_request",
+         'previous_response_id "resp_000000000000000000000000" was not found'),
+        (b'{"model":"ai/smollm2","input":5}', 400, "invalid_request",
+         "failed to parse input: input must be a string or array of items: json: cannot unmarshal number "
+         "into Go value of type []responses.InputItem"),
+        (b'{"model":"ai/smollm2","tools":[{"type":"web_search"}]}', 400, "invalid_request",
+         'tool type "web_search" is not supported by Docker Model Runner Responses compatibility layer'),
+        (RESPONSES_TOO_LARGE, 413, "request_too_large", "Request body too large (max 10485760 bytes)"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_responses_create_errors(
+    fake: FakeDMR, http: HTTPClient, body: bytes, status: int, code: str, message: str
+) -> None:
+    """The Responses handler's own checks answer {"error":{"code","message"}} as Go JSON."""
+    response, answer = await call(http, fake, "POST", "/engines/llama.cpp/v1/responses", body)
+    assert (response.code, header(response, "content-type")) == (status, ["application/json"])
+    assert answer == json.dumps({"error": {"code": code, "message": message}}).replace(", ", ",").replace(
+        '": ', '":').encode() + b"\n"
+
+
+@pytest.mark.parametrize("path", ["/responses/resp_nope", "/v1/responses/resp_nope/input_items",
+                                  "/engines/responses/resp_nope", "/engines/vllm/v1/responses/resp_nope"])
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+@pytest_twisted.ensureDeferred
+async def test_responses_unknown_id_is_404(fake: FakeDMR, http: HTTPClient, path: str, method: str) -> None:
+    """Retrieving, listing or deleting an id this instance never stored is DMR's JSON 404."""
+    if method == "DELETE" and path.endswith("input_items"):
+        path = path.removesuffix("/input_items")
+    response, answer = await call(http, fake, method, path)
+    assert (response.code, answer) == (404, b'{"error":{"code":"not_found","message":"Response not found"}}\n')
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_store_false_ttl_and_reset(fake: FakeDMR, http: HTTPClient) -> None:
+    """store:false skips the store, entries expire after response_ttl, reset() and stop() forget them."""
+    response, body = await call(http, fake, "POST", "/responses", {"model": "ai/smollm2", "input": "x", "store": False})
+    unstored = json.loads(body)
+    assert response.code == 200 and unstored["store"] is False and fake.stored_responses == {}
+    assert (await call(http, fake, "GET", f"/responses/{unstored['id']}"))[0].code == 404
+    fake.response_ttl = 0.02
+    rid = json.loads((await call(http, fake, "POST", "/responses", {"model": "ai/smollm2", "input": "x"}))[1])["id"]
+    assert (await call(http, fake, "GET", f"/responses/{rid}"))[0].code == 200
+    await deferLater(reactor, 0.05)
+    assert (await call(http, fake, "GET", f"/responses/{rid}"))[0].code == 404
+    chained = {"model": "ai/smollm2", "input": "x", "previous_response_id": rid}
+    assert (await call(http, fake, "POST", "/responses", chained))[0].code == 400
+    fake.reset()
+    rid = json.loads((await call(http, fake, "POST", "/responses", {"model": "ai/smollm2", "input": "x"}))[1])["id"]
+    fake.reset()
+    assert (await call(http, fake, "GET", f"/responses/{rid}"))[0].code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_upstream_failures(fake: FakeDMR, http: HTTPClient) -> None:
+    """Scheduler and engine failures come back wrapped as DMR does: a failed response, or two events on a 200."""
+    request = {"model": "ai/nope", "input": "hi"}
+    response, body = await call(http, fake, "POST", "/v1/responses", request)
+    failed = json.loads(body)
+    assert (response.code, failed["status"]) == (404, "failed")
+    assert failed["error"] == {"code": "upstream_error",
+                               "message": "error while getting model: get model '\"ai/nope\"': model not found\n"}
+    assert fake.stored_responses[failed["id"]].response["status"] == "failed"
+    response, body = await call(http, fake, "POST", "/engines/foo/v1/responses", request | {"model": "smollm2"})
+    assert (response.code, json.loads(body)["error"]["message"]) == (404, "backend not found\n")
+    response, body = await call(http, fake, "POST", "/v1/responses", request | {"stream": True})
+    assert (response.code, header(response, "content-type")) == (200, ["text/plain; charset=utf-8"])
+    events = named_events(body)
+    assert [e for e, _ in events] == ["error", "response.failed"]
+    assert events[0][1] == {"type": "error", "sequence_number": 1, "error": {
+        "code": "upstream_error", "message": "Upstream service returned status code: 404"}}
+    assert events[1][1]["response"]["status"] == "failed"
+    fake.load_failure = True
+    response, body = await call(http, fake, "POST", "/v1/responses", {"model": "smollm2", "input": "hi"})
+    assert response.code == 500 and json.loads(body)["error"]["message"].startswith("unable to load runner: ")
+    fake.reset()
+    overflow = {"model": "smollm2", "input": "x OVERFLOW", "stream": True}
+    response, body = await call(http, fake, "POST", "/v1/responses", overflow)
+    assert header(response, "content-type") == ["application/json; charset=utf-8"]
+    assert [e for e, _ in named_events(body)] == ["error", "response.failed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_stream_knobs(fake: FakeDMR, http: HTTPClient) -> None:
+    """hold pauses after created/in_progress, midstream_error ends cleanly without completing, max_output_tokens cuts."""
+    fake.hold = Deferred()
+    body = json.dumps({"model": "ai/smollm2", "input": "x", "stream": True}).encode()
+    response = await http.post(fake.url + "/responses", data=body, unbuffered=True)
+    reader = EventReader()
+    response.deliverBody(reader)
+    await reader.first
+    await deferLater(reactor, 0.02)
+    assert [e.split("\n")[0] for e in reader.events] == ["event: response.created", "event: response.in_progress"]
+    assert fake.active == 1 and fake.stored_responses == {}
+    fake.hold.callback(None)
+    assert await reader.done and len(fake.stored_responses) == 1
+    fake.reset()
+    fake.midstream_error = True
+    response, raw = await call(http, fake, "POST", "/responses", {"model": "ai/smollm2", "input": "x", "stream": True})
+    assert [e for e, _ in named_events(raw)][-3:] == ["response.content_part.added"] + ["response.output_text.delta"] * 2
+    assert fake.stored_responses == {}
+    fake.reset()
+    capped = {"model": "ai/smollm2", "input": "x", "max_output_tokens": 2}
+    answer = json.loads((await call(http, fake, "POST", "/responses", capped))[1])
+    assert (answer["output_text"], answer["usage"]["output_tokens"], answer["max_output_tokens"]) == ("Hello,", 2, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rerank_score_and_images(fake: FakeDMR, http: HTTPClient) -> None:
+    """Rerank (llama.cpp), score (vLLM) and images (diffusers) answer their engines' shapes, routed by model."""
+    documents = ["a whale", "a docker container on a ship", "docker"]
+    rerank = {"model": "smollm2", "query": "docker ship", "documents": documents}
+    for path in ["/engines/rerank", "/engines/llama.cpp/rerank", "/rerank"]:
+        response, body = await call(http, fake, "POST", path, rerank)
+        assert (response.code, header(response, "server")) == (200, ["llama.cpp"])
+        assert json.loads(body) == {"model": "smollm2", "object": "list",
+                                    "usage": {"prompt_tokens": 15, "total_tokens": 15},
+                                    "results": [{"index": 1, "relevance_score": 1.0},
+                                                {"index": 2, "relevance_score": 0.5},
+                                                {"index": 0, "relevance_score": 0.0}]}
+    top = json.loads((await call(http, fake, "POST", "/engines/rerank", rerank | {"top_n": 1}))[1])
+    assert top["results"] == [{"index": 1, "relevance_score": 1.0}]
+    response, body = await call(http, fake, "POST", "/engines/rerank", {"model": "smollm2", "documents": documents})
+    assert (response.code, json.loads(body)["error"]["type"]) == (400, "invalid_request_error")
+    assert (await call(http, fake, "POST", "/v1/rerank", rerank))[1] == b"backend not found\n"  # backend "v1"
+    response, body = await call(http, fake, "POST", "/score", {"model": "ai/llama3.2", "text_1": "docker", "text_2": "docker ship"})
+    score = json.loads(body)
+    assert (response.code, header(response, "server"), header(response, "content-type")) == (
+        200, ["uvicorn"], ["application/json"])
+    assert list(score) == ["id", "object", "created", "model", "data", "usage"] and score["object"] == "list"
+    assert score["data"] == [{"index": 0, "object": "score", "score": 1.0}] and score["usage"]["prompt_tokens"] == 3
+    response, body = await call(http, fake, "POST", "/engines/vllm/score", {"model": "ai/x", "text_1": "a", "text_2": "b"})
+    assert (response.code, body) == (404, b"error while getting model: get model '\"ai/x\"': model not found\n")
+    images = {"model": "ai/smollm2", "prompt": "a whale", "n": 2}
+    response, body = await call(http, fake, "POST", "/engines/diffusers/v1/images/generations", images)
+    answer = json.loads(body)
+    assert (response.code, list(answer), len(answer["data"])) == (200, ["created", "data"], 2)
+    png = base64.b64decode(answer["data"][0]["b64_json"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR" and struct.unpack(">II", png[16:24]) == (1, 1)
+    assert zlib.crc32(png[12:29]) == struct.unpack(">I", png[29:33])[0] and png.endswith(b"IEND\xaeB`\x82")
+    response, body = await call(http, fake, "POST", "/v1/images/generations", {"model": "ai/smollm2"})
+    assert (response.code, json.loads(body)["detail"][0]["loc"]) == (422, ["body", "prompt"])
+    assert [r.uri for r in fake.inference_requests][-2:] == ["/engines/diffusers/v1/images/generations",
+                                                             "/v1/images/generations"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_model_lookup_with_slashes(fake: FakeDMR, http: HTTPClient) -> None:
+    """GET /engines[/{b}]/v1/models/{name...} resolves names with slashes and tags; unknown is DMR's plain 404."""
+    fake.models = ["ai/smollm2:latest", "huggingface.co/org/repo:Q4"]
+    for name, listed in [("ai/smollm2", "ai/smollm2:latest"), ("ai/smollm2:latest", "ai/smollm2:latest"),
+                         ("huggingface.co/org/repo:Q4", "huggingface.co/org/repo:Q4"),
+                         ("hf.co/Org/Repo:Q4", "huggingface.co/org/repo:Q4")]:
+        for prefix in ["/engines/v1", "/engines/llama.cpp/v1", "/v1"]:
+            response, body = await call(http, fake, "GET", f"{prefix}/models/{name}")
+            assert (response.code, json.loads(body)["id"]) == (200, listed), (prefix, name)
+    response, body = await call(http, fake, "GET", "/engines/v1/models/huggingface.co/org/repo:q4")
+    assert (response.code, body) == (
+        404, b"error while getting model: get model '\"huggingface.co/org/repo:q4\"': model not found\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_engines_ps(fake: FakeDMR, http: HTTPClient) -> None:
+    """/engines/ps lists loading, in-use and idle runners like DMR's BackendStatus, and is empty after reset."""
+    assert (await call(http, fake, "GET", "/engines/ps"))[1] == b"[]\n"
+    fake.cold_load_delay = 0.05
+    pending = Deferred.fromCoroutine(call(http, fake, "POST", "/engines/v1/embeddings", {"model": "AI/SmolLM2", "input": "x"}))
+    await deferLater(reactor, 0.01)
+    response, body = await call(http, fake, "GET", "/engines/ps")
+    assert header(response, "content-type") == ["application/json"]
+    assert json.loads(body) == [{"backend_name": "llama.cpp", "model_name": "AI/SmolLM2", "mode": "embedding",
+                                 "last_used": "0001-01-01T00:00:00Z", "loading": True}]
+    assert (await pending)[0].code == 200
+    fake.cold_load_delay = 0
+    fake.hold = Deferred()
+    reader = await open_stream(http, fake)
+    await reader.first
+    busy = json.loads((await call(http, fake, "GET", "/engines/ps"))[1])
+    assert [(e["mode"], e.get("in_use"), e["last_used"]) for e in busy] == [
+        ("embedding", None, ANY_STR), ("completion", True, "0001-01-01T00:00:00Z")]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", busy[0]["last_used"])
+    fake.hold.callback(None)
+    await reader.done
+    await call(http, fake, "POST", "/engines/vllm/rerank", {"model": "ai/llama3.2", "query": "q", "documents": ["d"]})
+    idle = json.loads((await call(http, fake, "GET", "/engines/ps"))[1])
+    assert [(e["backend_name"], e["model_name"], e["mode"], "in_use" in e) for e in idle] == [
+        ("llama.cpp", "AI/SmolLM2", "embedding", False), ("llama.cpp", "ai/smollm2", "completion", False),
+        ("vllm", "ai/llama3.2", "reranking", False)]
+    fake.reset()
+    assert (await call(http, fake, "GET", "/engines/ps"))[1] == b"[]\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_routes_share_cold_loads_and_count_as_inference(fake: FakeDMR, http: HTTPClient) -> None:
+    """Messages, count_tokens and Responses share the chat runner's cold load and are inference requests."""
+    fake.cold_load_delay = 0.05
+    started = reactor.seconds()
+    answers = await gatherResults([
+        Deferred.fromCoroutine(call(http, fake, "POST", "/anthropic/v1/messages", MESSAGE)),
+        Deferred.fromCoroutine(call(http, fake, "POST", "/v1/messages/count_tokens", MESSAGE)),
+        Deferred.fromCoroutine(call(http, fake, "POST", "/responses", {"model": "ai/smollm2", "input": "x"})),
+    ])
+    assert [r.code for r, _ in answers] == [200, 200, 200] and 0.05 <= reactor.seconds() - started < 0.5
+    assert len(fake.inference_requests) == 3 and fake.active == 0
+    started = reactor.seconds()
+    await call(http, fake, "POST", CHAT, {"model": "ai/smollm2", "messages": []})
+    assert reactor.seconds() - started < 0.05  # the same (completion) runner: already warm
+    await call(http, fake, "GET", "/responses/" + json.loads(answers[2][1])["id"])
+    assert len(fake.inference_requests) == 4

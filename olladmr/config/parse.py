@@ -7,9 +7,11 @@ Parsing: a YAML document in, a validated :class:`~olladmr.config.schema.Config` 
 and what is wrong, on one line.
 
 Olla's layout (``server`` / ``proxy`` / ``discovery.static.endpoints`` /
-``logging``) and the short form (a top-level ``endpoints`` list) are both
-accepted.  Keys Olla knows but olladmr has no use for are accepted and listed
-in :attr:`Config.ignored` so the daemon can warn about them; any other unknown
+``logging`` / ``model_aliases``) and the short form (a top-level
+``endpoints`` list) are both accepted.  Every key Olla v0.0.28 documents
+loads: the ones olladmr can honour are read into the schema; the others
+(:data:`OLLA_IGNORED`) are accepted with any value and listed in
+:attr:`Config.ignored` so the daemon can warn about them; any other unknown
 key is an error.  Every section's parser lives here, next to the others, so
 the features (auth, CORS, rate limits, ...) import only the schema.
 """
