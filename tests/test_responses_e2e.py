@@ -150,3 +150,49 @@ async def test_a_restarted_instance_finds_the_holder_again(fakes):
             if daemon.service.running:
                 await daemon.service.stopService()
             await daemon.pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_responses_stream_that_breaks_ends_with_an_error_event(daemon_factory, fake):
+    """A Responses stream cut before response.completed ends with an error event the SDK raises on, never a fake completion."""
+    daemon = await daemon_factory(config_for(fake))
+    fake.truncate_stream = True
+    response, body = await daemon.post_json(
+        "/olla/dmr/engines/v1/responses", {"model": MODEL, "input": "hello", "stream": True}
+    )
+    assert response.code == 200 and b"response.completed" not in body
+    last = [block for block in body.decode().split("\n\n") if block.strip()][-1]
+    assert last.startswith("event: error\ndata: ")
+    assert json.loads(last.split("data: ", 1)[1])["code"] == "upstream_truncated"
+
+    def stream() -> None:
+        with daemon.openai().responses.stream(model=MODEL, input="hello") as events:
+            for _ in events:
+                pass
+
+    with pytest.raises(openai.APIError):
+        await in_thread(stream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_and_responses_usage_feed_the_token_metrics(daemon_factory, fake):
+    """input/output tokens of Anthropic messages (plain and streamed) and Responses answers count as prompt/completion."""
+    daemon = await daemon_factory(config_for(fake))
+    messages = [{"role": "user", "content": "four words in here"}]
+    await daemon.post_json("/olla/dmr/anthropic/v1/messages", {"model": MODEL, "max_tokens": 64, "messages": messages})
+    await daemon.post_json(
+        "/olla/dmr/anthropic/v1/messages", {"model": MODEL, "max_tokens": 64, "messages": messages, "stream": True}
+    )
+    await daemon.post_json("/olla/dmr/engines/v1/responses", {"model": MODEL, "input": "four words in here"})
+    await daemon.post_json("/olla/dmr/engines/v1/responses", {"model": MODEL, "input": "x y", "stream": True})
+    _, metrics = await daemon.request("GET", "/internal/metrics")
+    text = metrics.decode()
+
+    def total(kind: str) -> float:
+        line = [l for l in text.splitlines() if l.startswith(f'olladmr_tokens_total{{kind="{kind}",model="ai/smollm2:latest"}}')]
+        assert line, kind
+        return float(line[0].split()[-1])
+
+    assert total("prompt") >= 4 + 4 + 4 + 2
+    assert total("completion") >= 4 * len(fake.tokens)
+    assert 'route="messages"' in text and 'route="responses"' in text
