@@ -98,9 +98,17 @@ def build(
     aliases = Aliases(config)
     catalogue = Catalogue(fleet, aliases)
     inflight = InFlight()
-    directory = ResponseDirectory(reactor)
+    settings = config.proxy.response_affinity
+    directory = ResponseDirectory(reactor, settings.max_entries, settings.ttl)
     metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__)
-    affinity = ResponseAffinity(directory, upstream, reactor, observe_probe=metrics.probe_observed)
+    affinity = ResponseAffinity(
+        directory,
+        upstream,
+        reactor,
+        timeout=settings.probe_timeout,
+        max_probes=settings.max_concurrent_probes,
+        observe_probe=metrics.probe_observed,
+    )
     health_http, health_pool = health_client(reactor)
     health = HealthMonitor(
         fleet, health_http, reactor, config, pool=health_pool, observe_check=metrics.health_checks_observe
@@ -132,7 +140,7 @@ def build(
     reconfiguration = Reconfiguration(
         config,
         # fleet first: the health monitor reconciles its loops against it, last
-        [fleet, aliases, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
+        [fleet, aliases, directory, affinity, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
         listen=listener.description,
         listen_fixed=listen is not None or inherit is not None,
     )

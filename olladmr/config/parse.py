@@ -50,6 +50,7 @@ from .schema import (
     ProxyConfig,
     RateLimitConfig,
     RequestLimits,
+    ResponseAffinityConfig,
     ServerConfig,
     default_endpoint,
 )
@@ -386,6 +387,14 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
     srv.finish()
 
     prx = top.section("proxy")
+    aff = prx.section("response_affinity")
+    response_affinity = ResponseAffinityConfig(
+        max_entries=aff.integer("max_entries", 100_000, minimum=1, maximum=10_000_000),
+        ttl=aff.duration("ttl", 3600.0, minimum=1.0),
+        probe_timeout=aff.duration("probe_timeout", 2.0, minimum=0.01),
+        max_concurrent_probes=aff.integer("max_concurrent_probes", 32, minimum=1),
+    )
+    aff.finish()
     proxy = ProxyConfig(
         load_balancer=prx.choice("load_balancer", "priority", BALANCERS),
         connection_timeout=prx.duration("connection_timeout", 10.0, minimum=0.001),
@@ -397,6 +406,7 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         breaker_failures=prx.integer("breaker_failures", 5, minimum=1),
         breaker_cooldown=prx.duration("breaker_cooldown", 30.0, minimum=0.1),
         busy_threshold=prx.duration("busy_threshold", 5.0, minimum=0.001),
+        response_affinity=response_affinity,
     )
     prx.finish()
 

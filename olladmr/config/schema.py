@@ -170,8 +170,18 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ResponseAffinityConfig:
+    """``proxy.response_affinity``: how many Responses API answers' endpoints to remember, and how to find the rest."""
+
+    max_entries: int = 100_000
+    ttl: float = 3600.0  # DMR keeps a stored response one hour
+    probe_timeout: float = 2.0
+    max_concurrent_probes: int = 32
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
-    """How requests are sent upstream: balancing, the four timeouts, pool and breaker."""
+    """How requests are sent upstream: balancing, the four timeouts, pool, breaker and response affinity."""
 
     load_balancer: str = "priority"
     connection_timeout: float = 10.0
@@ -183,6 +193,7 @@ class ProxyConfig:
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
     busy_threshold: float = 5.0
+    response_affinity: ResponseAffinityConfig = field(default_factory=ResponseAffinityConfig)
 
 
 @dataclass(frozen=True)

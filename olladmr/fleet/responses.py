@@ -21,6 +21,8 @@ from collections import deque
 
 from twisted.internet.interfaces import IReactorTime
 
+from ..config.schema import Config
+
 DEFAULT_TTL = 3600.0
 DEFAULT_MAX_ENTRIES = 100_000
 GENERATIONS = 6
@@ -39,6 +41,16 @@ class ResponseDirectory:
         self._names: dict[str, str] = {}  # one shared str per endpoint name
         self._size = 0
         self.evictions = 0
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a reloaded size cap and TTL (entries beyond the new cap are evicted oldest first)."""
+        settings = config.proxy.response_affinity
+        self.max_entries = settings.max_entries
+        self.ttl = settings.ttl
+        self._span = settings.ttl / GENERATIONS
+        self._expire()
+        while self._size > self.max_entries:
+            self._evict_oldest()
 
     def __len__(self) -> int:
         self._expire()

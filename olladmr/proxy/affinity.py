@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ..bodies import read_body
+from ..config.schema import Config
 from ..fleet.responses import ResponseDirectory
 from ..fleet.state import EndpointState
 from .upstream import USER_AGENT, UpstreamClient
@@ -62,6 +63,13 @@ class ResponseAffinity:
         self._slots = DeferredSemaphore(max(1, max_probes))
         self._observe = observe_probe
         self._locating: dict[str, list[Deferred[EndpointState | None]]] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt reloaded probe settings (probes under way keep theirs)."""
+        settings = config.proxy.response_affinity
+        self.timeout = settings.probe_timeout
+        if settings.max_concurrent_probes != self._slots.limit:
+            self._slots = DeferredSemaphore(settings.max_concurrent_probes)
 
     # -- the directory
 
