@@ -225,3 +225,50 @@ async def test_model_alias_routes_and_rewrites_only_the_model(daemon_factory, fa
     assert listed["gpt-4o-mini"]["owned_by"] == "docker" and "ai/qwen3" in listed
     response, body = await daemon.request("GET", "/olla/models/gpt-4o-mini")
     assert response.code == 200 and json.loads(body)["alias_of"] == ["ai/smollm2", "ai/llama3.2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_olla_style_integration_checklist(daemon_factory, fakes):
+    """Olla's own acceptance checks, against olladmr's client routes: parallel ids, streams, bad bodies, shapes."""
+    from twisted.internet.defer import Deferred, gatherResults
+
+    daemon = await daemon_factory(config_for(*fakes, proxy={"load_balancer": "round-robin"}))
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    # 1 + 14: X-Olla-* headers on every answer; 50 parallel requests all 200 with unique request ids
+    answers = await gatherResults(
+        [Deferred.fromCoroutine(daemon.post_json("/olla/proxy/v1/chat/completions", chat)) for _ in range(50)]
+    )
+    ids = set()
+    for response, _ in answers:
+        assert response.code == 200
+        for name in (b"x-olla-endpoint", b"x-olla-model", b"x-olla-backend-type", b"x-olla-response-time"):
+            assert response.headers.getRawHeaders(name), name
+        ids.add(response.headers.getRawHeaders(b"x-olla-request-id")[0])
+    assert len(ids) == 50
+    assert len({r.headers.getRawHeaders(b"x-olla-endpoint")[0] for r, _ in answers}) == 3  # spread by round-robin
+    # 19 + 20: a stream ends with [DONE] and carries the headers
+    response, body = await daemon.post_json("/olla/openai/v1/chat/completions", {**chat, "stream": True})
+    assert body.endswith(b"data: [DONE]\n\n") and response.headers.getRawHeaders(b"x-olla-endpoint")
+    # 22 + 28: malformed bodies are 4xx, never 5xx or a hang, in each route's shape
+    for path in ("/olla/proxy/v1/chat/completions", "/olla/anthropic/v1/messages"):
+        response, body = await daemon.request("POST", path, b'{"model":', {"content-type": "application/json"})
+        assert 400 <= response.code < 500
+        document = json.loads(body)
+        assert (document["type"] == "error") if "anthropic" in path else ("error" in document)
+    # 25: Anthropic stream event order
+    response, body = await daemon.post_json(
+        "/olla/anthropic/v1/messages", {**POSTS[0][1], "stream": True}
+    )
+    events = [line[len("event: "):] for line in body.decode().splitlines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "message_stop" and "content_block_delta" in events
+    assert events.index("content_block_start") < events.index("content_block_stop") < events.index("message_delta")
+    # 27: count_tokens
+    response, body = await daemon.post_json("/olla/anthropic/v1/messages/count_tokens", POSTS[1][1])
+    assert response.code == 200 and json.loads(body)["input_tokens"] > 0
+    # 31 + 32: the ops routes never 5xx; an unknown model id is 404
+    for path in ("/internal/health", "/internal/status", "/internal/status/endpoints", "/internal/status/models",
+                 "/internal/stats/models", "/internal/process", "/version", "/olla/models"):
+        response, _ = await daemon.request("GET", path)
+        assert response.code == 200, path
+    response, _ = await daemon.request("GET", "/olla/models/ai/does-not-exist")
+    assert response.code == 404
