@@ -28,6 +28,7 @@ from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.health import HealthMonitor, health_client
 from .fleet.responses import ResponseDirectory
+from .fleet.sessions import SessionRouter
 from .fleet.state import Fleet
 from .ops.lifecycle import Lifecycle
 from .ops.logs import AccessLog, LogControl
@@ -52,6 +53,7 @@ class Daemon:
     listener: Listener
     fleet: Fleet
     aliases: Aliases
+    sessions: SessionRouter
     catalogue: Catalogue
     responses: ResponseAffinity
     upstream: UpstreamClient
@@ -98,9 +100,10 @@ def build(
     aliases = Aliases(config)
     catalogue = Catalogue(fleet, aliases)
     inflight = InFlight()
+    sessions = SessionRouter(reactor, config)
     settings = config.proxy.response_affinity
     directory = ResponseDirectory(reactor, settings.max_entries, settings.ttl)
-    metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__)
+    metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__, sessions.stats)
     affinity = ResponseAffinity(
         directory,
         upstream,
@@ -122,6 +125,7 @@ def build(
         config,
         inflight=inflight,
         responses=affinity,
+        sessions=sessions,
         mark_offline=health.mark_offline,
         observers=(metrics, access_log),
     )
@@ -140,7 +144,7 @@ def build(
     reconfiguration = Reconfiguration(
         config,
         # fleet first: the health monitor reconciles its loops against it, last
-        [fleet, aliases, directory, affinity, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
+        [fleet, aliases, sessions, directory, affinity, upstream, proxy, gate, limits, log_control, metrics, lifecycle, health],
         listen=listener.description,
         listen_fixed=listen is not None or inherit is not None,
     )
@@ -166,6 +170,7 @@ def build(
         proxy=proxy,
         catalogue=catalogue,
         aliases=aliases,
+        sessions=sessions,
         status=status,
         metrics=metrics,
         lifecycle=lifecycle,
@@ -193,6 +198,7 @@ def build(
         listener=listener,
         fleet=fleet,
         aliases=aliases,
+        sessions=sessions,
         catalogue=catalogue,
         responses=affinity,
         upstream=upstream,

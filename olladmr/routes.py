@@ -44,6 +44,7 @@ from .errors import (
 from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.models import normalise_model
+from .fleet.sessions import SessionRouter
 from .ops.lifecycle import Lifecycle
 from .ops.metrics import CONTENT_TYPE, Metrics
 from .ops.process import ProcessStats
@@ -161,6 +162,10 @@ def _parse_body(request: OllaRequest) -> dict[str, Any]:
 def _check_model_name(model: str) -> None:
     if len(model) > 512 or any(ord(c) < 0x20 for c in model):
         raise bad_request("\"model\" is not a valid model name", "invalid_model")
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("\"model\" is not valid Unicode (a lone surrogate escape)", "invalid_model") from None
 
 
 def _query(request: OllaRequest) -> bytes:
@@ -260,6 +265,7 @@ class OllaApp:
         proxy: Proxy,
         catalogue: Catalogue,
         aliases: Aliases,
+        sessions: SessionRouter,
         status: StatusReport,
         metrics: Metrics,
         lifecycle: Lifecycle,
@@ -269,6 +275,7 @@ class OllaApp:
         self._proxy = proxy
         self._catalogue = catalogue
         self._aliases = aliases
+        self._sessions = sessions
         self._status = status
         self._metrics = metrics
         self._lifecycle = lifecycle
@@ -355,6 +362,16 @@ class OllaApp:
             previous = body.get("previous_response_id")
             if isinstance(previous, str) and RESPONSE_ID.fullmatch(previous):
                 response_id = previous
+        session = None
+        if response_id is None:
+            peer = request.getClientAddress()
+            session = self._sessions.key_for(
+                route=spec.route,
+                model_key=key,
+                headers=request.requestHeaders,
+                body=body,
+                client_ip=getattr(peer, "host", "") or "",
+            )
         call = ProxyCall(
             method=b"POST",
             upstream_path=spec.upstream + _query(request),
@@ -369,6 +386,8 @@ class OllaApp:
             alias=self._aliases.get(key),
             response_id=response_id,
             capture_response=spec.route == "responses",
+            session=session,
+            affinity_reported=True,
         )
         return ProxyResource(self._proxy, call)
 
@@ -482,6 +501,12 @@ class OllaApp:
         """Olla's per-model statistics."""
         _allow(request, "GET")
         return _json(request, self._status.model_stats())
+
+    @app.route("/internal/stats/sticky", methods=ALL_METHODS)
+    def stats_sticky(self, request: OllaRequest) -> bytes:
+        """Olla's session-affinity statistics: sessions, hits, misses, repins, spills, evictions."""
+        _allow(request, "GET")
+        return _json(request, self._sessions.stats())
 
     @app.route("/internal/process", methods=ALL_METHODS)
     def process(self, request: OllaRequest) -> bytes:

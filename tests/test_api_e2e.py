@@ -158,7 +158,7 @@ async def test_management_routes_stay_unforwarded(daemon_factory, fake):
                          ("POST", "/olla/dmr/engines/unload"), ("GET", "/olla/dmr/engines/ps")):
         response, body = await daemon.request(method, path)
         assert response.code == 404 and json.loads(body)["error"]["code"] == "unknown_route", path
-    assert not [r for r in fake.requests if r.uri != "/engines/v1/models"]
+    assert not [r for r in fake.requests if r.uri not in ("/engines/v1/models", "/engines/ps")]  # health checks only
 
 
 @pytest_twisted.ensureDeferred
@@ -232,11 +232,22 @@ async def test_olla_style_integration_checklist(daemon_factory, fakes):
     """Olla's own acceptance checks, against olladmr's client routes: parallel ids, streams, bad bodies, shapes."""
     from twisted.internet.defer import Deferred, gatherResults
 
-    daemon = await daemon_factory(config_for(*fakes, proxy={"load_balancer": "round-robin"}))
+    same = {f"endpoint{i}": {"priority": 50} for i in range(3)}  # one tier: sessions spread over all three
+    daemon = await daemon_factory(config_for(*fakes, proxy={"load_balancer": "round-robin"}, **same))
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    for fake in fakes:  # the model loaded everywhere (else loaded-model awareness rightly keeps traffic on warm ones)
+        await direct(fake, "POST", "/engines/v1/chat/completions", chat)
+    for endpoint in daemon.parts.fleet:
+        await daemon.parts.health.poll_loaded(endpoint)
+        assert endpoint.model_loaded("ai/smollm2:latest") is True
     # 1 + 14: X-Olla-* headers on every answer; 50 parallel requests all 200 with unique request ids
     answers = await gatherResults(
-        [Deferred.fromCoroutine(daemon.post_json("/olla/proxy/v1/chat/completions", chat)) for _ in range(50)]
+        [
+            Deferred.fromCoroutine(
+                daemon.post_json("/olla/proxy/v1/chat/completions", chat, {"x-olla-session-id": f"session-{i}"})
+            )
+            for i in range(50)
+        ]
     )
     ids = set()
     for response, _ in answers:
@@ -245,7 +256,8 @@ async def test_olla_style_integration_checklist(daemon_factory, fakes):
             assert response.headers.getRawHeaders(name), name
         ids.add(response.headers.getRawHeaders(b"x-olla-request-id")[0])
     assert len(ids) == 50
-    assert len({r.headers.getRawHeaders(b"x-olla-endpoint")[0] for r, _ in answers}) == 3  # spread by round-robin
+    assert len({r.headers.getRawHeaders(b"x-olla-endpoint")[0] for r, _ in answers}) == 3  # 50 sessions spread
+    assert {r.headers.getRawHeaders(b"x-olla-sticky-key-source")[0] for r, _ in answers} == {b"session_header"}
     # 19 + 20: a stream ends with [DONE] and carries the headers
     response, body = await daemon.post_json("/olla/openai/v1/chat/completions", {**chat, "stream": True})
     assert body.endswith(b"data: [DONE]\n\n") and response.headers.getRawHeaders(b"x-olla-endpoint")

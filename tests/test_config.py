@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from olladmr.config import ConfigError, load_config, parse_config, parse_duration, parse_size, resolve_config
 from olladmr.config.parse import OLLA_IGNORED
-from olladmr.config.schema import DEFAULT_EXPOSED_HEADERS
+from olladmr.config.schema import DEFAULT_EXPOSED_HEADERS, AffinityConfig
 
 OLLA = """
 server: {host: 127.0.0.1, port: 40114, request_limits: {max_body_size: 10MB}}
@@ -154,7 +154,6 @@ OLLA_SAMPLE_IGNORED = {
     "proxy.connection_keep_alive",
     "proxy.response_timeout",
     "proxy.tls_handshake_timeout",
-    "proxy.sticky_sessions",
     "proxy.retry",
     "discovery.refresh_interval",
     "discovery.health_check",
@@ -196,7 +195,12 @@ def test_olla_sample_config_loads():
     assert config.model_discovery_interval == 300.0
     assert (config.logging.level, config.logging.format) == ("info", "json")
     assert config.model_aliases == () and config.aliases() == {}
+    # sticky_sessions is honoured as proxy.affinity: the sample's "enabled: false" turns affinity off
+    assert proxy.affinity == AffinityConfig(
+        enabled=False, key_sources=("session_header", "prefix", "auth"), prefix_bytes=512, max_sessions=10000, idle_ttl=600.0
+    )
     assert set(config.ignored) == OLLA_SAMPLE_IGNORED
+    assert not any("sticky" in key for key in config.ignored)
     assert len(config.ignored) == len(set(config.ignored))
 
 
@@ -344,6 +348,10 @@ def test_every_documented_olla_key_loads(tmp_path):
     assert config.proxy.response_header_timeout == 180.0 and config.proxy.connection_timeout == 45.0
     assert config.logging.level == "debug"
     assert config.aliases() == {"my-llama": ("ai/llama3.2", "ai/llama3.2:3B-Q4_K_M")}
+    assert config.proxy.affinity == AffinityConfig(
+        enabled=True, key_sources=("session_header", "prefix", "auth"), prefix_bytes=512, max_sessions=10000, idle_ttl=600.0
+    )
+    assert "sticky_sessions" not in OLLA_IGNORED["proxy"]
     assert set(config.ignored) == {
         "server.write_timeout",
         "server.request_logging",

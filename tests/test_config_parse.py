@@ -1,4 +1,5 @@
-"""Unit tests for ``olladmr.config.parse``: server.rate_limits, server.auth, server.cors, endpoint auth and headers, model_aliases."""
+"""Unit tests for ``olladmr.config.parse``: server.rate_limits, server.auth, server.cors, endpoint auth and headers,
+endpoint ps_url, proxy.affinity (and Olla's proxy.sticky_sessions), model_aliases."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import pytest
 from support import headers, section
 
 from olladmr.config import Config, ConfigError, EndpointConfig, load_config, parse_config
-from olladmr.config.parse import parse_auth, parse_cors, parse_rate_limits
-from olladmr.config.schema import DEFAULT_EXPOSED_HEADERS, AuthConfig, RateLimitConfig
+from olladmr.config.parse import OLLA_IGNORED, OLLA_KEY_SOURCES, parse_affinity, parse_auth, parse_cors, parse_rate_limits
+from olladmr.config.schema import (
+    AFFINITY_KEY_SOURCES,
+    DEFAULT_EXPOSED_HEADERS,
+    DEFAULT_PS_PATH,
+    AffinityConfig,
+    AuthConfig,
+    ProxyConfig,
+    RateLimitConfig,
+)
 from olladmr.edge.auth import Authenticator, hash_key
 from olladmr.edge.cors import Cors
 
@@ -260,6 +269,353 @@ def test_outbound_auth_errors(values: dict[str, Any], environ: dict[str, str], m
     text = str(caught.value)
     assert text.startswith("c.yaml: ") and message in text
     assert "\n" not in text
+
+
+# --------------------------------------------------------------------------
+# discovery.static.endpoints[].ps_url
+
+
+def test_ps_url_default_and_custom() -> None:
+    """``ps_url`` (polled for the models loaded now) defaults to DMR's /engines/ps and may be any path."""
+    assert DEFAULT_PS_PATH == "/engines/ps"
+    assert _endpoint().ps_url == "/engines/ps"
+    assert EndpointConfig(name="x", url="http://x:1").ps_url == "/engines/ps"
+    assert _endpoint(ps_url="/dmr/engines/ps").ps_url == "/dmr/engines/ps"
+    assert _endpoint(ps_url=None).ps_url == "/engines/ps"  # null: the default, as for model_url
+    assert parse_config(None, "c.yaml", {}).endpoints[0].ps_url == "/engines/ps"
+    config = parse_config(
+        {"discovery": {"static": {"endpoints": [{"url": "http://h:1/base", "ps_url": "/v2/ps"}]}}}, "c.yaml", {}
+    )
+    assert config.endpoints[0].ps_url == "/v2/ps" and config.ignored == ()
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("engines/ps", 'c.yaml: endpoints[0].ps_url: expected a path starting with "/", got "engines/ps"'),
+        ("", 'c.yaml: endpoints[0].ps_url: expected a path starting with "/", got ""'),
+        ("http://h:1/engines/ps", 'c.yaml: endpoints[0].ps_url: expected a path starting with "/", got "http://h:1/engines/ps"'),
+        ("/engines ps", 'c.yaml: endpoints[0].ps_url: expected a path starting with "/", got "/engines ps"'),
+        ("/engines/ps#x", 'c.yaml: endpoints[0].ps_url: expected a path starting with "/", got "/engines/ps#x"'),
+        ("/engines/ps\n", 'c.yaml: endpoints[0].ps_url: expected a path starting with "/", got "/engines/ps\\n"'),
+        (5, "c.yaml: endpoints[0].ps_url: expected a string, got 5"),
+        (["/engines/ps"], "c.yaml: endpoints[0].ps_url: expected a string, got a list"),
+    ],
+)
+def test_ps_url_errors(value: object, message: str) -> None:
+    """``ps_url`` is validated like model_url and health_check_url."""
+    with pytest.raises(ConfigError) as caught:
+        _endpoint(ps_url=value)
+    assert str(caught.value) == message
+    with pytest.raises(ConfigError) as model_url:
+        _endpoint(model_url=value)
+    assert str(model_url.value) == message.replace("ps_url", "model_url")
+
+
+# --------------------------------------------------------------------------
+# proxy.affinity
+
+
+def _affinity(proxy: object) -> AffinityConfig:
+    return parse_config({"proxy": proxy}, "c.yaml", {}).proxy.affinity
+
+
+def test_affinity_defaults() -> None:
+    """Affinity with bounded load is on by default: session header, then prefix; 1KB prefix; 100k sessions; 30m; 1.25."""
+    defaults = AffinityConfig()
+    assert (defaults.enabled, defaults.key_sources, defaults.prefix_bytes) == (True, ("session_header", "prefix"), 1024)
+    assert (defaults.max_sessions, defaults.idle_ttl, defaults.load_factor) == (100_000, 1800.0, 1.25)
+    assert ProxyConfig().affinity == defaults
+    assert AFFINITY_KEY_SOURCES == ("session_header", "prefix", "auth", "ip")
+    assert parse_config(None, "c.yaml", {}).proxy.affinity == defaults
+    assert _affinity({}) == defaults
+    assert _affinity({"affinity": None}) == defaults
+    assert _affinity({"affinity": {}}) == defaults
+    assert parse_config({"proxy": {"affinity": {}}}, "c.yaml", {}).ignored == ()
+
+
+def test_affinity_every_field() -> None:
+    """Every proxy.affinity key is read; key_sources keep their order."""
+    config = _affinity(
+        {
+            "affinity": {
+                "enabled": True,
+                "key_sources": ["ip", "auth", "Prefix", "session_header"],
+                "prefix_bytes": 4096,
+                "max_sessions": 5000,
+                "idle_ttl": "1h30m",
+                "load_factor": 2,
+            }
+        }
+    )
+    assert config == AffinityConfig(
+        enabled=True,
+        key_sources=("ip", "auth", "prefix", "session_header"),
+        prefix_bytes=4096,
+        max_sessions=5000,
+        idle_ttl=5400.0,
+        load_factor=2.0,
+    )
+    assert isinstance(config.load_factor, float)
+    direct = parse_affinity(section({"affinity": {"key_sources": ["auth"], "load_factor": 1.5}}, "proxy"))
+    assert direct == AffinityConfig(key_sources=("auth",), load_factor=1.5)
+
+
+@pytest.mark.parametrize(
+    "values, field, expected",
+    [
+        ({"enabled": False}, "enabled", False),
+        ({"key_sources": ["prefix"]}, "key_sources", ("prefix",)),
+        ({"key_sources": ["session_header", "prefix", "auth", "ip"]}, "key_sources", AFFINITY_KEY_SOURCES),
+        ({"key_sources": None}, "key_sources", ("session_header", "prefix")),
+        ({"prefix_bytes": 16}, "prefix_bytes", 16),
+        ({"prefix_bytes": 1024**2}, "prefix_bytes", 1024**2),
+        ({"prefix_bytes": "4KB"}, "prefix_bytes", 4096),
+        ({"prefix_bytes": "1MiB"}, "prefix_bytes", 1024**2),
+        ({"max_sessions": 1}, "max_sessions", 1),
+        ({"max_sessions": 10_000_000}, "max_sessions", 10_000_000),
+        ({"idle_ttl": "1s"}, "idle_ttl", 1.0),
+        ({"idle_ttl": "30m"}, "idle_ttl", 1800.0),
+        ({"idle_ttl": "24h"}, "idle_ttl", 86400.0),
+        ({"load_factor": 1}, "load_factor", 1.0),
+        ({"load_factor": 1.0}, "load_factor", 1.0),
+        ({"load_factor": 3.75}, "load_factor", 3.75),
+    ],
+)
+def test_affinity_each_field(values: dict[str, Any], field: str, expected: object) -> None:
+    """Each field alone, at its bounds and in each accepted form; the others keep their defaults."""
+    config = _affinity({"affinity": values})
+    assert getattr(config, field) == expected
+    others = {name: getattr(AffinityConfig(), name) for name in AffinityConfig.__dataclass_fields__ if name != field}
+    assert {name: getattr(config, name) for name in others} == others
+
+
+def test_affinity_disabled_needs_no_key_sources_but_is_still_validated() -> None:
+    """``enabled: false`` turns affinity off and may list no key sources; bad values are errors all the same."""
+    off = _affinity({"affinity": {"enabled": False, "key_sources": []}})
+    assert off == AffinityConfig(enabled=False, key_sources=())
+    with pytest.raises(ConfigError, match=r'^c.yaml: proxy.affinity.key_sources\[0\]: expected one of'):
+        _affinity({"affinity": {"enabled": False, "key_sources": ["x"]}})
+    with pytest.raises(ConfigError, match=r"^c.yaml: proxy.affinity.load_factor: must be at least 1, got 0.5$"):
+        _affinity({"affinity": {"enabled": False, "load_factor": 0.5}})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"enabled": "yes"}, 'proxy.affinity.enabled: expected true or false, got "yes"'),
+        ({"key_sources": ["prefix", "x"]}, 'proxy.affinity.key_sources[1]: expected one of session_header, prefix, auth, ip, got "x"'),
+        ({"key_sources": ["prefix_hash"]}, 'proxy.affinity.key_sources[0]: expected one of session_header, prefix, auth, ip, got "prefix_hash"'),
+        ({"key_sources": [" prefix"]}, 'proxy.affinity.key_sources[0]: expected one of session_header, prefix, auth, ip, got " prefix"'),
+        ({"key_sources": [3]}, "proxy.affinity.key_sources[0]: expected one of session_header, prefix, auth, ip, got 3"),
+        ({"key_sources": [None]}, "proxy.affinity.key_sources[0]: expected one of session_header, prefix, auth, ip, got nothing"),
+        ({"key_sources": "prefix"}, 'proxy.affinity.key_sources: expected a list, got "prefix"'),
+        ({"key_sources": ["prefix", "ip", "prefix"]}, 'proxy.affinity.key_sources[2]: "prefix" is listed twice (also [0])'),
+        ({"key_sources": ["auth", "AUTH"]}, 'proxy.affinity.key_sources[1]: "auth" is listed twice (also [0])'),
+        (
+            {"key_sources": []},
+            "proxy.affinity.key_sources: is empty but enabled is true; list at least one of session_header, prefix, auth, ip "
+            "(or set enabled: false)",
+        ),
+        ({"enabled": True, "key_sources": []}, "proxy.affinity.key_sources: is empty but enabled is true;"),
+        ({"prefix_bytes": 15}, "proxy.affinity.prefix_bytes: must be at least 16 bytes, got 15"),
+        ({"prefix_bytes": 0}, "proxy.affinity.prefix_bytes: must be at least 16 bytes, got 0"),
+        ({"prefix_bytes": 1024**2 + 1}, "proxy.affinity.prefix_bytes: must be at most 1MiB (1048576 bytes), got 1048577"),
+        ({"prefix_bytes": "2MB"}, 'proxy.affinity.prefix_bytes: must be at most 1MiB (1048576 bytes), got "2MB"'),
+        ({"prefix_bytes": -1}, 'proxy.affinity.prefix_bytes: expected a number of bytes such as 1024 or a size such as "4KB", got -1'),
+        ({"prefix_bytes": "lots"}, 'proxy.affinity.prefix_bytes: expected a number of bytes such as 1024 or a size such as "4KB", got "lots"'),
+        ({"prefix_bytes": 1024.5}, 'proxy.affinity.prefix_bytes: expected a number of bytes such as 1024 or a size such as "4KB", got 1024.5'),
+        ({"prefix_bytes": True}, 'proxy.affinity.prefix_bytes: expected a number of bytes such as 1024 or a size such as "4KB", got True'),
+        ({"max_sessions": 0}, "proxy.affinity.max_sessions: must be at least 1, got 0"),
+        ({"max_sessions": -5}, "proxy.affinity.max_sessions: must be at least 1, got -5"),
+        ({"max_sessions": "many"}, 'proxy.affinity.max_sessions: expected a whole number, got "many"'),
+        ({"max_sessions": 10.5}, "proxy.affinity.max_sessions: expected a whole number, got 10.5"),
+        ({"idle_ttl": "500ms"}, 'proxy.affinity.idle_ttl: must be at least 1s, got "500ms"'),
+        ({"idle_ttl": 0}, "proxy.affinity.idle_ttl: must be at least 1s, got 0"),
+        ({"idle_ttl": 1800}, 'proxy.affinity.idle_ttl: expected a duration such as "10s", got 1800'),
+        ({"idle_ttl": "half an hour"}, 'proxy.affinity.idle_ttl: expected a duration such as "10s", got "half an hour"'),
+        ({"load_factor": 0.99}, "proxy.affinity.load_factor: must be at least 1, got 0.99"),
+        ({"load_factor": 0}, "proxy.affinity.load_factor: must be at least 1, got 0"),
+        ({"load_factor": "1.25"}, 'proxy.affinity.load_factor: expected a number, got "1.25"'),
+        ({"load_factor": True}, "proxy.affinity.load_factor: expected a number, got True"),
+        ({"load_factor": float("inf")}, "proxy.affinity.load_factor: expected a finite number, got inf"),
+        ({"load_factor": float("nan")}, "proxy.affinity.load_factor: expected a finite number, got nan"),
+        ({"idle_ttl_seconds": 600}, "proxy.affinity.idle_ttl_seconds: unknown key"),  # Olla's name belongs in sticky_sessions
+        ({"ttl": "1h"}, "proxy.affinity.ttl: unknown key"),
+    ],
+)
+def test_affinity_errors(values: dict[str, Any], message: str) -> None:
+    """Each bad proxy.affinity value is a one-line error naming the key (and the list entry)."""
+    with pytest.raises(ConfigError) as caught:
+        _affinity({"affinity": values})
+    text = str(caught.value)
+    assert text.startswith("c.yaml: " + message), text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (True, "c.yaml: proxy.affinity: expected a mapping, got True"),
+        (["enabled"], "c.yaml: proxy.affinity: expected a mapping, got a list"),
+    ],
+)
+def test_affinity_must_be_a_mapping(value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _affinity({"affinity": value})
+    assert str(caught.value) == message
+
+
+# --------------------------------------------------------------------------
+# proxy.sticky_sessions: Olla's name for proxy.affinity
+
+
+def test_sticky_sessions_is_honoured_not_ignored() -> None:
+    """sticky_sessions is no longer in the ignored-keys table: it configures affinity."""
+    assert "sticky_sessions" not in OLLA_IGNORED["proxy"]
+    config = parse_config({"proxy": {"sticky_sessions": {"enabled": True}}}, "c.yaml", {})
+    assert config.ignored == ()
+    assert config.proxy.affinity == AffinityConfig()
+
+
+def test_sticky_sessions_maps_every_olla_key() -> None:
+    """Olla's keys and key source names map onto proxy.affinity's; load_factor keeps olladmr's default."""
+    assert OLLA_KEY_SOURCES == {"session_header": "session_header", "prefix_hash": "prefix", "auth_header": "auth", "ip": "ip"}
+    config = _affinity(
+        {
+            "sticky_sessions": {
+                "enabled": True,
+                "idle_ttl_seconds": 600,
+                "max_sessions": 10000,
+                "key_sources": ["ip", "auth_header", "prefix_hash", "session_header"],
+                "prefix_hash_bytes": 512,
+            }
+        }
+    )
+    assert config == AffinityConfig(
+        enabled=True,
+        key_sources=("ip", "auth", "prefix", "session_header"),
+        prefix_bytes=512,
+        max_sessions=10000,
+        idle_ttl=600.0,
+        load_factor=1.25,
+    )
+    assert _affinity({"sticky_sessions": {"enabled": True, "idle_ttl_seconds": 90.5}}).idle_ttl == 90.5
+    assert _affinity({"sticky_sessions": {"enabled": True, "key_sources": ["PREFIX_HASH"]}}).key_sources == ("prefix",)
+    assert _affinity({"sticky_sessions": {"enabled": True, "prefix_hash_bytes": "2KB"}}).prefix_bytes == 2048
+
+
+@pytest.mark.parametrize(
+    "proxy, enabled",
+    [
+        ({}, True),  # no section at all: olladmr's default
+        ({"sticky_sessions": None}, True),  # a null section counts as absent
+        ({"sticky_sessions": {"enabled": True}}, True),
+        ({"sticky_sessions": {"enabled": False}}, False),
+        ({"sticky_sessions": {}}, False),  # the section without enabled: Olla's default, off
+        ({"sticky_sessions": {"idle_ttl_seconds": 600, "max_sessions": 10}}, False),
+        ({"sticky_sessions": {"enabled": None, "max_sessions": 10}}, False),
+    ],
+)
+def test_sticky_sessions_enabled_follows_olla(proxy: dict[str, Any], enabled: bool) -> None:
+    """With settings from sticky_sessions, Olla's ``enabled`` (default false) decides; with none, affinity is on."""
+    assert _affinity(proxy).enabled is enabled
+
+
+def test_sticky_sessions_disabled_keeps_the_other_settings() -> None:
+    """``enabled: false`` turns affinity off; the rest is still read (and checked)."""
+    config = _affinity({"sticky_sessions": {"enabled": False, "idle_ttl_seconds": 60, "key_sources": []}})
+    assert config == AffinityConfig(enabled=False, idle_ttl=60.0, key_sources=())
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        {"affinity": {"enabled": True}, "sticky_sessions": {"enabled": True}},
+        {"affinity": {}, "sticky_sessions": {}},
+        {"affinity": {"enabled": False}, "sticky_sessions": {"enabled": False}},
+    ],
+)
+def test_affinity_and_sticky_sessions_together_are_an_error(proxy: dict[str, Any]) -> None:
+    """The same settings twice, under both names, are refused; the message names both."""
+    with pytest.raises(ConfigError) as caught:
+        _affinity(proxy)
+    assert str(caught.value) == (
+        "c.yaml: proxy.sticky_sessions: cannot be given together with proxy.affinity "
+        "(the same settings under Olla's name); keep one of them"
+    )
+
+
+def test_a_null_section_beside_the_other_is_not_both() -> None:
+    """``affinity: null`` (or ``sticky_sessions: null``) counts as absent, so the other section is used."""
+    assert _affinity({"affinity": None, "sticky_sessions": {"enabled": False}}).enabled is False
+    assert _affinity({"affinity": {"enabled": False}, "sticky_sessions": None}).enabled is False
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"enabled": "true"}, 'proxy.sticky_sessions.enabled: expected true or false, got "true"'),
+        (
+            {"key_sources": ["session_header", "x"]},
+            'proxy.sticky_sessions.key_sources[1]: expected one of session_header, prefix_hash, auth_header, ip, got "x"',
+        ),
+        (
+            {"key_sources": ["prefix"]},  # olladmr's name in Olla's section
+            'proxy.sticky_sessions.key_sources[0]: expected one of session_header, prefix_hash, auth_header, ip, got "prefix"',
+        ),
+        ({"key_sources": ["ip", "prefix_hash", "ip"]}, 'proxy.sticky_sessions.key_sources[2]: "ip" is listed twice (also [0])'),
+        ({"key_sources": "ip"}, 'proxy.sticky_sessions.key_sources: expected a list, got "ip"'),
+        (
+            {"enabled": True, "key_sources": []},
+            "proxy.sticky_sessions.key_sources: is empty but enabled is true; list at least one of session_header, "
+            "prefix_hash, auth_header, ip (or set enabled: false)",
+        ),
+        ({"idle_ttl_seconds": 0}, "proxy.sticky_sessions.idle_ttl_seconds: must be at least 1, got 0"),
+        ({"idle_ttl_seconds": 0.5}, "proxy.sticky_sessions.idle_ttl_seconds: must be at least 1, got 0.5"),
+        ({"idle_ttl_seconds": "10m"}, 'proxy.sticky_sessions.idle_ttl_seconds: expected a number, got "10m"'),
+        ({"idle_ttl_seconds": float("inf")}, "proxy.sticky_sessions.idle_ttl_seconds: expected a finite number, got inf"),
+        ({"max_sessions": 0}, "proxy.sticky_sessions.max_sessions: must be at least 1, got 0"),
+        ({"max_sessions": "lots"}, 'proxy.sticky_sessions.max_sessions: expected a whole number, got "lots"'),
+        ({"prefix_hash_bytes": 8}, "proxy.sticky_sessions.prefix_hash_bytes: must be at least 16 bytes, got 8"),
+        ({"prefix_hash_bytes": 2 * 1024**2}, "proxy.sticky_sessions.prefix_hash_bytes: must be at most 1MiB (1048576 bytes), got 2097152"),
+        ({"prefix_hash_bytes": "big"}, 'proxy.sticky_sessions.prefix_hash_bytes: expected a number of bytes such as 1024'),
+        ({"load_factor": 2}, "proxy.sticky_sessions.load_factor: unknown key"),  # olladmr-only: use proxy.affinity
+        ({"idle_ttl": "10m"}, "proxy.sticky_sessions.idle_ttl: unknown key"),
+        ({"prefix_bytes": 512}, "proxy.sticky_sessions.prefix_bytes: unknown key"),
+    ],
+)
+def test_sticky_sessions_errors(values: dict[str, Any], message: str) -> None:
+    """Bad sticky_sessions values are one-line errors naming Olla's key."""
+    with pytest.raises(ConfigError) as caught:
+        _affinity({"sticky_sessions": values})
+    text = str(caught.value)
+    assert text.startswith("c.yaml: " + message), text
+    assert "\n" not in text
+
+
+def test_sticky_sessions_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError) as caught:
+        _affinity({"sticky_sessions": True})
+    assert str(caught.value) == "c.yaml: proxy.sticky_sessions: expected a mapping, got True"
+
+
+def test_affinity_loaded_from_yaml(tmp_path: Path) -> None:
+    """config.example.yaml's proxy.affinity block, and an Olla sticky_sessions block, load from files."""
+    example = load_config(str(Path(__file__).parent.parent / "config.example.yaml"), {})
+    assert example.proxy.affinity == AffinityConfig()
+    assert all(ep.ps_url == "/engines/ps" for ep in example.endpoints)
+    path = tmp_path / "olla.yaml"
+    path.write_text(
+        "proxy:\n  sticky_sessions:\n    enabled: true\n    idle_ttl_seconds: 600\n"
+        "    key_sources: [session_header, prefix_hash, auth_header]\n    prefix_hash_bytes: 512\n"
+    )
+    config = load_config(str(path), {})
+    assert config.proxy.affinity == AffinityConfig(
+        key_sources=("session_header", "prefix", "auth"), prefix_bytes=512, idle_ttl=600.0
+    )
+    path.write_text("proxy:\n  affinity:\n    enabled: false\n")
+    assert load_config(str(path), {}).proxy.affinity.enabled is False
 
 
 # --------------------------------------------------------------------------

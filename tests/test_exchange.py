@@ -34,6 +34,7 @@ from olladmr.config.schema import Config
 from olladmr.failures import UpstreamFailure
 from olladmr.fleet.models import normalise_model
 from olladmr.fleet.responses import ResponseDirectory
+from olladmr.fleet.sessions import SessionRouter
 from olladmr.fleet.state import EndpointState, Fleet
 from olladmr.proxy.affinity import ResponseAffinity
 from olladmr.proxy.exchange import MAX_UPSTREAM_HEADER_BYTES, Exchange, Phase
@@ -248,7 +249,8 @@ def make(*endpoints: dict[str, Any], **proxy: Any) -> Harness:
     recorder = Recorder()
     affinity = ResponseAffinity(ResponseDirectory(clock), cast(Any, client), clock)
     host = Proxy(
-        fleet, cast(Any, client), clock, config, inflight=inflight, responses=affinity, mark_offline=recorder,
+        fleet, cast(Any, client), clock, config, inflight=inflight, responses=affinity,
+        sessions=SessionRouter(clock, config), mark_offline=recorder,
         observers=[recorder],
     )
     return Harness(clock, config, fleet, client, inflight, recorder, host)

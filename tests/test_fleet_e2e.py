@@ -10,6 +10,7 @@ from conftest import config_for, eventually, in_thread, within
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 
 CHAT = {"model": "ai/smollm2", "messages": [{"role": "user", "content": "hi"}]}
+NO_AFFINITY = {"affinity": {"enabled": False}}  # these tests are about the balancers, which decide unkeyed requests
 PATH = "/olla/dmr/engines/v1/chat/completions"
 
 
@@ -32,13 +33,13 @@ async def test_priority_routes_to_the_top_tier_only(daemon_factory, fakes):
 async def test_equal_priority_requests_spread_and_round_robin_rotates(daemon_factory, fakes):
     """Ties in the top tier rotate; round-robin is a strict rotation over all candidates."""
     same = {f"endpoint{i}": {"priority": 50} for i in range(3)}
-    daemon = await daemon_factory(config_for(*fakes, **same))
+    daemon = await daemon_factory(config_for(*fakes, **same, proxy=NO_AFFINITY))  # the balancer decides unkeyed requests
     for _ in range(6):
         await daemon.post_json(PATH, CHAT)
     assert served_by(fakes) == Counter({"fake-0": 2, "fake-1": 2, "fake-2": 2})
     for f in fakes:
         f.reset()
-    rr = await daemon_factory(config_for(*fakes, proxy={"load_balancer": "round-robin"}))
+    rr = await daemon_factory(config_for(*fakes, proxy={"load_balancer": "round-robin", **NO_AFFINITY}))
     order = []
     for _ in range(6):
         response, _ = await rr.post_json(PATH, CHAT)
@@ -91,7 +92,7 @@ async def test_lazy_endpoint_with_empty_list_is_a_fallback(daemon_factory, fakes
 async def test_failover_under_steady_traffic_loses_no_request(daemon_factory, fakes):
     """Killing a backend while 300 requests flow (10 at a time) costs the clients nothing."""
     same = {f"endpoint{i}": {"priority": 50} for i in range(3)}
-    daemon = await daemon_factory(config_for(*fakes, **same))
+    daemon = await daemon_factory(config_for(*fakes, **same, proxy=NO_AFFINITY))
     limiter = DeferredSemaphore(10)
     statuses: list[int] = []
     killed: Deferred[None] | None = None
@@ -114,7 +115,9 @@ async def test_failover_under_steady_traffic_loses_no_request(daemon_factory, fa
 @pytest_twisted.ensureDeferred
 async def test_dead_endpoint_recovers_and_gets_traffic_again(daemon_factory, fakes):
     """A killed endpoint is offline at once on a refused request, and healthy again soon after it restarts."""
-    config = config_for(fakes[0], fakes[1], endpoint0={"check_interval": "200ms", "check_timeout": "100ms"})
+    config = config_for(
+        fakes[0], fakes[1], endpoint0={"check_interval": "200ms", "check_timeout": "100ms"}, proxy=NO_AFFINITY
+    )
     daemon = await daemon_factory(config)
     await fakes[0].stop()
     response, _ = await daemon.post_json(PATH, CHAT)

@@ -100,7 +100,11 @@ class FakeClient:
         return call.deferred
 
     def calls_to(self, endpoint: str) -> list[FakeCall]:
-        return [c for c in self.calls if c.endpoint == endpoint]
+        """Health checks and model discovery (the /engines/ps polls are ``ps_calls_to``)."""
+        return [c for c in self.calls if c.endpoint == endpoint and not c.url.endswith(b"/engines/ps")]
+
+    def ps_calls_to(self, endpoint: str) -> list[FakeCall]:
+        return [c for c in self.calls if c.endpoint == endpoint and c.url.endswith(b"/engines/ps")]
 
     def pending(self, endpoint: str) -> list[FakeCall]:
         return [c for c in self.calls_to(endpoint) if not c.deferred.called]
@@ -158,7 +162,7 @@ def test_health_one_loop_per_endpoint_at_its_own_interval() -> None:
     assert call.options == {"allow_redirects": False, "unbuffered": True}  # treq: no redirects, no buffering
     m.monitor.stopService()
     m.advance(20)
-    assert len(m.client.calls) == 9
+    assert len([c for c in m.client.calls if not c.url.endswith(b"/engines/ps")]) == 9
     assert m.clock.getDelayedCalls() == []
 
 
@@ -453,7 +457,7 @@ def test_health_through_real_treq_reads_models_and_sends_headers() -> None:
     ep = fleet.get("a")
     assert ep is not None and ep.status == HEALTHY
     assert [m["id"] for m in ep.models] == ["ai/smollm2"]
-    assert dmr.seen == [(b"/engines/v1/models", USER_AGENT, b"1")]
+    assert dmr.seen == [(b"/engines/v1/models", USER_AGENT, b"1"), (b"/engines/ps", USER_AGENT, b"1")]
     assert monitor.first_round.called
     monitor.stopService()
 

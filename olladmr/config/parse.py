@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import os
 import re
 import unicodedata
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 from ..names import normalise_model
 from .reader import ConfigError, Section, count, fmt_seconds, parse_duration, parse_size, show_value
 from .schema import (
+    AFFINITY_KEY_SOURCES,
     BALANCERS,
     DEFAULT_CORS_HEADERS,
     DEFAULT_CORS_METHODS,
@@ -37,10 +39,13 @@ from .schema import (
     DEFAULT_HOST,
     DEFAULT_MODELS_PATH,
     DEFAULT_PORT,
+    DEFAULT_PS_PATH,
     DEFAULT_TRUSTED_PROXY_CIDRS,
     ENDPOINT_TYPE,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_AFFINITY_PREFIX_BYTES,
+    AffinityConfig,
     AuthConfig,
     Config,
     CorsConfig,
@@ -84,7 +89,6 @@ OLLA_IGNORED: dict[str, frozenset[str]] = {
             "response_timeout",
             "tls_handshake_timeout",
             "stream_buffer_size",
-            "sticky_sessions",  # enabled, idle_ttl_seconds, max_sessions, key_sources, prefix_hash_bytes
             "max_retries",
             "retry_backoff",
             "retry",
@@ -309,6 +313,7 @@ def _parse_endpoint(parent: Section, item: object, path: str, environ: Mapping[s
         priority=sec.integer("priority", 100, minimum=0),
         model_url=_parse_path(sec, "model_url", DEFAULT_MODELS_PATH),
         health_check_url=_parse_path(sec, "health_check_url", DEFAULT_MODELS_PATH),
+        ps_url=_parse_path(sec, "ps_url", DEFAULT_PS_PATH),
         check_interval=check_interval,
         check_timeout=check_timeout,
         headers=_parse_headers(sec, "headers", environ),
@@ -407,6 +412,7 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         breaker_cooldown=prx.duration("breaker_cooldown", 30.0, minimum=0.1),
         busy_threshold=prx.duration("busy_threshold", 5.0, minimum=0.001),
         response_affinity=response_affinity,
+        affinity=parse_affinity(prx),
     )
     prx.finish()
 
@@ -458,6 +464,118 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         source=source,
         ignored=tuple(sink),
     )
+
+
+# --------------------------------------------------------------------------
+# proxy.affinity, and Olla's proxy.sticky_sessions
+
+#: Olla's key source names (``proxy.sticky_sessions.key_sources``) -> olladmr's.
+OLLA_KEY_SOURCES: dict[str, str] = {
+    "session_header": "session_header",
+    "prefix_hash": "prefix",
+    "auth_header": "auth",
+    "ip": "ip",
+}
+
+
+def _key_sources(section: Section, names: Mapping[str, str], default: tuple[str, ...]) -> tuple[str, ...]:
+    """``key_sources``: names from ``names`` (case-insensitive), each once, in order, mapped to olladmr's."""
+    if not section.has("key_sources"):
+        section.raw("key_sources")
+        return default
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(section.sequence("key_sources")):
+        where = f"key_sources[{index}]"
+        name = item.lower() if isinstance(item, str) else ""
+        source = names.get(name)
+        if source is None:
+            raise section.error(where, f"expected one of {', '.join(names)}, got {show_value(item)}")
+        if name in seen:
+            raise section.error(where, f'"{name}" is listed twice (also [{seen[name]}])')
+        seen[name] = index
+        out.append(source)
+    return tuple(out)
+
+
+def _prefix_bytes(section: Section, key: str, default: int) -> int:
+    """A byte count (``1024`` or ``"4KB"``) from 16 bytes to 1MiB."""
+    value = section.get(key, default, parse_size, 'a number of bytes such as 1024 or a size such as "4KB"')
+    if value < 16:
+        raise section.error(key, f"must be at least 16 bytes, got {show_value(section.raw(key))}")
+    if value > MAX_AFFINITY_PREFIX_BYTES:
+        raise section.error(
+            key, f"must be at most 1MiB ({MAX_AFFINITY_PREFIX_BYTES} bytes), got {show_value(section.raw(key))}"
+        )
+    return value
+
+
+def _finite(section: Section, key: str, value: float) -> float:
+    """``value`` unless it is infinite or NaN (YAML's .inf and .nan)."""
+    if not math.isfinite(value):
+        raise section.error(key, f"expected a finite number, got {value}")
+    return value
+
+
+def _check_sources(section: Section, config: AffinityConfig, names: Mapping[str, str]) -> AffinityConfig:
+    """Refuse ``enabled`` with no key sources; finish the section."""
+    if config.enabled and not config.key_sources:
+        raise section.error(
+            "key_sources", f"is empty but enabled is true; list at least one of {', '.join(names)} (or set enabled: false)"
+        )
+    section.finish()
+    return config
+
+
+def parse_affinity(proxy: Section) -> AffinityConfig:
+    """
+    Read session affinity from the ``proxy`` section: ``proxy.affinity``, or
+    Olla's ``proxy.sticky_sessions`` (the same settings under Olla's names),
+    never both.
+
+    ``proxy.affinity``: ``enabled`` (default true), ``key_sources`` (of
+    session_header, prefix, auth, ip; tried in order), ``prefix_bytes``
+    (16 bytes to 1MiB), ``max_sessions``, ``idle_ttl`` (a duration, at
+    least 1s) and ``load_factor`` (at least 1).  ``proxy.sticky_sessions``:
+    ``enabled`` (default false, as in Olla: a file that has the section but
+    does not turn it on gets no affinity), ``idle_ttl_seconds``,
+    ``max_sessions``, ``key_sources`` (Olla's names: session_header,
+    prefix_hash, auth_header, ip) and ``prefix_hash_bytes``; every other
+    setting takes olladmr's default.  A null section counts as absent.
+    Everything is validated even while ``enabled`` is false.
+    """
+    defaults = AffinityConfig()
+    if proxy.has("sticky_sessions"):
+        if proxy.has("affinity"):
+            raise proxy.error(
+                "sticky_sessions",
+                "cannot be given together with proxy.affinity (the same settings under Olla's name); keep one of them",
+            )
+        proxy.raw("affinity")
+        olla = proxy.section("sticky_sessions")
+        enabled = olla.boolean("enabled", False)
+        idle_ttl = _finite(olla, "idle_ttl_seconds", olla.number("idle_ttl_seconds", defaults.idle_ttl, minimum=1.0))
+        config = AffinityConfig(
+            enabled=enabled,
+            key_sources=_key_sources(olla, OLLA_KEY_SOURCES, defaults.key_sources),
+            prefix_bytes=_prefix_bytes(olla, "prefix_hash_bytes", defaults.prefix_bytes),
+            max_sessions=olla.integer("max_sessions", defaults.max_sessions, minimum=1),
+            idle_ttl=idle_ttl,
+            load_factor=defaults.load_factor,
+        )
+        return _check_sources(olla, config, OLLA_KEY_SOURCES)
+    proxy.raw("sticky_sessions")
+    sec = proxy.section("affinity")
+    names = {name: name for name in AFFINITY_KEY_SOURCES}
+    config = AffinityConfig(
+        enabled=sec.boolean("enabled", defaults.enabled),
+        key_sources=_key_sources(sec, names, defaults.key_sources),
+        prefix_bytes=_prefix_bytes(sec, "prefix_bytes", defaults.prefix_bytes),
+        max_sessions=sec.integer("max_sessions", defaults.max_sessions, minimum=1),
+        idle_ttl=sec.duration("idle_ttl", defaults.idle_ttl, minimum=1.0),
+        load_factor=_finite(sec, "load_factor", sec.number("load_factor", defaults.load_factor, minimum=1.0)),
+    )
+    return _check_sources(sec, config, names)
 
 
 # --------------------------------------------------------------------------

@@ -17,9 +17,13 @@ DEFAULT_PORT = 40114
 DEFAULT_HOST = "127.0.0.1"
 ENDPOINT_TYPE = "docker-model-runner"
 DEFAULT_MODELS_PATH = "/engines/v1/models"
+DEFAULT_PS_PATH = "/engines/ps"  # DMR's list of the models loaded right now
 BALANCERS = ("priority", "round-robin", "least-connections")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 LOG_FORMATS = ("text", "json")
+#: The places ``proxy.affinity.key_sources`` may name for a request's session key.
+AFFINITY_KEY_SOURCES = ("session_header", "prefix", "auth", "ip")
+MAX_AFFINITY_PREFIX_BYTES = 1024**2
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -54,6 +58,7 @@ class EndpointConfig:
     priority: int = 100
     model_url: str = DEFAULT_MODELS_PATH
     health_check_url: str = DEFAULT_MODELS_PATH
+    ps_url: str = DEFAULT_PS_PATH  # polled for the models loaded right now
     check_interval: float = 10.0
     check_timeout: float = 5.0
     headers: tuple[tuple[str, str], ...] = ()
@@ -180,8 +185,24 @@ class ResponseAffinityConfig:
 
 
 @dataclass(frozen=True)
+class AffinityConfig:
+    """
+    ``proxy.affinity`` (or Olla's ``proxy.sticky_sessions``): send a session's
+    requests to the endpoint that served it before, while that endpoint is not
+    overloaded (bounded load: at most ``load_factor`` times the average).
+    """
+
+    enabled: bool = True
+    key_sources: tuple[str, ...] = ("session_header", "prefix")  # tried in order; each one of AFFINITY_KEY_SOURCES
+    prefix_bytes: int = 1024  # at most this much of a prompt's opening is hashed for the "prefix" key
+    max_sessions: int = 100_000
+    idle_ttl: float = 1800.0  # a session unused this long is forgotten
+    load_factor: float = 1.25
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
-    """How requests are sent upstream: balancing, the four timeouts, pool, breaker and response affinity."""
+    """How requests are sent upstream: balancing, the four timeouts, pool, breaker, session and response affinity."""
 
     load_balancer: str = "priority"
     connection_timeout: float = 10.0
@@ -194,6 +215,7 @@ class ProxyConfig:
     breaker_cooldown: float = 30.0
     busy_threshold: float = 5.0
     response_affinity: ResponseAffinityConfig = field(default_factory=ResponseAffinityConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ class Catalogue:
                     key, {"id": model["id"], "key": key, "object": "model", "endpoints": [], "available": False}
                 )
                 entry["endpoints"].append(
-                    {"name": ep.name, "status": ep.status, "routable": ep.routable, "id": model["id"]}
+                    {"name": ep.name, "status": ep.status, "routable": ep.routable, "id": model["id"],
+                     "loaded": ep.model_loaded(key)}
                 )
                 entry["available"] = entry["available"] or ep.routable
         aliases_of: dict[str, list[str]] = {}

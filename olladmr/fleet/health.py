@@ -40,7 +40,7 @@ from ..bodies import BodyTooLarge, read_body
 from .._twisted_compat import use_quiet_factory
 from ..config.schema import Config
 from ..failures import BAD_RESPONSE, HEADER_TIMEOUT, UpstreamFailure, classify, is_transport_failure, was_cancelled
-from .models import model_ids
+from .models import model_ids, normalise_model
 from .state import BUSY, HEALTHY, OFFLINE, UNHEALTHY, EndpointState, Fleet
 
 log = Logger()
@@ -64,6 +64,21 @@ def health_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
     pool.maxPersistentPerHost = 2
     use_quiet_factory(pool)
     return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+def parse_ps(body: bytes) -> dict[str, bool] | None:
+    """DMR's ``/engines/ps`` array as ``{model key: still loading}``, or ``None`` if it is not one."""
+    document = parse_json(body)
+    if not isinstance(document, list):
+        return None
+    loaded: dict[str, bool] = {}
+    for entry in document:
+        if not isinstance(entry, dict) or not isinstance(entry.get("model_name"), str):
+            return None
+        if entry.get("mode", "completion") not in ("completion", None):
+            continue  # an embedding or reranking runner does not serve chat
+        loaded[normalise_model(entry["model_name"])] = bool(entry.get("loading", False))
+    return loaded
 
 
 def parse_json(body: bytes) -> Any:
@@ -105,6 +120,8 @@ class HealthMonitor(Service):
         self._loops: dict[str, tuple[LoopingCall, float]] = {}
         self._checking: set[str] = set()
         self._soon: dict[str, Any] = {}
+        self._bad_ps: set[str] = set()
+        self._polling: set[str] = set()
         self.first_round: Deferred[None] = Deferred()
 
     # -- service lifecycle
@@ -230,6 +247,23 @@ class HealthMonitor(Service):
             self._take_models(ep, body)
         elif not ep.models_known or (ep.models_updated or 0) + self._discovery_interval <= self.clock.seconds():
             await self.discover(ep)
+        if config.ps_url and ep.name not in self._polling:
+            # Not awaited: which models are loaded never delays a health verdict or the first round.
+            self._polling.add(ep.name)
+            ensureDeferred(self.poll_loaded(ep)).addBoth(lambda _: self._polling.discard(ep.name))
+
+    async def poll_loaded(self, ep: EndpointState) -> None:
+        """``GET ps_url`` (``/engines/ps``): which models are loaded there now; a 404 or garbage means unknown."""
+        try:
+            code, body = await self._fetch(ep, ep.config.ps_url)
+        except UpstreamFailure:
+            return  # the next check tries again; what we knew stays
+        loaded = parse_ps(body) if code == 200 else None
+        if code == 200 and loaded is None and ep.name not in self._bad_ps:
+            self._bad_ps.add(ep.name)
+            log.warn("{endpoint}: {path} did not return DMR's list of loaded models", endpoint=ep.name,
+                     path=ep.config.ps_url)
+        ep.set_loaded(loaded)
 
     async def discover(self, ep: EndpointState) -> None:
         """Fetch ``model_url`` into the endpoint's model list."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -36,8 +37,8 @@ class ResponseDirectory:
         self.max_entries = max(1, max_entries)
         self.ttl = ttl
         self._span = ttl / GENERATIONS
-        # (generation start time, its map), oldest first
-        self._generations: deque[tuple[float, dict[str, str]]] = deque()
+        # [generation start time, newest entry's time, its map], oldest first
+        self._generations: deque[list[Any]] = deque()
         self._names: dict[str, str] = {}  # one shared str per endpoint name
         self._size = 0
         self.evictions = 0
@@ -59,9 +60,9 @@ class ResponseDirectory:
     def _expire(self) -> None:
         horizon = self._clock.seconds() - self.ttl
         generations = self._generations
-        # a generation is dropped once its *newest* possible entry is older than the TTL
-        while generations and generations[0][0] + self._span <= horizon:
-            _, gone = generations.popleft()
+        # a generation is dropped once its newest entry is older than the TTL
+        while generations and generations[0][1] <= horizon:
+            _, _, gone = generations.popleft()
             self._size -= len(gone)
 
     def remember(self, response_id: str, endpoint: str) -> None:
@@ -71,15 +72,16 @@ class ResponseDirectory:
         self.forget(response_id)
         generations = self._generations
         if not generations or now - generations[-1][0] >= self._span:
-            generations.append((now, {}))
+            generations.append([now, now, {}])
         name = self._names.setdefault(endpoint, sys.intern(endpoint))
-        generations[-1][1][response_id] = name
+        generations[-1][1] = now
+        generations[-1][2][response_id] = name
         self._size += 1
         while self._size > self.max_entries:
             self._evict_oldest()
 
     def _evict_oldest(self) -> None:
-        oldest = self._generations[0][1]
+        oldest = self._generations[0][2]
         if oldest:
             del oldest[next(iter(oldest))]
             self._size -= 1
@@ -91,12 +93,13 @@ class ResponseDirectory:
         """
         The endpoint that holds ``response_id``, if this directory knows.
 
-        Expiry is per generation, so an entry can outlive the TTL by up to one
-        generation (ten minutes): harmless, since no other endpoint can hold
-        it either, and its owner answers "not found" itself.
+        Expiry is per generation (when its newest entry is older than the
+        TTL), so an entry can outlive the TTL by up to one generation (ten
+        minutes): harmless, since no other endpoint can hold it either, and
+        its owner answers "not found" itself.
         """
         self._expire()
-        for _, entries in reversed(self._generations):
+        for _, _, entries in reversed(self._generations):
             name = entries.get(response_id)
             if name is not None:
                 return name
@@ -104,7 +107,7 @@ class ResponseDirectory:
 
     def forget(self, response_id: str) -> None:
         """``response_id`` was deleted (or is being re-remembered)."""
-        for _, entries in self._generations:
+        for _, _, entries in self._generations:
             if entries.pop(response_id, None) is not None:
                 self._size -= 1
                 return
@@ -112,7 +115,7 @@ class ResponseDirectory:
     def forget_endpoint(self, endpoint: str) -> int:
         """Drop every id held by ``endpoint`` (it left the configuration); returns how many."""
         dropped = 0
-        for _, entries in self._generations:
+        for _, _, entries in self._generations:
             ids = [rid for rid, name in entries.items() if name == endpoint]
             for rid in ids:
                 del entries[rid]

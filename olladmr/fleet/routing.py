@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ClientError, not_found, unavailable
 from .aliases import Alias
+from .models import normalise_model
 from .state import EndpointState, Fleet
 
 STRATEGY = "model-aware"
@@ -103,16 +104,27 @@ def route(fleet: Fleet, model: str | None, model_key: str | None, alias: Alias |
 def _route_alias(fleet: Fleet, alias: Alias) -> RoutingDecision | None:
     """Every routable endpoint that lists one of the alias's models, with the name it lists (first in alias order)."""
     candidates: list[EndpointState] = []
+    holders: list[EndpointState] = []
     names: dict[str, str] = {}
     for ep in fleet:
-        if not ep.routable:
-            continue
         for key in alias.keys:
             listed = ep.listed_name(key)
             if listed is not None:
-                candidates.append(ep)
-                names[ep.name] = listed
+                holders.append(ep)
+                if ep.routable:
+                    candidates.append(ep)
+                    names[ep.name] = listed
                 break
-    if not candidates:
-        return None  # route the alias's own name (an endpoint may list a model of that name), or fail as usual
-    return RoutingDecision(candidates, "routed", "alias", names=names)
+    if candidates:
+        return RoutingDecision(candidates, "routed", "alias", names=names)
+    if holders and not any(ep.routable and ep.has_model(normalise_model(alias.name)) for ep in fleet):
+        raise _rejected(
+            unavailable(
+                f"model {alias.name!r} (an alias of {', '.join(alias.targets)}) is only on endpoints that are not "
+                "available now: " + ", ".join(_describe(ep) for ep in holders),
+                "model_unavailable",
+                _retry_after(holders),
+            ),
+            "model_unavailable",
+        )
+    return None  # route the alias's own name (an endpoint may list a model of that name), or fail as usual

@@ -64,6 +64,8 @@ class EndpointState:
         self.last_latency_ms: float | None = None
         self.next_check_due = 0.0
         self.breaker = CircuitBreaker(clock, breaker_failures, breaker_cooldown)
+        self.loaded: dict[str, bool] | None = None  # from /engines/ps: model key -> still loading; None: unknown
+        self._served: set[str] = set()  # models real traffic just got answers for (loaded until ps says otherwise)
         self._waiters: deque[tuple[Deferred[None], IDelayedCall]] = deque()
         self.removed = False
 
@@ -113,6 +115,30 @@ class EndpointState:
 
     def has_model(self, key: str) -> bool:
         return key in self.model_keys
+
+    def model_loaded(self, key: str) -> bool | None:
+        """Whether ``key`` is loaded here and ready (``None``: unknown, e.g. no ``/engines/ps``)."""
+        if key in self._served:
+            return True
+        if self.loaded is None:
+            return None
+        loading = self.loaded.get(key)
+        return loading is False
+
+    def set_loaded(self, loaded: dict[str, bool] | None) -> None:
+        """What ``/engines/ps`` said is loaded (model key -> still loading), or ``None`` when it cannot say."""
+        self.loaded = loaded
+        self._served.clear()
+
+    def note_served(self, key: str) -> None:
+        """Real traffic got an answer for ``key`` here: it is loaded now."""
+        self._served.add(key)
+
+    def loaded_models(self) -> list[str] | None:
+        """The loaded models' keys, for status pages (``None``: unknown)."""
+        if self.loaded is None and not self._served:
+            return None
+        return sorted({k for k, loading in (self.loaded or {}).items() if not loading} | self._served)
 
     def listed_name(self, key: str) -> str | None:
         """The model id this endpoint lists for routing key ``key`` (as it spells it), if it lists it."""

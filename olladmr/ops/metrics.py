@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from twisted.internet.interfaces import IReactorTime
@@ -68,6 +68,32 @@ class _FleetCollector:
         yield from (up, status, breaker, in_flight, queued, models)
 
 
+class _StickyCollector:
+    """Reads the session router's counters at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.stats()
+        results = CounterMetricFamily(
+            "olladmr_sticky_sessions", "keyed requests by placement result", labels=["result"]
+        )
+        for result in ("hits", "misses", "repins", "spills"):
+            results.add_metric([result.rstrip("s") if result != "misses" else "miss"], stats[result])
+        yield results
+        cold = CounterMetricFamily(
+            "olladmr_cold_routes", "requests that could go to an endpoint with the model loaded (avoided) or could not (taken)",
+            labels=["result"],
+        )
+        cold.add_metric(["avoided"], stats["cold_route_avoided"])
+        cold.add_metric(["taken"], stats["cold_route_taken"])
+        yield cold
+        yield CounterMetricFamily("olladmr_sticky_evictions", "session pins evicted (idle or full)",
+                                  value=stats["evictions"])
+        yield GaugeMetricFamily("olladmr_sticky_sessions_active", "sessions pinned now", value=stats["sessions"])
+
+
 class ModelStats:
     """Per-model request counts and a bounded latency window."""
 
@@ -111,6 +137,7 @@ class Metrics:
         clock: IReactorTime,
         in_flight: Callable[[], int],
         response_entries: Callable[[], int] = lambda: 0,
+        sticky: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.fleet = fleet
         self._clock = clock
@@ -157,6 +184,8 @@ class Metrics:
         info = Gauge("olladmr_info", "olladmr build information", ["version"], registry=r)
         info.labels(__version__).set(1)
         r.register(_FleetCollector(fleet))
+        if sticky is not None:
+            r.register(_StickyCollector(sticky))
         self.config_loaded.set(clock.seconds())
         self.model_stats = ModelStats()
         self.total = 0

@@ -29,6 +29,7 @@ def endpoint_status(ep: EndpointState) -> dict[str, Any]:
         "routable": ep.routable,
         "priority": ep.config.priority,
         "models": [m["id"] for m in ep.models],
+        "loaded_models": ep.loaded_models(),
         "model_count": len(ep.models),
         "active_connections": ep.in_flight,
         "queued": ep.queued,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -141,12 +141,21 @@ class ResponseAffinity:
             elif pending == 0:
                 answer.callback(None)
 
+        def one_failed(failure: Failure, endpoint: EndpointState) -> None:
+            log.failure("probing {endpoint} for {response_id} failed", failure, endpoint=endpoint.name,
+                        response_id=response_id)
+            one_done(False, endpoint)
+
         for endpoint in candidates:
-            self._slots.run(self._probe, response_id, endpoint).addCallback(one_done, endpoint)
+            self._slots.run(self._probe, response_id, endpoint).addCallbacks(
+                one_done, one_failed, callbackArgs=(endpoint,), errbackArgs=(endpoint,)
+            )
         return await answer
 
     def _probe(self, response_id: str, endpoint: EndpointState) -> Deferred[bool]:
         """``GET .../responses/{id}`` on ``endpoint``: whether it answers 200 (never fails)."""
+        if self._locating.get(response_id) is None:
+            return succeed(False)  # found (or given up) while this probe waited for a slot
         config = endpoint.config
         headers = Headers({b"user-agent": [USER_AGENT], b"accept": [b"application/json"]})
         for name, value in config.encoded_headers:

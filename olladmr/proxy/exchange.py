@@ -45,6 +45,7 @@ from ..errors import ANTHROPIC, OPENAI, ClientError, bad_gateway, gateway_timeou
 from ..failures import HEADER_TIMEOUT, UpstreamFailure
 from ..fleet.balancer import Balancer
 from ..fleet.routing import RoutingDecision, route
+from ..fleet.sessions import Placement, SessionRouter
 from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout
 from .headers import add_response_headers, copy_response_headers, upstream_request_headers
 from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
@@ -84,6 +85,7 @@ class ExchangeHost(TypingProtocol):
     config: Config
     balancer: Balancer
     responses: ResponseAffinity
+    sessions: SessionRouter
 
     def mark_offline(self, endpoint: EndpointState, reason: str) -> None: ...
 
@@ -108,6 +110,7 @@ class Exchange:
         self._relay: ResponseRelay | None = None
         self._slot: EndpointState | None = None
         self._deadline: IDelayedCall | None = None
+        self._placement: Placement | None = None
         client = request.getClientAddress()
         self.record = ExchangeRecord(
             request_id=call.request_id,
@@ -135,8 +138,12 @@ class Exchange:
         if total > 0:
             self._deadline = self.host.clock.callLater(total, self._request_timed_out)
         if self.call.response_id is not None:
-            self._bind_response(self.call.response_id)
+            self._bind_response(self.call.response_id)  # that rule wins over every session key
             return
+        session = self.call.session
+        if session is not None:
+            self._placement = self.host.sessions.place(session, self.remaining, self.call.model_key)
+            self.remaining = list(self._placement.order)
         self._next()
 
     def abort(self) -> None:
@@ -220,8 +227,14 @@ class Exchange:
         if not choices:
             self._fail(self._exhausted())
             return
-        free = [ep for ep in choices if ep.has_free_slot]
-        endpoint = self.host.balancer.pick(free or choices)
+        if self._placement is not None:
+            endpoint = choices[0]  # the session's order (bounded load and loaded models already weighed)
+        else:
+            pool = [ep for ep in choices if ep.has_free_slot] or choices
+            key = self.call.model_key
+            if key is not None and len(pool) > 1 and self.host.sessions.enabled:
+                pool = self.host.sessions.prefer_loaded(pool, key)
+            endpoint = self.host.balancer.pick(pool)
         self.remaining.remove(endpoint)
         try:
             waiting = endpoint.acquire()
@@ -290,8 +303,12 @@ class Exchange:
         body: IBodyProducer | None
         if real is not None and request.content is not None:  # a model alias: this endpoint's name for it
             request.content.seek(0)
-            body = BytesProducer(rewrite_model(request.content.read(), real))
-            self.record.model = real
+            try:
+                body = BytesProducer(rewrite_model(request.content.read(), real))
+                self.record.model = real
+            except ValueError:  # routes validated it as JSON: not expected; send it as it came
+                log.failure("could not rewrite the model of request {request_id}", request_id=self.call.request_id)
+                body = body_producer(request.content)
         else:
             body = body_producer(request.content)
         d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh)
@@ -431,6 +448,15 @@ class Exchange:
         if self.decision is not None:
             for name, value in self.decision.headers().items():
                 setter(name, [value])
+        session = self.call.session
+        if session is not None and self._placement is not None and response.code < 500:
+            verdict = self.host.sessions.served(session, self._placement, endpoint)
+            setter(b"x-olla-sticky-session", [verdict.encode()])
+            setter(b"x-olla-sticky-key-source", [session.source.encode()])
+            if session.session_id is not None:
+                setter(b"x-olla-session-id", [session.session_id])
+        elif self.call.affinity_reported:
+            setter(b"x-olla-sticky-session", [b"disabled"])
         content_type = response.headers.getRawHeaders(b"content-type")
         if content_type and content_type[0].lower().startswith(_SSE):
             setter(b"cache-control", [b"no-cache"])
@@ -440,6 +466,8 @@ class Exchange:
 
     def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
+        if response.code < 300 and self.call.model_key is not None:
+            endpoint.note_served(self.call.model_key)
         is_sse = self._start_response(response, endpoint)
         api = self.call.api
         relay = ResponseRelay(

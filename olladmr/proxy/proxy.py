@@ -21,6 +21,7 @@ from twisted.web.server import Request
 
 from ..config.schema import Config
 from ..fleet.balancer import Balancer, make_balancer
+from ..fleet.sessions import SessionRouter
 from ..fleet.state import EndpointState, Fleet
 from .affinity import ResponseAffinity
 from .exchange import Exchange
@@ -90,6 +91,7 @@ class Proxy:
         *,
         inflight: InFlight,
         responses: ResponseAffinity,
+        sessions: SessionRouter,
         mark_offline: Callable[[EndpointState, str], None],
         observers: Sequence[ExchangeObserver] = (),
     ) -> None:
@@ -99,6 +101,7 @@ class Proxy:
         self.config = config
         self.inflight = inflight
         self.responses = responses
+        self.sessions = sessions
         self._mark_offline = mark_offline
         self._observers = tuple(observers)
         self.balancer: Balancer = make_balancer(config.proxy.load_balancer)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fleet.aliases import Alias
+from ..fleet.sessions import SessionKey
 
 OK = "ok"
 CLIENT_DISCONNECTED = "client_disconnected"
@@ -44,6 +45,8 @@ class ProxyCall:
     response_id: str | None = None  # bound to the endpoint holding this stored Responses API answer
     capture_response: bool = False  # a Responses API create: remember where its answer is stored
     forget_response: bool = False  # a DELETE of response_id: forget it once deleted
+    session: SessionKey | None = None  # KV-cache affinity: the conversation's key
+    affinity_reported: bool = False  # answer X-Olla-Sticky-Session (disabled) even without a key
 
 
 @dataclass

@@ -2,38 +2,74 @@
 The one body rewrite olladmr does: a model alias's request gets the real
 model name the chosen endpoint lists.
 
-Only the top-level ``"model"`` string changes; every other byte of the
-body stays as the client sent it when that can be done safely (the value
-is replaced in place and the result re-parsed to prove nothing else
-moved), otherwise the JSON is re-serialised.
+Only the top-level ``"model"`` value changes; every other byte of the
+body stays as the client sent it.  The top-level members are walked once
+(each value parsed once, so the cost is linear in the body), the value of
+the last ``model`` member (the one JSON parsers keep) is replaced in
+place, and the result is re-parsed to prove nothing else moved; if that
+ever fails, the JSON is re-serialised instead.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
-_MODEL_KEY = re.compile(rb'"model"\s*:\s*"')
+_DECODER = json.JSONDecoder()
+_SPACE = " \t\n\r"
+
+
+def _skip(text: str, at: int) -> int:
+    while at < len(text) and text[at] in _SPACE:
+        at += 1
+    return at
+
+
+def _model_span(text: str) -> tuple[int, int] | None:
+    """Where the last top-level ``model`` member's value is in ``text`` (a JSON object), if anywhere."""
+    at = _skip(text, 0)
+    if text[at : at + 1] != "{":
+        return None
+    at = _skip(text, at + 1)
+    span = None
+    while at < len(text) and text[at] != "}":
+        if text[at] != '"':
+            return None
+        key, at = scanstring(text, at + 1)
+        at = _skip(text, at)
+        if text[at : at + 1] != ":":
+            return None
+        start = _skip(text, at + 1)
+        _, at = _DECODER.raw_decode(text, start)
+        if key == "model":
+            span = (start, at)
+        at = _skip(text, at)
+        if text[at : at + 1] == ",":
+            at = _skip(text, at + 1)
+    return span
 
 
 def rewrite_model(raw: bytes, model: str) -> bytes:
     """``raw`` (a JSON object with a top-level ``model``) naming ``model`` instead."""
-    original: Any = json.loads(raw)
+    bom = b"\xef\xbb\xbf" if raw.startswith(b"\xef\xbb\xbf") else b""
+    text = raw[len(bom) :].decode("utf-8", "surrogatepass")
+    original: Any = json.loads(text)
     wanted = dict(original)
     wanted["model"] = model
-    replacement = json.dumps(model).encode("utf-8")
-    for match in _MODEL_KEY.finditer(raw):
-        start = match.end() - 1  # the value's opening quote
-        try:
-            _, end = json.JSONDecoder().raw_decode(raw[start:].decode("utf-8"))
-        except ValueError:
-            continue
-        end = start + len(raw[start:].decode("utf-8")[:end].encode("utf-8"))
-        candidate = raw[:start] + replacement + raw[end:]
+    try:
+        span = _model_span(text)
+    except (ValueError, IndexError):
+        span = None
+    if span is not None:
+        candidate = text[: span[0]] + json.dumps(model) + text[span[1] :]
         try:
             if json.loads(candidate) == wanted:
-                return candidate
+                return bom + candidate.encode("utf-8", "surrogatepass")
         except ValueError:
-            continue
-    return json.dumps(wanted, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            pass
+    compact = json.dumps(wanted, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return bom + compact.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: only an escape can carry it
+        return bom + json.dumps(wanted, separators=(",", ":")).encode("ascii")

@@ -1,0 +1,336 @@
+"""
+KV-cache affinity: a conversation goes back to the endpoint that already
+processed its prefix, and every olladmr instance agrees which one that is.
+
+* **Session keys** (:func:`session_key`): the first of the configured
+  sources that yields one -- the ``X-Olla-Session-ID`` header, a hash of
+  the conversation's stable prefix (system messages plus the first user
+  message; for text completions the first ``prefix_bytes`` of the prompt),
+  a hash of the client's credential, or the client address -- scoped by
+  model.  Only digests are kept: a credential never appears in clear.
+* **Placement** (:meth:`SessionRouter.place`): rendezvous
+  (highest-random-weight) hashing of the key over the routable candidates
+  of the highest priority tier, so any number of instances with the same
+  endpoint names pick the same endpoint, across restarts and reloads, and
+  when an endpoint leaves only its own sessions move.  A bounded pin table
+  (LRU, idle TTL) on top keeps a conversation that had to move on its new
+  endpoint when the old one returns (its cache is warm there now).
+* **Bounded load**: an endpoint whose in-flight count exceeds
+  ``load_factor`` x the tier's mean + 1, or that has no free slot, is
+  passed over for the next one in the key's order (``spill``).
+* **Loaded models**: without a pin, an endpoint that has the model loaded
+  (``/engines/ps``) wins over one that would have to load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.http_headers import Headers
+
+from ..config.schema import AffinityConfig, Config
+from .state import EndpointState
+
+SESSION_HEADER = b"x-olla-session-id"
+HIT, MISS, REPIN, SPILL, DISABLED = "hit", "miss", "repin", "spill", "disabled"
+#: Routes whose prompts build a KV cache worth returning to (the others carry a key only from the header).
+PREFIX_ROUTES = frozenset({"chat/completions", "completions", "messages", "responses"})
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """A conversation's model-scoped key (a digest), where it came from, and the session id to echo."""
+
+    key: str
+    source: str
+    session_id: bytes | None = None
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def conversation_prefix(route: str, body: Mapping[str, Any], prefix_bytes: int) -> bytes | None:
+    """
+    The stable opening of a conversation, which stays the same as it grows
+    turn by turn: chat -> its system messages and first user message;
+    Anthropic -> ``system`` and the first message; Responses -> its
+    ``instructions`` and first input item; text completion -> the first
+    ``prefix_bytes`` of the prompt.
+    """
+    if route == "chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        system = [m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+        first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+        return _canonical([system, first]) if first is not None or system else None
+    if route == "messages":
+        turns = body.get("messages")
+        opening: Any = turns[0] if isinstance(turns, list) and turns else None
+        preamble: Any = body.get("system")
+        return _canonical([preamble, opening]) if opening is not None or preamble else None
+    if route == "responses":
+        given = body.get("input")
+        item: Any = given[0] if isinstance(given, list) and given else given
+        instructions: Any = body.get("instructions")
+        return _canonical([instructions, item]) if item is not None or instructions else None
+    if route == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt:
+            prompt = prompt[0]
+        if isinstance(prompt, str) and prompt:
+            return prompt.encode("utf-8")[:prefix_bytes]
+        return None
+    return None
+
+
+def _credential(headers: Headers) -> bytes | None:
+    for name in (b"authorization", b"x-api-key"):
+        values = headers.getRawHeaders(name)
+        if values and values[0].strip():
+            return values[0].strip()
+    return None
+
+
+def session_key(
+    settings: AffinityConfig,
+    *,
+    route: str,
+    model_key: str,
+    headers: Headers,
+    body: Mapping[str, Any],
+    client_ip: str,
+) -> SessionKey | None:
+    """The request's session key from the first configured source that yields one, or ``None``."""
+    scope = model_key.encode("utf-8")
+    for source in settings.key_sources:
+        if source == "session_header":
+            values = headers.getRawHeaders(SESSION_HEADER)
+            value = values[0].strip() if values else b""
+            if value and len(value) <= 256:
+                return SessionKey(_digest(scope, b"s", value), source, value)
+        elif route not in PREFIX_ROUTES:
+            continue  # embeddings, rerank, score, images: only an explicit session id
+        elif source == "prefix":
+            prefix = conversation_prefix(route, body, settings.prefix_bytes)
+            if prefix is not None:
+                return SessionKey(_digest(scope, b"p", prefix), source)
+        elif source == "auth":
+            credential = _credential(headers)
+            if credential is not None:
+                return SessionKey(_digest(scope, b"a", credential), source)
+        elif source == "ip" and client_ip:
+            return SessionKey(_digest(scope, b"i", client_ip.encode()), source)
+    return None
+
+
+def rendezvous(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointState]:
+    """``endpoints`` in the key's highest-random-weight order (the same on every instance)."""
+    prefix = key.encode("ascii") + b"\0"
+
+    def weight(ep: EndpointState) -> bytes:
+        return hashlib.blake2b(prefix + ep.name.encode("utf-8"), digest_size=8).digest()
+
+    return sorted(endpoints, key=weight, reverse=True)
+
+
+class PinTable:
+    """Owns the bounded session -> endpoint pins: least recently used first, idle ones expire after ``idle_ttl``."""
+
+    def __init__(self, clock: IReactorTime, max_sessions: int, idle_ttl: float) -> None:
+        self._clock = clock
+        self.max_sessions = max_sessions
+        self.idle_ttl = idle_ttl
+        self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        self._expire(self._clock.seconds())
+        return len(self._pins)
+
+    def _expire(self, now: float) -> None:
+        pins = self._pins
+        while pins:
+            key, (_, used) = next(iter(pins.items()))
+            if used + self.idle_ttl > now:
+                return
+            del pins[key]
+            self.evictions += 1
+
+    def get(self, key: str) -> str | None:
+        """The endpoint ``key`` is pinned to (the pin's idle time restarts), if any."""
+        now = self._clock.seconds()
+        self._expire(now)
+        entry = self._pins.get(key)
+        if entry is None:
+            return None
+        self._pins[key] = (entry[0], now)
+        self._pins.move_to_end(key)
+        return entry[0]
+
+    def pin(self, key: str, endpoint: str) -> None:
+        """Pin ``key`` to ``endpoint`` (the least recently used pin makes room if the table is full)."""
+        now = self._clock.seconds()
+        self._expire(now)
+        self._pins[key] = (endpoint, now)
+        self._pins.move_to_end(key)
+        while len(self._pins) > self.max_sessions:
+            self._pins.popitem(last=False)
+            self.evictions += 1
+
+    def keep_only(self, endpoints: set[str]) -> int:
+        """Drop the pins to endpoints not in ``endpoints`` (removed by a reload); returns how many."""
+        gone = [key for key, (name, _) in self._pins.items() if name not in endpoints]
+        for key in gone:
+            del self._pins[key]
+        return len(gone)
+
+
+@dataclass
+class Placement:
+    """Where one keyed request goes first, and why: the endpoints in order, and hit/miss/repin/spill."""
+
+    order: list[EndpointState]
+    verdict: str
+    pinned: str | None
+
+
+class SessionRouter:
+    """Owns session placement: the settings in force, the pin table and the affinity counters."""
+
+    def __init__(self, clock: IReactorTime, config: Config) -> None:
+        self.settings = config.proxy.affinity
+        self.pins = PinTable(clock, self.settings.max_sessions, self.settings.idle_ttl)
+        self.counts = {HIT: 0, MISS: 0, REPIN: 0, SPILL: 0}
+        self.cold_avoided = 0
+        self.cold_taken = 0
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt reloaded settings; pins to endpoints that remain are kept."""
+        self.settings = config.proxy.affinity
+        self.pins.max_sessions = self.settings.max_sessions
+        self.pins.idle_ttl = self.settings.idle_ttl
+        self.pins.keep_only({ep.name for ep in config.endpoints})
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    def key_for(
+        self, *, route: str, model_key: str, headers: Headers, body: Mapping[str, Any], client_ip: str
+    ) -> SessionKey | None:
+        """The request's session key, or ``None`` (affinity off, or no source yields one)."""
+        if not self.settings.enabled:
+            return None
+        return session_key(
+            self.settings, route=route, model_key=model_key, headers=headers, body=body, client_ip=client_ip
+        )
+
+    def place(self, session: SessionKey, candidates: Sequence[EndpointState], model_key: str | None) -> Placement:
+        """The order to try ``candidates`` in for ``session`` (first choice first) and the verdict."""
+        routable = [ep for ep in candidates if ep.routable]
+        if not routable:
+            return Placement(list(candidates), MISS, None)
+        pinned = self.pins.get(session.key)
+        if pinned is not None:
+            holder = next((ep for ep in routable if ep.name == pinned), None)
+            if holder is not None:
+                rest = rendezvous(session.key, [ep for ep in routable if ep is not holder])
+                return Placement([holder, *rest], HIT, pinned)
+        top = max(ep.config.priority for ep in routable)
+        tier = rendezvous(session.key, [ep for ep in routable if ep.config.priority == top])
+        others = rendezvous(session.key, [ep for ep in routable if ep.config.priority != top])
+        verdict = REPIN if pinned is not None else MISS
+        if model_key is not None:
+            tier = self._prefer_loaded(tier, model_key)
+        chosen = self._bounded(tier)
+        if chosen is not tier[0]:
+            verdict = SPILL
+            tier = [chosen, *[ep for ep in tier if ep is not chosen]]
+        return Placement(tier + others, verdict, pinned)
+
+    def _prefer_loaded(self, tier: list[EndpointState], model_key: str) -> list[EndpointState]:
+        """Put the endpoints that have the model loaded first, when the key's first choice does not."""
+        first = tier[0].model_loaded(model_key)
+        if first is True:
+            return tier
+        loaded = [ep for ep in tier if ep.model_loaded(model_key) is True]
+        if loaded:
+            if first is False:
+                self.cold_avoided += 1
+            return loaded + [ep for ep in tier if ep not in loaded]
+        if first is False:
+            self.cold_taken += 1
+        return tier
+
+    def prefer_loaded(self, pool: list[EndpointState], model_key: str) -> list[EndpointState]:
+        """
+        For a request without a key: the endpoints of ``pool`` that have the
+        model loaded and are within the load bound, when there are some and
+        others would have to load it; else ``pool`` (the balancer decides).
+        """
+        mean = sum(ep.in_flight for ep in pool) / len(pool)
+        bound = self.settings.load_factor * mean + 1
+        loaded = [ep for ep in pool if ep.model_loaded(model_key) is True and ep.in_flight <= bound]
+        if loaded and len(loaded) < len(pool):
+            if any(ep.model_loaded(model_key) is False for ep in pool):
+                self.cold_avoided += 1
+            return loaded
+        return pool
+
+    def _bounded(self, tier: list[EndpointState]) -> EndpointState:
+        """The first endpoint in ``tier`` that is not over its load bound (or the first, if all are)."""
+        if len(tier) == 1:
+            return tier[0]
+        mean = sum(ep.in_flight for ep in tier) / len(tier)
+        bound = self.settings.load_factor * mean + 1
+        for ep in tier:
+            if ep.in_flight <= bound and ep.has_free_slot:
+                return ep
+        return tier[0]
+
+    def served(self, session: SessionKey, placement: Placement, endpoint: EndpointState) -> str:
+        """
+        ``endpoint`` answered the request: the session is pinned where its
+        cache now is (a spill away from an existing pin is a one-off detour
+        and leaves the pin); returns the verdict to report.
+        """
+        verdict = placement.verdict
+        if endpoint.name != placement.pinned and not (verdict == SPILL and placement.pinned is not None):
+            if verdict == HIT:
+                verdict = REPIN  # the pinned endpoint failed; the session moves
+            self.pins.pin(session.key, endpoint.name)
+        self.counts[verdict] += 1
+        return verdict
+
+    def stats(self) -> dict[str, Any]:
+        """``/internal/stats/sticky``."""
+        return {
+            "enabled": self.settings.enabled,
+            "key_sources": list(self.settings.key_sources),
+            "sessions": len(self.pins),
+            "max_sessions": self.settings.max_sessions,
+            "idle_ttl_seconds": self.settings.idle_ttl,
+            "load_factor": self.settings.load_factor,
+            "hits": self.counts[HIT],
+            "misses": self.counts[MISS],
+            "repins": self.counts[REPIN],
+            "spills": self.counts[SPILL],
+            "evictions": self.pins.evictions,
+            "cold_route_avoided": self.cold_avoided,
+            "cold_route_taken": self.cold_taken,
+        }
