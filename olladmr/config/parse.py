@@ -136,6 +136,17 @@ def expand_env(value: str, environ: Mapping[str, str], fail: Callable[[str], Con
     return expanded
 
 
+def read_text_file(section: Section, key: str, path: str) -> str:
+    """The UTF-8 text of the file ``path`` named by ``key``, or a ConfigError naming both."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise section.error(key, f'cannot read "{path}": {exc.strerror or exc}') from None
+    except UnicodeDecodeError:
+        raise section.error(key, f'"{path}" is not UTF-8 text') from None
+
+
 # --------------------------------------------------------------------------
 # Endpoints
 
@@ -220,13 +231,7 @@ def _credential(sec: Section, group: tuple[str, ...], environ: Mapping[str, str]
     source = given[0]
     value = sec.string(source, "")
     if source.endswith("_file"):
-        try:
-            with open(value, encoding="utf-8") as handle:
-                text = handle.read().strip()
-        except OSError as exc:
-            raise sec.error(source, f"cannot read {value}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise sec.error(source, f"{value} is not UTF-8 text") from None
+        text = read_text_file(sec, source, value).strip()
     elif source.endswith("_env"):
         text = environ.get(value, "").strip()
         if not text:
@@ -604,13 +609,7 @@ def _read_digest_file(section: Section, key: str) -> list[bytes]:
     path = section.string(key, "").strip()
     if not path:
         raise section.error(key, "expected a file name")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise section.error(key, f'cannot read "{path}": {exc.strerror or exc}') from None
-    except UnicodeDecodeError:
-        raise section.error(key, f'"{path}" is not UTF-8 text') from None
+    lines = read_text_file(section, key, path).splitlines()
     digests: list[bytes] = []
     for number, line in enumerate(lines, 1):
         text = line.partition("#")[0].strip()
