@@ -257,7 +257,7 @@ def test_env_placeholders_in_headers_and_credentials() -> None:
         ({"auth": {"token": "${DMR_SECRET_TOKEN}"}}, {}, "endpoints[0].auth.token: environment variable DMR_SECRET_TOKEN is not set"),
         ({"auth": {"token": "${EMPTY}"}}, {"EMPTY": ""}, "endpoints[0].auth.token: the token is empty or contains line breaks"),
         ({"auth": {"token": "two words"}}, {}, "endpoints[0].auth.token: the token contains spaces"),
-        ({"auth": {"type": "api_key", "key_file": "/nonexistent/olladmr-key"}}, {}, "endpoints[0].auth.key_file: cannot read "/nonexistent/olladmr-key""),
+        ({"auth": {"type": "api_key", "key_file": "/nonexistent/olladmr-key"}}, {}, 'endpoints[0].auth.key_file: cannot read "/nonexistent/olladmr-key"'),
         ({"auth": {"token": "t", "scheme": "x"}}, {}, "endpoints[0].auth.scheme: unknown key"),
         ({"headers": {"X-A": "${NOPE}"}}, {}, "endpoints[0].headers.X-A: environment variable NOPE is not set"),
     ],
