@@ -38,8 +38,10 @@ from .state import EndpointState
 
 SESSION_HEADER = b"x-olla-session-id"
 HIT, MISS, REPIN, SPILL, DISABLED = "hit", "miss", "repin", "spill", "disabled"
-#: Routes whose prompts build a KV cache worth returning to (the others carry a key only from the header).
-PREFIX_ROUTES = frozenset({"chat/completions", "completions", "messages", "responses"})
+#: Routes that generate with a chat runner: their prompts build a KV cache worth returning to (the others carry a
+#: key only from the header), and /engines/ps's completion runners say where their model is loaded.
+GENERATION_ROUTES = frozenset({"chat/completions", "completions", "messages", "responses"})
+PREFIX_ROUTES = GENERATION_ROUTES
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,9 @@ class SessionRouter:
             self.settings, route=route, model_key=model_key, headers=headers, body=body, client_ip=client_ip
         )
 
-    def place(self, session: SessionKey, candidates: Sequence[EndpointState], model_key: str | None) -> Placement:
+    def place(
+        self, session: SessionKey, candidates: Sequence[EndpointState], model_key: str | None, route: str | None = None
+    ) -> Placement:
         """The order to try ``candidates`` in for ``session`` (first choice first) and the verdict."""
         routable = [ep for ep in candidates if ep.routable]
         if not routable:
@@ -255,7 +259,7 @@ class SessionRouter:
         tier = rendezvous(session.key, [ep for ep in routable if ep.config.priority == top])
         others = rendezvous(session.key, [ep for ep in routable if ep.config.priority != top])
         verdict = REPIN if pinned is not None else MISS
-        if model_key is not None:
+        if model_key is not None and (route is None or route in GENERATION_ROUTES):
             tier = self._prefer_loaded(tier, model_key)
         chosen = self._bounded(tier)
         if chosen is not tier[0]:

@@ -45,7 +45,7 @@ from ..errors import ANTHROPIC, OPENAI, ClientError, bad_gateway, gateway_timeou
 from ..failures import HEADER_TIMEOUT, UpstreamFailure
 from ..fleet.balancer import Balancer
 from ..fleet.routing import RoutingDecision, route
-from ..fleet.sessions import Placement, SessionRouter
+from ..fleet.sessions import GENERATION_ROUTES, Placement, SessionRouter
 from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout
 from .headers import add_response_headers, copy_response_headers, upstream_request_headers
 from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
@@ -142,7 +142,7 @@ class Exchange:
             return
         session = self.call.session
         if session is not None:
-            self._placement = self.host.sessions.place(session, self.remaining, self.call.model_key)
+            self._placement = self.host.sessions.place(session, self.remaining, self.call.model_key, self.call.route)
             self.remaining = list(self._placement.order)
         self._next()
 
@@ -232,7 +232,7 @@ class Exchange:
         else:
             pool = [ep for ep in choices if ep.has_free_slot] or choices
             key = self.call.model_key
-            if key is not None and len(pool) > 1 and self.host.sessions.enabled:
+            if key is not None and len(pool) > 1 and self.host.sessions.enabled and self.call.route in GENERATION_ROUTES:
                 pool = self.host.sessions.prefer_loaded(pool, key)
             endpoint = self.host.balancer.pick(pool)
         self.remaining.remove(endpoint)
@@ -449,13 +449,13 @@ class Exchange:
             for name, value in self.decision.headers().items():
                 setter(name, [value])
         session = self.call.session
-        if session is not None and self._placement is not None and response.code < 500:
+        if session is not None and self._placement is not None and response.code < 300:
             verdict = self.host.sessions.served(session, self._placement, endpoint)
             setter(b"x-olla-sticky-session", [verdict.encode()])
             setter(b"x-olla-sticky-key-source", [session.source.encode()])
             if session.session_id is not None:
                 setter(b"x-olla-session-id", [session.session_id])
-        elif self.call.affinity_reported:
+        elif self.call.affinity_reported and (session is None or response.code < 300):
             setter(b"x-olla-sticky-session", [b"disabled"])
         content_type = response.headers.getRawHeaders(b"content-type")
         if content_type and content_type[0].lower().startswith(_SSE):
@@ -466,8 +466,8 @@ class Exchange:
 
     def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
-        if response.code < 300 and self.call.model_key is not None:
-            endpoint.note_served(self.call.model_key)
+        if response.code < 300 and self.call.model_key is not None and self.call.route in GENERATION_ROUTES:
+            endpoint.note_served(self.call.model_key)  # a chat runner is loaded there now
         is_sse = self._start_response(response, endpoint)
         api = self.call.api
         relay = ResponseRelay(
