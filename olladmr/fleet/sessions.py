@@ -87,7 +87,7 @@ def conversation_prefix(route: str, body: Mapping[str, Any], prefix_bytes: int) 
         return _canonical([preamble, opening]) if opening is not None or preamble else None
     if route == "responses":
         given = body.get("input")
-        item: Any = given[0] if isinstance(given, list) and given else given
+        item: Any = _input_text(given[0] if isinstance(given, list) and given else given)
         instructions: Any = body.get("instructions")
         return _canonical([instructions, item]) if item is not None or instructions else None
     if route == "completions":
@@ -98,6 +98,19 @@ def conversation_prefix(route: str, body: Mapping[str, Any], prefix_bytes: int) 
             return prompt.encode("utf-8")[:prefix_bytes]
         return None
     return None
+
+
+def _input_text(item: Any) -> Any:
+    """A Responses API input item as its role and text, however it is spelled (a string, a message, parts)."""
+    if isinstance(item, str):
+        return ["user", item]
+    if isinstance(item, dict):
+        content = item.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, str):
+            return [item.get("role", "user"), content]
+    return item
 
 
 def _credential(headers: Headers) -> bytes | None:
@@ -150,6 +163,12 @@ def rendezvous(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointSta
     return sorted(endpoints, key=weight, reverse=True)
 
 
+def _by_tier(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointState]:
+    """``endpoints`` by priority tier, highest first, each tier in the key's rendezvous order."""
+    tiers = sorted({ep.config.priority for ep in endpoints}, reverse=True)
+    return [ep for tier in tiers for ep in rendezvous(key, [e for e in endpoints if e.config.priority == tier])]
+
+
 class PinTable:
     """Owns the bounded session -> endpoint pins: least recently used first, idle ones expire after ``idle_ttl``."""
 
@@ -194,6 +213,12 @@ class PinTable:
             self._pins.popitem(last=False)
             self.evictions += 1
 
+    def trim(self) -> None:
+        """Evict least recently used pins down to ``max_sessions`` (after a reload lowered it)."""
+        while len(self._pins) > self.max_sessions:
+            self._pins.popitem(last=False)
+            self.evictions += 1
+
     def keep_only(self, endpoints: set[str]) -> int:
         """Drop the pins to endpoints not in ``endpoints`` (removed by a reload); returns how many."""
         gone = [key for key, (name, _) in self._pins.items() if name not in endpoints]
@@ -227,6 +252,7 @@ class SessionRouter:
         self.pins.max_sessions = self.settings.max_sessions
         self.pins.idle_ttl = self.settings.idle_ttl
         self.pins.keep_only({ep.name for ep in config.endpoints})
+        self.pins.trim()
 
     @property
     def enabled(self) -> bool:
@@ -253,11 +279,18 @@ class SessionRouter:
         if pinned is not None:
             holder = next((ep for ep in routable if ep.name == pinned), None)
             if holder is not None:
-                rest = rendezvous(session.key, [ep for ep in routable if ep is not holder])
+                # The pin wins (the session's cache is there), even over a higher tier that came back;
+                # the fallbacks keep priority order.
+                rest = _by_tier(session.key, [ep for ep in routable if ep is not holder])
+                peers = [ep for ep in rest if ep.config.priority == holder.config.priority]
+                if peers and not self._within_bound(holder, [holder, *peers]):
+                    detour = next((ep for ep in peers if self._within_bound(ep, [holder, *peers])), None)
+                    if detour is not None:
+                        return Placement([detour, holder, *[ep for ep in rest if ep is not detour]], SPILL, pinned)
                 return Placement([holder, *rest], HIT, pinned)
         top = max(ep.config.priority for ep in routable)
         tier = rendezvous(session.key, [ep for ep in routable if ep.config.priority == top])
-        others = rendezvous(session.key, [ep for ep in routable if ep.config.priority != top])
+        others = _by_tier(session.key, [ep for ep in routable if ep.config.priority != top])
         verdict = REPIN if pinned is not None else MISS
         if model_key is not None and (route is None or route in GENERATION_ROUTES):
             tier = self._prefer_loaded(tier, model_key)
@@ -296,14 +329,17 @@ class SessionRouter:
             return loaded
         return pool
 
+    def _within_bound(self, ep: EndpointState, tier: Sequence[EndpointState]) -> bool:
+        """Whether ``ep`` has a free slot and at most ``load_factor`` x the tier's mean in-flight + 1."""
+        mean = sum(other.in_flight for other in tier) / len(tier)
+        return ep.has_free_slot and ep.in_flight <= self.settings.load_factor * mean + 1
+
     def _bounded(self, tier: list[EndpointState]) -> EndpointState:
         """The first endpoint in ``tier`` that is not over its load bound (or the first, if all are)."""
         if len(tier) == 1:
             return tier[0]
-        mean = sum(ep.in_flight for ep in tier) / len(tier)
-        bound = self.settings.load_factor * mean + 1
         for ep in tier:
-            if ep.in_flight <= bound and ep.has_free_slot:
+            if self._within_bound(ep, tier):
                 return ep
         return tier[0]
 
