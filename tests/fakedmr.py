@@ -28,6 +28,7 @@ import string
 import struct
 import uuid
 import zlib
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,7 +45,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-__all__ = ["FakeDMR", "RecordedRequest", "StoredResponse", "normalize_model_name"]
+__all__ = [
+    "BackendState", "FakeDMR", "Lease", "Prompt", "RecordedRequest", "StateRecord", "StoredResponse",
+    "normalize_model_name",
+]
 
 KNOWN_BACKENDS = frozenset({"llama.cpp", "vllm", "mlx", "sglang", "diffusers"})
 INFERENCE_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
@@ -352,8 +356,8 @@ def _model_not_found(name: str) -> str:
 
 
 def _count_tokens(texts: Sequence[str]) -> int:
-    """Deterministic token count: whitespace-separated words, at least 1."""
-    return max(1, sum(len(text.split()) for text in texts))
+    """Deterministic token count: whitespace-separated words, at least 1 (a BackendState's split reused)."""
+    return max(1, sum(len(_WORDS.get(text) or text.split()) for text in texts))
 
 
 def _embedding(text: str) -> list[float]:
@@ -407,6 +411,8 @@ class _Exchange:
         self.done = False  # response finished or connection lost
         self.server_closed = False  # the fake itself tore the connection down
         self._task: Deferred[None] | None = None
+        self.lease: Lease | None = None  # with a BackendState: the hold on its model
+        self.prompt_texts: list[str] | None = None  # with a BackendState: what the prefill charges
         if inference:
             fake.active += 1
         fake._exchanges.add(self)
@@ -623,6 +629,542 @@ class _RunnerInfo:
     references: int = 0
 
 
+PREFIX_CHUNK = 64
+"""Tokens per hashed chunk of a prompt in ``BackendState``'s prefix cache."""
+GENERATING_ENDPOINTS = frozenset({"chat/completions", "completions", "messages"})
+"""Engine endpoints whose answers ``BackendState`` charges a prefill (time to first token) for;
+Responses API creates are charged too (as endpoint ``"responses"``)."""
+
+
+@dataclass
+class StateRecord:
+    """What a ``BackendState`` recorded about one inference request that reached the engine.
+
+    Times are seconds on the fake's reactor clock.  ``prompt_tokens``, ``cached_tokens``
+    and ``ttft`` stay 0 and ``first_token`` None for a request without a prefill
+    (embeddings, rerank, score, images, count_tokens, a context overflow) or one that
+    ended before its first token.
+    """
+
+    endpoint: str  # "chat/completions", "completions", "messages", "responses", "embeddings", …
+    model: str  # DMR's normalised name, e.g. "ai/smollm2:latest"
+    arrived: float  # when it asked for its model
+    cold: bool = False  # it waited for a cold load (one it started or one it joined)
+    admitted: float | None = None  # when it got hold of its (resident) model
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # covered by the longest cached prefix (always < prompt_tokens)
+    ttft: float = 0.0  # the prefill delay: base + per_token × (prompt_tokens - cached_tokens)
+    first_token: float | None = None  # when the prefill ended and the first token went out
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from arrival to the first token (cold load, queueing, ``header_delay`` and prefill)."""
+        return None if self.first_token is None else self.first_token - self.arrived
+
+
+def _chain_hashes(words: Sequence[str], known: Sequence[int] = ()) -> list[int]:
+    """Chained hashes of every full ``PREFIX_CHUNK``-word chunk of ``words``.
+
+    ``known`` holds the hashes of its first ``len(known)`` chunks already (a prompt
+    that ``words`` extends), so only the rest is hashed.
+    """
+    hashes = list(known)
+    chained = hashes[-1] if hashes else 0
+    for start in range(len(hashes) * PREFIX_CHUNK, len(words) - PREFIX_CHUNK + 1, PREFIX_CHUNK):
+        chained = hash((chained, tuple(words[start : start + PREFIX_CHUNK])))
+        hashes.append(chained)
+    return hashes
+
+
+_WORDS: dict[str, list[str]] = {}
+"""Memo of ``text.split()``: a conversation resends its earlier messages every turn, and words
+that are the same objects hash (into chunk hashes) several times faster than new ones."""
+_WORDS_LIMIT = 1 << 19  # words held by the memo before it starts over
+_words_held = [0]
+
+
+def _words(text: str) -> list[str]:
+    """``text.split()``, memoised (treat the list as read-only)."""
+    words = _WORDS.get(text)
+    if words is None:
+        words = text.split()
+        if _words_held[0] + len(words) > _WORDS_LIMIT:
+            _WORDS.clear()
+            _words_held[0] = 0
+        _WORDS[text] = words
+        _words_held[0] += len(words)
+    return words
+
+
+class Prompt:
+    """A prompt split into words (its tokens) once, with the chained hashes of its chunks."""
+
+    __slots__ = ("words", "hashes")
+
+    def __init__(self, words: list[str], known: Sequence[int] = ()) -> None:
+        self.words = words
+        self.hashes = _chain_hashes(words, known)
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> Prompt:
+        """The whitespace-separated words of ``texts`` in order (words never run across two texts)."""
+        words: list[str] = []
+        for text in texts:
+            words += _words(text)
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+@dataclass(eq=False)
+class _CacheEntry:
+    model: str
+    words: list[str]
+    hashes: list[int]
+
+
+@dataclass(eq=False)
+class _Resident:
+    """A loaded model: what ``/engines/ps`` shows, who holds it, its llama.cpp slots."""
+
+    model: str
+    ref: str  # the reference (as sent) of the request that loaded it
+    mode: str
+    backend: str
+    last_used: float
+    users: int = 0
+    busy: int = 0  # slots taken
+    slot_waiters: deque[tuple[Lease, Deferred[None]]] = field(default_factory=deque)
+
+
+@dataclass(eq=False)
+class _Admission:
+    """A request waiting for its model (to load, or for room to load it)."""
+
+    model: str
+    ref: str
+    mode: str
+    backend: str
+    record: StateRecord
+    deferred: Deferred[Lease] = field(default_factory=Deferred)
+
+
+@dataclass(eq=False)
+class _Load:
+    ref: str
+    mode: str
+    backend: str
+    waiters: list[_Admission]
+    call: IDelayedCall | None = None
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request's hold on a resident model, from ``BackendState.acquire``; hand it back to ``release``."""
+
+    state: BackendState
+    resident: _Resident
+    record: StateRecord
+    cold: bool
+    slot: bool = False
+    prompt: Prompt | None = None
+    released: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.resident.model
+
+
+class BackendState:
+    """An optional, deterministic model of one DMR endpoint's loaded models and KV cache.
+
+    Off by default: ``fake.state = BackendState(resident_capacity=2, cold_load=2.0)``
+    switches it on for one fake (each fake needs its own; the fake binds its reactor
+    as ``clock``).  Nothing is random, every delay is on that clock.  Knobs (keyword
+    arguments, plain attributes read at each use):
+
+    * ``resident_capacity`` (2): models loaded at once, by DMR's normalised name (all
+      modes of a model share one entry, the mode shown is the loader's).  A request for
+      a model that is neither loaded nor loading starts a load, evicting the least
+      recently used *idle* resident model if at capacity (a load in progress counts
+      towards capacity; DMR evicts every idle runner instead, and LRU is the useful
+      part of that).  When every resident model is in use the request queues (FIFO,
+      like DMR's wait for a free runner slot) until one is released.
+    * ``cold_load`` (2.0 s): how long a load takes; concurrent requests for a model
+      being loaded share the one load.  The fake waits for it before headers, and
+      before ``header_delay``.  With a state, ``cold_load_delay`` and the fake's own
+      runner list are unused and ``GET /engines/ps`` shows exactly the resident models
+      (LRU first) then the loading ones, in DMR's ``BackendStatus`` shape.
+    * ``base`` (0.02 s), ``per_token`` (0.00025 s): the prefill delay, i.e. the time
+      to first token, is ``base + per_token × uncached``, ``uncached`` being the
+      prompt's tokens (whitespace-separated words) not covered by the longest cached
+      prefix among this model's cache entries here; like llama.cpp, at least the last
+      prompt token is always processed.  Non-streaming answers wait for it before
+      headers; streams send headers at once and wait before the first event.
+    * ``cache_tokens`` (65536): bound on the tokens held by the prefix cache, all
+      models together; least recently used entries go first, an entry longer than
+      the bound keeps its first ``cache_tokens`` words.  After a complete answer the
+      prompt plus the generated words become an entry (replacing entries it extends),
+      as llama.cpp's KV cache holds both.  Evicting a model drops its entries.
+    * ``slots`` (0, unlimited): llama.cpp's parallel slots per resident model; a
+      request holds one from its prefill to the end of its answer, others queue
+      (FIFO) before their prefill, after the stream's headers.
+
+    Prompts: chat, every message's text content in order (system included); completions,
+    the prompt; Anthropic Messages, system then messages; Responses API, instructions,
+    then each earlier response of the ``previous_response_id`` chain (oldest first) with
+    its input and output, then the input.  The failure knobs (``load_failure``,
+    ``loading_503``, ``force_status``) answer before the state model sees a request.
+
+    Counters and records, cleared by ``reset()`` (the fake's ``reset()`` calls it):
+    ``cold_loads`` (loads performed), ``evictions`` (models unloaded for room),
+    ``cache_hits_tokens`` / ``cache_miss_tokens`` (prompt tokens found cached / prefilled),
+    ``records`` (a ``StateRecord`` per inference request, in arrival order).
+    Views: ``resident``, ``loading``, ``cache_used``, ``entries``, ``lookup()``, ``ps()``.
+    ``clear()`` (the fake's ``stop()`` calls it: a restarted DMR has nothing loaded)
+    empties the resident set, loads, queues and cache but keeps counters and records.
+
+    The prefix match hashes ``PREFIX_CHUNK``-word chunks (chained), then compares words
+    within one chunk, so an 8k-token prompt costs the fake a fraction of a millisecond.
+    """
+
+    def __init__(
+        self, *, resident_capacity: int = 2, cold_load: float = 2.0, base: float = 0.02,
+        per_token: float = 0.00025, cache_tokens: int = 65536, slots: int = 0, clock: Any = None,
+    ) -> None:
+        self.resident_capacity = resident_capacity
+        self.cold_load = cold_load
+        self.base = base
+        self.per_token = per_token
+        self.cache_tokens = cache_tokens
+        self.slots = slots
+        self.clock: Any = clock  # IReactorTime; None: the global reactor (a FakeDMR binds its own)
+        self._owner: object = None
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
+        self._loading: dict[str, _Load] = {}
+        self._queue: deque[_Admission] = deque()
+        self._draining = self._drain_again = False
+        self._entries: OrderedDict[int, _CacheEntry] = OrderedDict()  # LRU first
+        self._index: dict[str, dict[int, set[int]]] = {}  # model -> chained chunk hash -> entry ids
+        self._by_model: dict[str, set[int]] = {}
+        self._entry_ids = itertools.count()
+        self.cache_used = 0
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"<BackendState resident={self.resident} loading={self.loading} cache_used={self.cache_used}>"
+
+    def _clock(self) -> Any:
+        if self.clock is None:
+            from twisted.internet import reactor as global_reactor
+
+            self.clock = global_reactor
+        return self.clock
+
+    def _now(self) -> float:
+        return float(self._clock().seconds())
+
+    # -- views ---------------------------------------------------------------
+
+    @property
+    def resident(self) -> list[str]:
+        """The loaded models' normalised names, least recently used first."""
+        return list(self._resident)
+
+    @property
+    def loading(self) -> list[str]:
+        """The models being loaded."""
+        return list(self._loading)
+
+    @property
+    def entries(self) -> list[tuple[str, int]]:
+        """The prefix cache as (model, tokens) pairs, least recently used first."""
+        return [(entry.model, len(entry.words)) for entry in self._entries.values()]
+
+    def lookup(self, model: str, texts: Sequence[str] | Prompt) -> int:
+        """How many tokens of a prompt for ``model`` (normalised) are cached here now; changes nothing."""
+        prompt = texts if isinstance(texts, Prompt) else Prompt.of(texts)
+        return min(self._match(model, prompt)[0], max(0, len(prompt) - 1))
+
+    def ps(self) -> list[dict[str, Any]]:
+        """``GET /engines/ps``: resident models (LRU first), then loading ones (Go's omitempty)."""
+        entries: list[dict[str, Any]] = []
+        for res in self._resident.values():
+            entry: dict[str, Any] = {"backend_name": res.backend, "model_name": res.ref, "mode": res.mode,
+                                     "last_used": GO_ZERO_TIME if res.users else _go_time(res.last_used)}
+            if res.users:
+                entry["in_use"] = True
+            entries.append(entry)
+        for load in self._loading.values():
+            entries.append({"backend_name": load.backend, "model_name": load.ref, "mode": load.mode,
+                            "last_used": GO_ZERO_TIME, "loading": True})
+        return entries
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def clear(self) -> None:
+        """Nothing loaded, nothing loading or queued, nothing cached (counters and records stay).
+
+        Requests still waiting are left waiting (a stopping fake cuts their connections).
+        """
+        for load in self._loading.values():
+            if load.call is not None and load.call.active():
+                load.call.cancel()
+        self._loading.clear()
+        self._resident.clear()
+        self._queue.clear()
+        self._entries.clear()
+        self._index.clear()
+        self._by_model.clear()
+        self.cache_used = 0
+
+    def reset(self) -> None:
+        """``clear()``, and zero the counters and records."""
+        self.clear()
+        self.cold_loads = 0
+        self.evictions = 0
+        self.cache_hits_tokens = 0
+        self.cache_miss_tokens = 0
+        self.records: list[StateRecord] = []
+
+    # -- resident models -------------------------------------------------------
+
+    def acquire(
+        self, model: str, *, ref: str | None = None, mode: str = "completion", backend: str = "llama.cpp",
+        endpoint: str = "chat/completions",
+    ) -> Deferred[Lease]:
+        """Hold ``model`` (normalised name) once it is resident; fires with a ``Lease``.
+
+        Records the request.  Cancelling the Deferred withdraws the request (a load
+        it started goes on).
+        """
+        record = StateRecord(endpoint, model, self._now())
+        self.records.append(record)
+        admission = _Admission(model, ref or model, mode, backend, record)
+        admission.deferred = Deferred(lambda _: self._withdraw(admission))
+        known = model in self._resident or model in self._loading
+        if (self._queue and not known) or not self._admit(admission):
+            self._queue.append(admission)
+        return admission.deferred
+
+    def release(self, lease: Lease) -> None:
+        """Give back what ``acquire`` (and ``slot``) gave; idempotent."""
+        if lease.released:
+            return
+        lease.released = True
+        res = lease.resident
+        res.users -= 1
+        res.last_used = self._now()
+        if self._resident.get(res.model) is res:
+            self._resident.move_to_end(res.model)
+        if lease.slot:
+            self._free_slot(lease)
+        if res.users == 0 and self._queue:
+            self._drain()
+
+    def _withdraw(self, admission: _Admission) -> None:
+        if admission in self._queue:
+            self._queue.remove(admission)
+        load = self._loading.get(admission.model)
+        if load is not None and admission in load.waiters:
+            load.waiters.remove(admission)
+
+    def _admit(self, admission: _Admission) -> bool:
+        """Grant, join a load, or start one (evicting if need be); False if it must wait."""
+        model = admission.model
+        res = self._resident.get(model)
+        if res is not None:
+            self._resident.move_to_end(model)
+            self._grant([admission], res, cold=False)
+            return True
+        load = self._loading.get(model)
+        if load is not None:
+            load.waiters.append(admission)
+            return True
+        if len(self._resident) + len(self._loading) >= max(1, self.resident_capacity):
+            victim = next((r for r in self._resident.values() if r.users == 0), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        load = _Load(admission.ref, admission.mode, admission.backend, [admission])
+        self._loading[model] = load
+        self.cold_loads += 1
+        if self.cold_load > 0:
+            load.call = self._clock().callLater(self.cold_load, self._loaded, model)
+        else:
+            self._loaded(model)
+        return True
+
+    def _loaded(self, model: str) -> None:
+        load = self._loading.pop(model)
+        res = _Resident(model, load.ref, load.mode, load.backend, self._now())
+        self._resident[model] = res
+        self._grant(load.waiters, res, cold=True)
+        if self._queue:
+            self._drain()
+
+    def _grant(self, admissions: list[_Admission], res: _Resident, *, cold: bool) -> None:
+        res.users += len(admissions)  # all pinned before any caller runs on
+        now = self._now()
+        for admission in admissions:
+            admission.record.cold, admission.record.admitted = cold, now
+        for admission in admissions:
+            admission.deferred.callback(Lease(self, res, admission.record, cold))
+
+    def _drain(self) -> None:
+        """Admit queued requests in order while there is room."""
+        if self._draining:
+            self._drain_again = True
+            return
+        self._draining = True
+        try:
+            again = True
+            while again:
+                self._drain_again = False
+                while self._queue:
+                    admission = self._queue.popleft()
+                    if not self._admit(admission):
+                        self._queue.appendleft(admission)
+                        break
+                again = self._drain_again
+        finally:
+            self._draining = False
+
+    def _evict(self, res: _Resident) -> None:
+        del self._resident[res.model]
+        self.evictions += 1
+        for entry_id in list(self._by_model.get(res.model, ())):
+            self._drop(entry_id)
+
+    # -- llama.cpp slots -------------------------------------------------------
+
+    def slot(self, lease: Lease) -> Deferred[None]:
+        """A slot of the lease's model (at once unless ``slots`` are all taken); ``release`` frees it."""
+        res = lease.resident
+        if lease.slot or lease.released:
+            return succeed(None)
+        if self.slots <= 0 or res.busy < self.slots:
+            res.busy += 1
+            lease.slot = True
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: res.slot_waiters.remove((lease, d)))
+        res.slot_waiters.append((lease, waiter))
+        return waiter
+
+    def _free_slot(self, lease: Lease) -> None:
+        lease.slot = False
+        res = lease.resident
+        if res.slot_waiters:
+            waiting, waiter = res.slot_waiters.popleft()
+            waiting.slot = True
+            waiter.callback(None)
+        else:
+            res.busy -= 1
+
+    # -- prefix cache ------------------------------------------------------------
+
+    def prefill(self, lease: Lease, texts: Sequence[str] | Prompt) -> float:
+        """Charge the prompt's prefill: record it, count it, return the delay (the TTFT)."""
+        prompt = texts if isinstance(texts, Prompt) else Prompt.of(texts)
+        lease.prompt = prompt
+        total = len(prompt)
+        matched, entry_id = self._match(lease.model, prompt) if self._current(lease) else (0, None)
+        cached = min(matched, max(0, total - 1))
+        if entry_id is not None:
+            self._entries.move_to_end(entry_id)
+        ttft = self.base + self.per_token * (total - cached)
+        self.cache_hits_tokens += cached
+        self.cache_miss_tokens += total - cached
+        record = lease.record
+        record.prompt_tokens, record.cached_tokens, record.ttft = total, cached, ttft
+        return ttft
+
+    def remember(self, lease: Lease, generated: str = "") -> None:
+        """After a complete answer: the prompt plus the generated words become a cache entry."""
+        prompt = lease.prompt
+        if prompt is None or not self._current(lease) or self.cache_tokens <= 0:
+            return
+        extra = _words(generated)
+        self._insert(lease.model, Prompt(prompt.words + extra, prompt.hashes) if extra else prompt)
+
+    def _current(self, lease: Lease) -> bool:
+        """Whether the lease's model is still the loaded one (an evicted runner's KV cache is gone)."""
+        return self._resident.get(lease.model) is lease.resident
+
+    def _match(self, model: str, prompt: Prompt) -> tuple[int, int | None]:
+        """The longest cached prefix of ``prompt`` for ``model``: (tokens, entry id)."""
+        index = self._index.get(model)
+        if not index:
+            return 0, None
+        hashes, words = prompt.hashes, prompt.words
+        chunks = 0
+        for chained in hashes:
+            if chained not in index:
+                break
+            chunks += 1
+        candidates = index[hashes[chunks - 1]] if chunks else self._by_model[model]
+        start = chunks * PREFIX_CHUNK
+        best, best_id = 0, None
+        for entry_id in sorted(candidates):
+            other = self._entries[entry_id].words
+            end = min(len(other), len(words), start + PREFIX_CHUNK)  # chunk `chunks` differs or is partial
+            if other[start:end] == words[start:end]:
+                n = end
+            else:
+                n = start
+                while other[n] == words[n]:
+                    n += 1
+            if n > best:
+                best, best_id = n, entry_id
+                if n == len(words):
+                    break
+        return best, best_id
+
+    def _insert(self, model: str, sequence: Prompt) -> None:
+        cap = self.cache_tokens
+        words, hashes = sequence.words, sequence.hashes
+        if len(words) > cap:
+            words, hashes = words[:cap], hashes[: cap // PREFIX_CHUNK]
+            sequence = Prompt(words, hashes)
+        if not words:
+            return
+        covered, entry_id = self._match(model, sequence)
+        if entry_id is not None and covered == len(words):  # an entry holds it all already
+            self._entries.move_to_end(entry_id)
+            return
+        for entry_id in list(self._by_model.get(model, ())):  # entries this one extends
+            old = self._entries[entry_id]
+            full = len(old.hashes) * PREFIX_CHUNK
+            if (len(old.words) <= len(words) and old.hashes == hashes[: len(old.hashes)]
+                    and old.words[full:] == words[full : len(old.words)]):
+                self._drop(entry_id)
+        entry_id = next(self._entry_ids)
+        self._entries[entry_id] = _CacheEntry(model, words, hashes)
+        self._by_model.setdefault(model, set()).add(entry_id)
+        index = self._index.setdefault(model, {})
+        for chained in hashes:
+            index.setdefault(chained, set()).add(entry_id)
+        self.cache_used += len(words)
+        while self.cache_used > cap:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        self.cache_used -= len(entry.words)
+        ids = self._by_model[entry.model]
+        ids.discard(entry_id)
+        index = self._index[entry.model]
+        for chained in entry.hashes:
+            holders = index[chained]
+            holders.discard(entry_id)
+            if not holders:
+                del index[chained]
+        if not ids:
+            del self._by_model[entry.model]
+            del self._index[entry.model]
+
+
 class FakeDMR:
     """A fake DMR on 127.0.0.1 whose behaviour tests steer through plain attributes.
 
@@ -637,7 +1179,7 @@ class FakeDMR:
     * ``cold_load_delay``: the first inference request of each runner (model x
       chat-or-embedding mode) waits this long before headers; concurrent ones
       share the load; later ones are immediate.  ``stop()`` and ``reset()``
-      make every model cold again.
+      make every model cold again.  Unused while ``state`` is set.
     * ``header_delay``: delay before the headers of every inference answer.
     * ``loading_503`` (counts down), ``force_status``, ``load_failure``:
       answers instead of inference, checked in that order after DMR's own
@@ -654,6 +1196,11 @@ class FakeDMR:
       ``content_block_start`` (default False).
     * ``response_ttl``: seconds (on the fake's reactor clock) a stored Responses
       API response stays retrievable; DMR's is one hour.
+    * ``state``: None (default), or a ``BackendState`` modelling the endpoint's
+      resident models (LRU, cold loads before headers, ``/engines/ps``) and prefix
+      (KV) cache (time to first token from the uncached prompt tokens), with its
+      counters and per-request ``StateRecord``s; see ``BackendState``.  Kept by
+      ``reset()``, which resets it; ``stop()`` clears it.
 
     Routes beyond the seed's (see ``dmr-2026-surface.md``; each model-routed one
     runs DMR's checks of section 3, honours ``loading_503`` / ``force_status`` /
@@ -688,7 +1235,8 @@ class FakeDMR:
     * ``GET /engines/ps``: DMR's ``BackendStatus`` array for warm and loading
       runners (``model_name`` is the reference that first loaded it; ``in_use``
       and ``loading`` are omitted when false, like Go's ``omitempty``; an in-use
-      or loading runner has Go's zero ``last_used``).
+      or loading runner has Go's zero ``last_used``); with a ``state``, its
+      resident and loading models instead.
 
     Recordings: ``requests`` (every request, in arrival order),
     ``inference_requests`` (POSTs to model-routed routes, see ``_is_inference``),
@@ -725,6 +1273,7 @@ class FakeDMR:
         self.stored_responses: dict[str, StoredResponse] = {}
         self.port = 0
         self.active = 0
+        self._state: BackendState | None = None
         self._set_defaults()
 
     def _set_defaults(self) -> None:
@@ -753,9 +1302,26 @@ class FakeDMR:
         self._warm.clear()
         self._runners = {runner: info for runner, info in self._runners.items() if runner in self._loads}
         self.stored_responses.clear()
+        if self._state is not None:
+            self._state.reset()
 
     def __repr__(self) -> str:
         return f"<FakeDMR {self.name} {self.url}>"
+
+    @property
+    def state(self) -> BackendState | None:
+        """The optional model of this endpoint's loaded models and KV cache (see ``BackendState``)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: BackendState | None) -> None:
+        if state is not None:
+            if state._owner is not None and state._owner is not self:
+                raise ValueError("a BackendState models one endpoint: give each fake its own")
+            state._owner, state.clock = self, self._reactor
+        if self._state is not None and self._state is not state:
+            self._state._owner = None
+        self._state = state
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -795,6 +1361,8 @@ class FakeDMR:
         self._warm.clear()
         self._runners.clear()
         self.stored_responses.clear()
+        if self._state is not None:
+            self._state.clear()
         if self._channels:
             waiter: Deferred[None] = Deferred()
             self._closed_waiters.append(waiter)
@@ -810,7 +1378,8 @@ class FakeDMR:
     def reset(self) -> None:
         """Restore every knob, clear the recordings, counters and response store, make models cold.
 
-        ``active`` is left alone: it counts requests still in flight.
+        ``active`` is left alone: it counts requests still in flight.  A ``state`` stays
+        attached and is ``reset()`` (nothing loaded or cached, counters and records zeroed).
         """
         self._set_defaults()
 
@@ -935,6 +1504,8 @@ class FakeDMR:
 
     def _ps(self) -> list[dict[str, Any]]:
         """``GET /engines/ps``: warm runners, then loading ones (Go's BackendStatus, omitempty)."""
+        if self._state is not None:
+            return self._state.ps()
         entries: list[dict[str, Any]] = []
         for loading in (False, True):
             for runner, info in self._runners.items():
@@ -1033,15 +1604,32 @@ class FakeDMR:
         if failure is not None:
             failure.send(exchange)
         else:
+            texts = _texts(payload, endpoint) if self._state is not None and endpoint in GENERATING_ENDPOINTS else None
             await self._on_runner(
-                exchange, runner, backend, payload["model"], lambda: self._generate(exchange, endpoint, payload)
+                exchange, runner, backend, payload["model"], lambda: self._generate(exchange, endpoint, payload),
+                endpoint=endpoint, prompt_texts=texts,
             )
 
     async def _on_runner(
         self, exchange: _Exchange, runner: Runner, backend: str | None, model_ref: str,
-        work: Callable[[], Awaitable[None]],
+        work: Callable[[], Awaitable[None]], *, endpoint: str = "", prompt_texts: list[str] | None = None,
     ) -> None:
-        """Load ``runner``, wait ``header_delay``, run ``work`` while the runner counts as in use."""
+        """Load ``runner``, wait ``header_delay``, run ``work`` while the runner counts as in use.
+
+        With a ``state``, it holds the model instead (``prompt_texts``, if any, are
+        what ``_first_token`` charges the prefill for).
+        """
+        state = self._state
+        if state is not None:
+            lease = await state.acquire(runner[1], ref=model_ref, mode=runner[0], backend=backend or "llama.cpp",
+                                        endpoint=endpoint)
+            exchange.lease, exchange.prompt_texts = lease, prompt_texts
+            try:
+                await exchange.sleep(self.header_delay)
+                await work()
+            finally:
+                lease.state.release(lease)
+            return
         await self._load(exchange, runner, backend, model_ref)
         info = self._runners.get(runner)
         if info is not None:
@@ -1053,6 +1641,24 @@ class FakeDMR:
             if info is not None:
                 info.references -= 1
                 info.last_used = self._reactor.seconds()
+
+    async def _first_token(self, exchange: _Exchange, *, headers: bool = False) -> None:
+        """With a state model: send the headers if ``headers`` (a stream's go out before the
+        prefill), take a llama.cpp slot, then wait for the prefill (the time to first token)."""
+        lease = exchange.lease
+        if lease is None or exchange.prompt_texts is None:
+            return
+        if headers:
+            exchange.write(b"")
+        await lease.state.slot(lease)
+        await exchange.sleep(lease.state.prefill(lease, exchange.prompt_texts))
+        lease.record.first_token = self._reactor.seconds()
+
+    def _answered(self, exchange: _Exchange, text: str) -> None:
+        """With a state model: a complete answer's prompt and ``text`` enter the prefix cache."""
+        lease = exchange.lease
+        if lease is not None and exchange.prompt_texts is not None and not exchange.done:
+            lease.state.remember(lease, text)
 
     async def _generate(self, exchange: _Exchange, endpoint: str, payload: dict[str, Any]) -> None:
         """The engine's answer: context overflow, embeddings, a stream or one body."""
@@ -1071,10 +1677,14 @@ class FakeDMR:
         elif payload.get("stream") is True:
             await self._stream(exchange, endpoint, payload)
         elif endpoint == "chat/completions" and self.big_body > 0:
+            await self._first_token(exchange)
             exchange.start(200, b"application/octet-stream", length=self.big_body, server=True)
             _BigBodyProducer(self, exchange, self.big_body).start()
         else:
-            exchange.send(200, _dumps(self._completion(endpoint, payload)), JSON_LLAMA, server=True)
+            await self._first_token(exchange)
+            body = self._completion(endpoint, payload)
+            self._answered(exchange, "".join(self.tokens))
+            exchange.send(200, _dumps(body), JSON_LLAMA, server=True)
 
     async def _load(
         self, exchange: _Exchange, runner: Runner, backend: str | None = None, model_ref: str = ""
@@ -1160,6 +1770,7 @@ class FakeDMR:
             complete=fault is None,
         )
         exchange.start(200, EVENT_STREAM, server=True)
+        await self._first_token(exchange, headers=True)
         for index, event in enumerate(events):
             if index:
                 await exchange.sleep(self.chunk_delay)
@@ -1170,6 +1781,8 @@ class FakeDMR:
             exchange.cut()  # no terminating chunk, no [DONE]
         else:
             await exchange.sleep(self.chunk_delay)
+            if fault is None:
+                self._answered(exchange, "".join(tokens))
             exchange.write(b"data: " + (_dumps(MIDSTREAM_ERROR) if fault else b"[DONE]") + b"\n\n")
             exchange.finish()
 
@@ -1207,6 +1820,7 @@ class FakeDMR:
             tokens, stop_reason = tokens[:max_tokens], "max_tokens"
         message_id = _random_id("msg_", string.ascii_letters + string.digits)
         if payload.get("stream") is not True:
+            await self._first_token(exchange)
             body = {
                 "id": message_id,
                 "type": "message",
@@ -1217,6 +1831,7 @@ class FakeDMR:
                 "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": len(tokens)},
             }
+            self._answered(exchange, "".join(tokens))
             exchange.send(200, _dumps(body), JSON_LLAMA, server=True)
             return
         fault = "truncate" if self.truncate_stream else "error" if self.midstream_error else None
@@ -1243,6 +1858,7 @@ class FakeDMR:
                 ("message_stop", {"type": "message_stop"}),
             ]
         exchange.start(200, EVENT_STREAM, server=True)
+        await self._first_token(exchange, headers=True)
         for index, (name, data) in enumerate(events):
             if index:
                 await exchange.sleep(self.chunk_delay)
@@ -1255,6 +1871,8 @@ class FakeDMR:
         if fault == "error":
             await exchange.sleep(self.chunk_delay)
             exchange.write(_sse("error", ANTHROPIC_MIDSTREAM_ERROR))
+        else:
+            self._answered(exchange, "".join(tokens))
         exchange.finish()
 
     # -- rerank, score, images -------------------------------------------------------
@@ -1390,7 +2008,8 @@ class FakeDMR:
             if tool.get("type") != "function":
                 raise _CompatError(f"tool type {_go_quote(str(tool.get('type') or ''))} is not supported by "
                                    "Docker Model Runner Responses compatibility layer")
-        texts = [payload["instructions"]] if payload.get("instructions") else []
+        instructions = [payload["instructions"]] if payload.get("instructions") else []
+        texts, history = list(instructions), []
         previous, turn = payload.get("previous_response_id") or "", 1
         if previous:
             if self._stored(previous) is None:
@@ -1403,13 +2022,11 @@ class FakeDMR:
             turn += len(chain)
             for stored in reversed(chain):  # DMR replays the earlier outputs, oldest first
                 texts += _output_texts(stored.response)
+                history += _item_texts(stored.input_items) + _output_texts(stored.response)
         items = _parse_responses_input(payload)
-        for item in items:
-            texts += [part["text"] for part in item.get("content", []) if isinstance(part.get("text"), str)]
-            if isinstance(item.get("output"), str):
-                texts.append(item["output"])
+        current = _item_texts(items)
         return _ResponsesPlan(payload, payload.get("store") is not False, payload.get("stream") is True,
-                              texts, items, turn)
+                              texts + current, items, turn, instructions + history + current)
 
     def _response_object(
         self, plan: _ResponsesPlan, response_id: str, created: int, status: str, *,
@@ -1466,7 +2083,8 @@ class FakeDMR:
             return
         runner = ("completion", normalize_model_name(found))
         await self._on_runner(exchange, runner, backend, model,
-                              lambda: self._responses_generate(exchange, plan, response_id, created))
+                              lambda: self._responses_generate(exchange, plan, response_id, created),
+                              endpoint="responses", prompt_texts=plan.cache_texts if self._state is not None else None)
 
     def _responses_failed(
         self, exchange: _Exchange, plan: _ResponsesPlan, response_id: str, created: int, upstream: _Upstream | None
@@ -1544,9 +2162,11 @@ class FakeDMR:
         if plan.stream:
             await self._responses_stream(exchange, plan, response_id, created, tokens, usage, truncated)
             return
+        await self._first_token(exchange)
         text = "".join(tokens)
         final = self._response_object(plan, response_id, created, "completed", output_text=text, usage=usage,
                                       output=[_message_item(_random_id("msg_"), text, "completed")])
+        self._answered(exchange, text)
         self._store(plan, final)
         exchange.send_json(final)
 
@@ -1599,6 +2219,7 @@ class FakeDMR:
             ticks.append([*closing, event("response.completed", response=final)])
         exchange.request.setHeader(b"cache-control", b"no-cache")
         exchange.start(200, EVENT_STREAM, server=True)
+        await self._first_token(exchange, headers=True)
         for index, tick in enumerate(ticks):
             if index:
                 await exchange.sleep(self.chunk_delay)
@@ -1613,6 +2234,7 @@ class FakeDMR:
             await exchange.sleep(self.chunk_delay)
         elif final is not None and not exchange.done:
             self._store(plan, final)
+            self._answered(exchange, text)
         exchange.finish()
 
 
@@ -1687,6 +2309,7 @@ class _ResponsesPlan:
     prompt_texts: list[str]  # instructions, earlier outputs of the chain, this input
     input_items: list[dict[str, Any]] = field(default_factory=list)
     turn: int = 1
+    cache_texts: list[str] = field(default_factory=list)  # instructions, the chain's inputs and outputs, this input
 
 
 def _responses_error(exchange: _Exchange, status: int, code: str, message: str) -> None:
@@ -1849,6 +2472,16 @@ def _output_text(text: str) -> dict[str, Any]:
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     """An assistant output message item (DMR's field order)."""
     return {"id": item_id, "type": "message", "role": "assistant", "content": [_output_text(text)], "status": status}
+
+
+def _item_texts(items: list[dict[str, Any]]) -> list[str]:
+    """The texts of input items: their content parts' texts, a function call's output."""
+    texts: list[str] = []
+    for item in items:
+        texts += [part["text"] for part in item.get("content", []) if isinstance(part.get("text"), str)]
+        if isinstance(item.get("output"), str):
+            texts.append(item["output"])
+    return texts
 
 
 def _output_texts(response: dict[str, Any]) -> list[str]:

@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import IResponse
 
-from fakedmr import FakeDMR
+from fakedmr import GO_ZERO_TIME, BackendState, FakeDMR, Lease
 
 CHAT = "/engines/v1/chat/completions"
 
@@ -792,3 +793,345 @@ async def test_new_routes_share_cold_loads_and_count_as_inference(fake: FakeDMR,
     assert reactor.seconds() - started < 0.05  # the same (completion) runner: already warm
     await call(http, fake, "GET", "/responses/" + json.loads(answers[2][1])["id"])
     assert len(fake.inference_requests) == 4
+
+
+# -- BackendState: resident models and prefix cache -------------------------------------------
+
+SMOL, LLAMA, QWEN = "ai/smollm2:latest", "ai/llama3.2:latest", "ai/qwen3:latest"
+
+
+def words(n: int, stem: str = "w") -> str:
+    """``n`` distinct words: w0 w1 …"""
+    return " ".join(f"{stem}{i}" for i in range(n))
+
+
+def got(d: Deferred[Lease]) -> Lease:
+    """The lease a Deferred has already fired with."""
+    results: list[Lease] = []
+    d.addCallback(results.append)
+    assert results, "not granted yet"
+    return results[0]
+
+
+def test_state_cold_load_is_shared_and_evicts_the_lru_model() -> None:
+    """One load serves concurrent requests; at capacity the least recently used idle model goes."""
+    clock = Clock()
+    state = BackendState(resident_capacity=2, cold_load=2.0, clock=clock)
+    first, second = state.acquire(SMOL, ref="smollm2"), state.acquire(SMOL)
+    assert (first.called, second.called, state.loading, state.cold_loads) == (False, False, [SMOL], 1)
+    assert state.ps() == [{"backend_name": "llama.cpp", "model_name": "smollm2", "mode": "completion",
+                           "last_used": GO_ZERO_TIME, "loading": True}]
+    clock.advance(1.999)
+    assert not first.called
+    clock.advance(0.001)
+    a, b = got(first), got(second)
+    assert a.cold and b.cold and state.resident == [SMOL] and state.loading == []
+    assert state.ps() == [{"backend_name": "llama.cpp", "model_name": "smollm2", "mode": "completion",
+                           "last_used": GO_ZERO_TIME, "in_use": True}]
+    state.release(a)
+    state.release(b)
+    state.release(b)  # idempotent
+    assert state.ps()[0] == {"backend_name": "llama.cpp", "model_name": "smollm2", "mode": "completion",
+                             "last_used": "1970-01-01T00:00:02Z"}
+    loading = state.acquire(LLAMA, mode="embedding")
+    clock.advance(2)
+    state.release(got(loading))
+    hit = got(state.acquire(SMOL))  # no load: SMOL becomes the most recently used
+    state.release(hit)
+    assert not hit.cold and state.resident == [LLAMA, SMOL]
+    loading = state.acquire(QWEN)
+    assert (state.resident, state.loading, state.evictions) == ([SMOL], [QWEN], 1)
+    assert [e.get("loading", False) for e in state.ps()] == [False, True]
+    clock.advance(2)
+    state.release(got(loading))
+    assert state.resident == [SMOL, QWEN] and state.cold_loads == 3
+    assert [(r.model, r.cold, r.admitted) for r in state.records] == [
+        (SMOL, True, 2.0), (SMOL, True, 2.0), (LLAMA, True, 4.0), (SMOL, False, 4.0), (QWEN, True, 6.0)]
+
+
+def test_state_waits_while_every_resident_model_is_busy() -> None:
+    """A load needing room waits (FIFO) for a resident model to be released; cancelling withdraws."""
+    clock = Clock()
+    state = BackendState(resident_capacity=1, cold_load=1.0, clock=clock)
+    pending = state.acquire(SMOL)
+    clock.advance(1)
+    busy = got(pending)
+    waiting, withdrawn = state.acquire(LLAMA), state.acquire(QWEN)
+    clock.advance(10)
+    assert (waiting.called, state.loading, state.resident) == (False, [], [SMOL])
+    withdrawn.cancel()
+    withdrawn.addErrback(lambda failure: failure.trap(CancelledError))
+    also = got(state.acquire(SMOL))  # a resident model is served at once, queue or not
+    state.release(busy)
+    assert state.loading == [] and not waiting.called  # still in use
+    state.release(also)
+    assert (state.loading, state.resident, state.evictions) == ([LLAMA], [], 1)
+    clock.advance(1)
+    assert got(waiting).cold and state.resident == [LLAMA] and state.cold_loads == 2
+
+
+def test_state_prefix_cache_times_the_first_token() -> None:
+    """TTFT = base + per_token × uncached tokens; a later turn finds its earlier turn cached, elsewhere not."""
+    here, there = (BackendState(cold_load=0, base=0.02, per_token=0.001, clock=Clock()) for _ in range(2))
+    turn1 = ["be brief", words(150)]  # 152 tokens
+    lease = got(here.acquire(SMOL))
+    assert lease.cold and here.prefill(lease, turn1) == pytest.approx(0.02 + 0.152)
+    here.remember(lease, "Hello, world!")
+    here.release(lease)
+    assert here.entries == [(SMOL, 154)] and here.cache_used == 154
+    turn2 = [*turn1, "Hello, world!", "now some more words"]  # 158 tokens
+    lease = got(here.acquire(SMOL))
+    assert here.prefill(lease, turn2) == pytest.approx(0.02 + 0.004)
+    record = lease.record
+    assert (record.prompt_tokens, record.cached_tokens, record.cold) == (158, 154, False)
+    here.remember(lease, "Hello, world!")
+    assert here.entries == [(SMOL, 160)]  # the longer entry replaced the one it extends
+    here.prefill(lease, turn1)
+    here.remember(lease)
+    assert here.entries == [(SMOL, 160)]  # and holds this one already
+    elsewhere = got(there.acquire(SMOL))
+    assert there.prefill(elsewhere, turn2) == pytest.approx(0.02 + 0.158) and elsewhere.record.cached_tokens == 0
+    assert here.lookup(SMOL, turn2 + ["Hello, world!"]) == 159  # like llama.cpp, the last token is processed
+    assert here.lookup(SMOL, ["be brief", words(70) + " different"]) == 72  # a match ending mid-chunk
+    assert here.lookup(SMOL, ["be", "brief w0"]) == 2 and here.lookup(LLAMA, turn1) == 0
+    assert (here.cache_hits_tokens, here.cache_miss_tokens) == (154 + 151, 152 + 4 + 1)
+
+
+def test_state_cache_is_bounded_and_dies_with_its_model() -> None:
+    """At most cache_tokens tokens, least recently used entries first; evicting a model drops its entries."""
+    state = BackendState(resident_capacity=1, cold_load=0, cache_tokens=300, clock=Clock())
+    lease = got(state.acquire(SMOL))
+    conversation = [[f"conversation{n} " + words(99)] for n in range(5)]
+    for prompt in conversation[:4]:
+        state.prefill(lease, prompt)
+        state.remember(lease)
+    assert state.entries == [(SMOL, 100)] * 3 and state.cache_used == 300
+    assert [state.lookup(SMOL, prompt) for prompt in conversation[:4]] == [0, 99, 99, 99]
+    state.prefill(lease, conversation[1])  # a hit makes its entry the most recently used
+    state.prefill(lease, conversation[4])
+    state.remember(lease)
+    assert [state.lookup(SMOL, prompt) for prompt in conversation] == [0, 99, 0, 99, 99]
+    state.prefill(lease, [words(500)])
+    state.remember(lease, "more")
+    assert state.entries == [(SMOL, 300)] and state.lookup(SMOL, [words(400)]) == 300
+    state.release(lease)
+    got(state.acquire(LLAMA))
+    assert (state.resident, state.entries, state.cache_used) == ([LLAMA], [], 0)
+
+
+def test_state_slots_queue_prefills() -> None:
+    """With slots=1, a second request on the model waits for the first to finish."""
+    state = BackendState(cold_load=0, slots=1, clock=Clock())
+    first, second = got(state.acquire(SMOL)), got(state.acquire(SMOL))
+    assert state.slot(first).called
+    waiting = state.slot(second)
+    assert not waiting.called
+    state.release(first)
+    assert waiting.called
+
+
+def test_state_clear_reset_and_one_owner() -> None:
+    """clear() forgets models, loads and cache but not counters; reset() zeroes those; one fake per state."""
+    clock = Clock()
+    state = BackendState(cold_load=1.0, clock=clock)
+    loading = state.acquire(SMOL)
+    clock.advance(1)
+    lease = got(loading)
+    state.prefill(lease, [words(10)])
+    state.remember(lease, "ok")
+    state.release(lease)
+    pending = state.acquire(LLAMA)
+    state.clear()
+    assert (state.resident, state.loading, state.entries, state.cache_used, state.ps()) == ([], [], [], 0, [])
+    assert state.cold_loads == 2 and len(state.records) == 2
+    clock.advance(5)
+    assert not pending.called  # its load was cancelled
+    state.reset()
+    assert (state.cold_loads, state.evictions, state.cache_hits_tokens, state.cache_miss_tokens, state.records) == (
+        0, 0, 0, 0, [])
+    one, two = FakeDMR(reactor=clock), FakeDMR(reactor=clock)
+    one.state = state
+    assert state.clock is clock
+    with pytest.raises(ValueError):
+        two.state = state
+    one.state = None
+    two.state = state
+
+
+class ClockReactor(Clock):
+    """The fake's timers on a Clock; its sockets on the real reactor."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+
+
+@pytest_twisted.async_yield_fixture
+async def clocked() -> AsyncIterator[tuple[list[FakeDMR], ClockReactor]]:
+    """Two fakes with three models and a BackendState each, timed by one ClockReactor."""
+    clock = ClockReactor()
+    fakes = [FakeDMR(("ai/smollm2", "ai/llama3.2", "ai/qwen3"), name=f"clocked-{i}", reactor=clock) for i in range(2)]
+    for fake in fakes:
+        fake.state = BackendState(resident_capacity=2, cold_load=2.0, base=0.02, per_token=0.00025)
+        await fake.start()
+    yield fakes, clock
+    for fake in fakes:
+        await fake.stop()
+
+
+HANG = 10.0
+"""Real seconds after which ``until`` and ``drive`` give up (a hang guard, not a timing check)."""
+
+
+def fired(d: Deferred[Any]) -> Callable[[], bool]:
+    """Whether ``d`` has its result (``d.called`` is already true while it waits on a Deferred it got)."""
+    done: list[bool] = []
+
+    def note(result: object) -> object:
+        done.append(True)
+        return result
+
+    d.addBoth(note)
+    return lambda: bool(done)
+
+
+async def until(predicate: Any, what: str) -> None:
+    """Let the real reactor run (the fake's clock stands still) until ``predicate()``."""
+    deadline = reactor.seconds() + HANG
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.001)
+
+
+async def drive(clock: Clock, *pending: Deferred[Any]) -> list[Any]:
+    """Let real I/O run and move ``clock`` to its next timer, turn after turn, until ``pending`` all fired."""
+    deadline = reactor.seconds() + HANG
+    done = [fired(d) for d in pending]
+    while not all(check() for check in done):
+        if reactor.seconds() > deadline:
+            raise AssertionError("the fake never answered")
+        await deferLater(reactor, 0.001)
+        due = [call.getTime() for call in clock.getDelayedCalls()]
+        if due:
+            clock.advance(max(0.0, min(due) - clock.seconds()))
+    return [await d for d in pending]
+
+
+def post(http: HTTPClient, fake: FakeDMR, path: str, body: Any) -> Deferred[tuple[IResponse, bytes]]:
+    return Deferred.fromCoroutine(call(http, fake, "POST", path, body))
+
+
+def chat(model: str, *contents: str, **extra: Any) -> dict[str, Any]:
+    roles = itertools.cycle(["user", "assistant"])
+    return {"model": model, "messages": [{"role": next(roles), "content": c} for c in contents]} | extra
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_cold_load_before_headers_and_engines_ps(
+    clocked: tuple[list[FakeDMR], ClockReactor], http: HTTPClient
+) -> None:
+    """Concurrent requests share one load before their headers; /engines/ps shows loading, then resident, models."""
+    (fake, _), clock = clocked
+    state = fake.state
+    assert state is not None
+    first = post(http, fake, CHAT, chat("smollm2", "hi"))
+    await until(lambda: len(state.records) == 1, "the first request")  # it loads, under its name
+    second = post(http, fake, CHAT, chat("AI/SmolLM2", "hi"))
+    answered = fired(gatherResults([first, second], consumeErrors=True))
+    await until(lambda: len(state.records) == 2, "the second request")
+    assert json.loads((await call(http, fake, "GET", "/engines/ps"))[1]) == [
+        {"backend_name": "llama.cpp", "model_name": "smollm2", "mode": "completion", "last_used": GO_ZERO_TIME,
+         "loading": True}]
+    clock.advance(2.0)  # loaded; the prefill (0.02025 s) still holds the headers
+    await deferLater(reactor, 0.02)
+    assert not answered()
+    (one, _), (two, _) = await drive(clock, first, second)
+    assert (one.code, two.code, state.cold_loads) == (200, 200, 1)
+    assert [(r.cold, r.admitted - r.arrived, r.ttft) for r in state.records] == [
+        (True, 2.0, pytest.approx(0.02 + 0.00025))] * 2
+    for model in ("ai/llama3.2", "ai/qwen3"):
+        await drive(clock, post(http, fake, CHAT, chat(model, "hi")))
+    ps = json.loads((await call(http, fake, "GET", "/engines/ps"))[1])
+    assert [(e["model_name"], e["mode"], "in_use" in e, "loading" in e) for e in ps] == [
+        ("ai/llama3.2", "completion", False, False), ("ai/qwen3", "completion", False, False)]
+    assert (state.resident, state.cold_loads, state.evictions) == ([LLAMA, QWEN], 3, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_second_turn_is_cached_only_where_the_first_ran(
+    clocked: tuple[list[FakeDMR], ClockReactor], http: HTTPClient
+) -> None:
+    """Turn 2 on the same fake pays for its new tokens only, on another fake for all; a stream's headers
+    come before the prefill."""
+    (here, there), clock = clocked
+    system, question = "answer briefly " * 100, words(1800)  # 2000 tokens
+    turn1 = {"model": "ai/smollm2", "messages": [{"role": "system", "content": system},
+                                                 {"role": "user", "content": question}]}
+    (_, body), = await drive(clock, post(http, here, CHAT, turn1))
+    answer = json.loads(body)["choices"][0]["message"]
+    turn2 = turn1 | {"stream": True, "messages": [*turn1["messages"], answer,
+                                                  {"role": "user", "content": "and then? " * 10}]}
+    for fake in (here, there):
+        assert fake.state is not None
+        if fake is there:
+            await drive(clock, post(http, fake, CHAT, chat("ai/smollm2", "warm up")))
+        pending = http.post(fake.url + CHAT, data=json.dumps(turn2).encode(), unbuffered=True)
+        await until(fired(pending), "the stream's headers")  # the clock stands still: no prefill yet
+        response = await pending
+        record = fake.state.records[-1]
+        assert response.code == 200 and record.first_token is None and record.prompt_tokens == 2022
+        reader = EventReader()
+        response.deliverBody(reader)
+        assert await drive(clock, reader.done) == [True] and reader.events[-1] == "[DONE]"
+        assert record.latency == pytest.approx(record.ttft)
+    mine, theirs = here.state.records[-1], there.state.records[-1]  # type: ignore[union-attr]
+    assert (mine.cached_tokens, mine.ttft) == (2002, pytest.approx(0.02 + 20 * 0.00025))
+    assert (theirs.cached_tokens, theirs.ttft) == (0, pytest.approx(0.02 + 2022 * 0.00025))
+    assert here.state.cache_hits_tokens == 2002  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_anthropic_and_responses_turns_reuse_the_cache(
+    clocked: tuple[list[FakeDMR], ClockReactor], http: HTTPClient
+) -> None:
+    """Anthropic prompts are system + messages; a Responses chain replays its inputs and outputs."""
+    (fake, _), clock = clocked
+    state = fake.state
+    assert state is not None
+    first = {"model": "ai/smollm2", "max_tokens": 64, "system": "be brief",
+             "messages": [{"role": "user", "content": words(100)}]}
+    (_, body), = await drive(clock, post(http, fake, "/anthropic/v1/messages", first))
+    reply = {"role": "assistant", "content": json.loads(body)["content"]}
+    second = first | {"stream": True, "messages": [*first["messages"], reply, {"role": "user", "content": "go on"}]}
+    await drive(clock, post(http, fake, "/anthropic/v1/messages", second))
+    await drive(clock, post(http, fake, "/anthropic/v1/messages/count_tokens", second))
+    one = {"model": "ai/llama3.2", "instructions": "be brief", "input": words(100)}
+    (_, body), = await drive(clock, post(http, fake, "/v1/responses", one))
+    two = one | {"previous_response_id": json.loads(body)["id"], "input": "go on", "stream": True}
+    await drive(clock, post(http, fake, "/v1/responses", two))
+    assert [(r.endpoint, r.cold, r.prompt_tokens, r.cached_tokens, r.first_token is None) for r in state.records] == [
+        ("messages", True, 102, 0, False), ("messages", False, 106, 104, False),
+        ("messages/count_tokens", False, 0, 0, True),
+        ("responses", True, 102, 0, False), ("responses", False, 108, 106, False)]  # "Hello, world! [turn 1]"
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_stop_and_reset_forget_everything(
+    clocked: tuple[list[FakeDMR], ClockReactor], http: HTTPClient
+) -> None:
+    """A stopped (restarted) fake has nothing loaded or cached; reset() also zeroes the counters."""
+    (fake, _), clock = clocked
+    state = fake.state
+    assert state is not None
+    prompt = chat("ai/smollm2", words(300))
+    await drive(clock, post(http, fake, CHAT, prompt))
+    assert (state.resident, state.entries) == ([SMOL], [(SMOL, 302)])
+    port = fake.port
+    await fake.stop()
+    assert (state.resident, state.entries, state.cold_loads) == ([], [], 1)
+    await fake.start(port)
+    assert (await call(http, fake, "GET", "/engines/ps"))[1] == b"[]\n"
+    await drive(clock, post(http, fake, CHAT, prompt))
+    assert [(r.cold, r.cached_tokens) for r in state.records] == [(True, 0), (True, 0)] and state.cold_loads == 2
+    fake.reset()
+    assert fake.state is state and (state.resident, state.records, state.cold_loads) == ([], [], 0)
