@@ -809,15 +809,29 @@ def test_loaded_preference_is_per_model() -> None:
 
 
 def test_loaded_preference_does_not_override_a_pin() -> None:
-    """With a pin, the pinned endpoint wins even when it lacks the model and another has it loaded."""
+    """With a pin, the pinned endpoint wins while its model state is unknown or loaded, even if another has it loaded."""
+    router, eps, session, first, second = two_endpoints()
+    placement = router.place(session, eps, MODEL)
+    router.served(session, placement, first)
+    second.set_loaded({MODEL: False})
+    first.set_loaded(None)  # unknown (no /engines/ps)
+    assert (router.place(session, eps, MODEL).verdict, router.place(session, eps, MODEL).order[0]) == (HIT, first)
+    first.set_loaded({MODEL: False})
+    hit = router.place(session, eps, MODEL)
+    assert (hit.verdict, hit.order[0]) == (HIT, first)
+    assert (router.cold_avoided, router.cold_taken) == (0, 0)
+
+
+def test_a_pin_whose_model_was_unloaded_moves_to_a_loaded_endpoint() -> None:
+    """Once /engines/ps shows the pinned endpoint dropped the model (and with it the cache), the session repins warm."""
     router, eps, session, first, second = two_endpoints()
     placement = router.place(session, eps, MODEL)
     router.served(session, placement, first)
     first.set_loaded({})
     second.set_loaded({MODEL: False})
-    hit = router.place(session, eps, MODEL)
-    assert (hit.verdict, hit.order[0]) == (HIT, first)
-    assert (router.cold_avoided, router.cold_taken) == (0, 0)
+    moved = router.place(session, eps, MODEL)
+    assert (moved.verdict, moved.order[0]) == (REPIN, second)
+    assert router.served(session, moved, second) == REPIN
 
 
 def test_nothing_loaded_keeps_the_rendezvous_choice() -> None:
@@ -874,14 +888,17 @@ def test_note_served_marks_loaded_until_the_next_ps() -> None:
 
 
 def test_loaded_preference_respects_the_load_bound() -> None:
-    """A loaded endpoint that is over the load bound is passed over for the next (spill)."""
+    """The only loaded endpoint, busy, keeps the request (no cold load for an imbalance); overloaded, it spills."""
     _, router, _, eps = setup()
     session = header_session(router, "conv")
     x, y, z = rendezvous(session.key, eps)
     x.set_loaded({})
     y.set_loaded({MODEL: False})
     z.set_loaded({})
-    y.in_flight = 10  # mean 3.33, bound 5.17
+    y.in_flight = 10  # mean 3.33, bound 5.17: over the bound, not over twice it
+    placement = router.place(session, eps, MODEL)
+    assert (placement.verdict, placement.order[0]) == (MISS, y)
+    y.in_flight = 20  # mean 6.67, bound 9.33, twice 18.67: overloaded
     placement = router.place(session, eps, MODEL)
     assert placement.verdict == SPILL
     assert placement.order[0] is not y and set(placement.order) == {x, y, z}

@@ -275,16 +275,27 @@ class SessionRouter:
         routable = [ep for ep in candidates if ep.routable]
         if not routable:
             return Placement(list(candidates), MISS, None)
+        generation = model_key is not None and (route is None or route in GENERATION_ROUTES)
         pinned = self.pins.get(session.key)
         if pinned is not None:
             holder = next((ep for ep in routable if ep.name == pinned), None)
+            if holder is not None and generation and holder.model_loaded(model_key or "") is False:
+                holder = None  # the model was unloaded there since: so was the session's cache
             if holder is not None:
                 # The pin wins (the session's cache is there), even over a higher tier that came back;
                 # the fallbacks keep priority order.
                 rest = _by_tier(session.key, [ep for ep in routable if ep is not holder])
                 peers = [ep for ep in rest if ep.config.priority == holder.config.priority]
                 if peers and not self._within_bound(holder, [holder, *peers]):
-                    detour = next((ep for ep in peers if self._within_bound(ep, [holder, *peers])), None)
+                    # a one-off detour, never to a peer known not to have the model loaded (no cold load for a detour)
+                    detour = next(
+                        (
+                            ep for ep in peers
+                            if self._within_bound(ep, [holder, *peers])
+                            and (not generation or ep.model_loaded(model_key or "") is not False)
+                        ),
+                        None,
+                    )
                     if detour is not None:
                         return Placement([detour, holder, *[ep for ep in rest if ep is not detour]], SPILL, pinned)
                 return Placement([holder, *rest], HIT, pinned)
@@ -292,9 +303,9 @@ class SessionRouter:
         tier = rendezvous(session.key, [ep for ep in routable if ep.config.priority == top])
         others = _by_tier(session.key, [ep for ep in routable if ep.config.priority != top])
         verdict = REPIN if pinned is not None else MISS
-        if model_key is not None and (route is None or route in GENERATION_ROUTES):
-            tier = self._prefer_loaded(tier, model_key)
-        chosen = self._bounded(tier)
+        if generation:
+            tier = self._prefer_loaded(tier, model_key or "")
+        chosen = self._bounded(tier, model_key if generation else None)
         if chosen is not tier[0]:
             verdict = SPILL
             tier = [chosen, *[ep for ep in tier if ep is not chosen]]
@@ -334,14 +345,31 @@ class SessionRouter:
         mean = sum(other.in_flight for other in tier) / len(tier)
         return ep.has_free_slot and ep.in_flight <= self.settings.load_factor * mean + 1
 
-    def _bounded(self, tier: list[EndpointState]) -> EndpointState:
-        """The first endpoint in ``tier`` that is not over its load bound (or the first, if all are)."""
+    def _bounded(self, tier: list[EndpointState], model_key: str | None = None) -> EndpointState:
+        """
+        The first endpoint in ``tier`` that is not over its load bound (or the
+        first, if all are).  While some endpoint of the tier has the model
+        loaded, a spill goes only to one that has it too, unless every such one
+        is over twice the bound or out of slots: load imbalance is not worth a
+        cold load (seconds to minutes), overload is.
+        """
         if len(tier) == 1:
             return tier[0]
+        warm = [ep for ep in tier if ep.model_loaded(model_key) is True] if model_key is not None else []
+        if warm:
+            for ep in warm:
+                if self._within_bound(ep, tier):
+                    return ep
+            if any(ep.has_free_slot and not self._over(ep, tier, 2.0) for ep in warm):
+                return tier[0]  # busy, not overloaded: stay warm
         for ep in tier:
             if self._within_bound(ep, tier):
                 return ep
         return tier[0]
+
+    def _over(self, ep: EndpointState, tier: Sequence[EndpointState], times: float) -> bool:
+        mean = sum(other.in_flight for other in tier) / len(tier)
+        return ep.in_flight > times * (self.settings.load_factor * mean + 1)
 
     def served(self, session: SessionKey, placement: Placement, endpoint: EndpointState) -> str:
         """
