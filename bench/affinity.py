@@ -507,7 +507,7 @@ async def run_share(settings: Settings, args: argparse.Namespace, *, warm: bool)
         await rig.close()
 
 
-async def run_agreement(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def run_agreement(settings: Settings, args: argparse.Namespace, concurrency: int | None = None) -> dict[str, Any]:
     """Two olladmr instances from one config alternate the turns of 100 conversations (every model warm everywhere)."""
     shape = Shape(100, 100, 20)
     rig = Rig(settings, {"affinity": {"enabled": True}}, capacity=3, shape=shape, instances=2)
@@ -516,7 +516,7 @@ async def run_agreement(settings: Settings, args: argparse.Namespace) -> dict[st
         await rig.warm_everywhere()
         conversations = [Conversation(i, MODELS[i % len(MODELS)], shape, settings.seed + 2)
                          for i in range(args.agreement_conversations)]
-        results = await rig.converse(conversations, range(1, 5), via=lambda c, t: (t - 1) % 2)
+        results = await rig.converse(conversations, range(1, 5), via=lambda c, t: (t - 1) % 2, concurrency=concurrency)
         same = sum(len({t.endpoint for t in c.turns if t.ok}) == 1 and all(t.ok for t in c.turns)
                    for c in conversations)
         first_sight = sum(c.endpoint_of(1) is not None and c.endpoint_of(1) == c.endpoint_of(2) for c in conversations)
@@ -733,7 +733,12 @@ def report(args: argparse.Namespace, modes: list[ModeResult], share_cold: ShareR
     add(f"| two olladmr instances alternating turns 1–4 of {ag['conversations']} conversations (every model warm "
         f"everywhere, capacity 3): conversations all on one endpoint | **{pct:.0f}%** ({ag['same']}/"
         f"{ag['conversations']}; instance 2's first turn agreed with instance 1's in {ag['first_sight']}; "
-        f"{ag['failed']} failed) | 100% | {mark(ag['same'] == ag['conversations'])} |")
+        f"{ag['failed']} failed), {args.concurrency} conversations in flight | 100% | "
+        f"{mark(ag['same'] == ag['conversations'])} |")
+    quiet = ag["quiet"]
+    add(f"| the same, one conversation at a time (no load, so no bounded-load spill: placement alone) | "
+        f"**{quiet['same'] / quiet['conversations'] * 100:.0f}%** ({quiet['same']}/{quiet['conversations']}; "
+        f"{quiet['failed']} failed) | 100% | {mark(quiet['same'] == quiet['conversations'])} |")
     fo = failover
     failed_fo = fo["failed_before"] + fo["failed_during"] + fo["failed_after"]
     add(f"| pinned endpoint stopped after turn 3 ({fo['victim']}, held {fo['moved']} of {fo['conversations']} "
@@ -829,6 +834,9 @@ async def main(args: argparse.Namespace) -> None:
     share_warm = await run_share(settings, args, warm=True)
     print("… two instances", file=sys.stderr, flush=True)
     agreement = await run_agreement(settings, args)
+    print("… two instances, one conversation at a time", file=sys.stderr, flush=True)
+    quiet = await run_agreement(settings, args, concurrency=1)
+    agreement["quiet"] = quiet
     print("… endpoint death", file=sys.stderr, flush=True)
     failover = await run_failover(settings, args)
     command = "python bench/affinity.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
