@@ -834,6 +834,18 @@ def test_a_pin_whose_model_was_unloaded_moves_to_a_loaded_endpoint() -> None:
     assert router.served(session, moved, second) == REPIN
 
 
+def test_a_pin_whose_model_is_loaded_nowhere_stays() -> None:
+    """When no endpoint has the model loaded, a session whose pinned endpoint unloaded it stays there (a load anywhere)."""
+    router, eps, session, first, second = two_endpoints()
+    placement = router.place(session, eps, MODEL)
+    router.served(session, placement, first)
+    first.set_loaded({})
+    second.set_loaded({})
+    stay = router.place(session, eps, MODEL)
+    assert (stay.verdict, stay.order[0]) == (HIT, first)
+    assert router.cold_taken >= 1
+
+
 def test_nothing_loaded_keeps_the_rendezvous_choice() -> None:
     """When no endpoint has the model loaded, the rendezvous choice is kept and counted as a cold route taken."""
     router, eps, session, first, second = two_endpoints()

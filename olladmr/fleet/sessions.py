@@ -280,7 +280,12 @@ class SessionRouter:
         if pinned is not None:
             holder = next((ep for ep in routable if ep.name == pinned), None)
             if holder is not None and generation and holder.model_loaded(model_key or "") is False:
-                holder = None  # the model was unloaded there since: so was the session's cache
+                # The model was unloaded there since, and the session's cache with it: move to an endpoint
+                # that has the model loaded, if one does; else stay (a load is needed anywhere).
+                if any(ep.model_loaded(model_key or "") is True for ep in routable if ep is not holder):
+                    holder = None
+                else:
+                    self.cold_taken += 1
             if holder is not None:
                 # The pin wins (the session's cache is there), even over a higher tier that came back;
                 # the fallbacks keep priority order.
