@@ -77,7 +77,7 @@ class OllaChannel(HTTPChannel):
     _body_timer: IDelayedCall | None = None
     _rejected = False
     _header_bytes = 0  # of the request being received; our own count, for our 431 (Twisted's gives a bare 400)
-    _target = b""  # the path of the request being received: its errors speak that route's dialect
+    _request_line = b""  # of the request being received: its errors speak that route's dialect
     LINGER = 5.0
 
     def _olla(self) -> OllaSite | None:
@@ -110,8 +110,7 @@ class OllaChannel(HTTPChannel):
             limits = site.limits
             if self._header_bytes == 0:
                 self._size_caps()  # a reload may have changed the limit since the last request
-                parts = line.split(b" ")
-                self._target = parts[1].partition(b"?")[0] if len(parts) > 1 else b""
+                self._request_line = line  # parsed only if the request is rejected
                 if self._header_timer is None and limits.read_header_timeout > 0:
                     self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
             self._header_bytes += len(line)
@@ -172,7 +171,9 @@ class OllaChannel(HTTPChannel):
         self._cancel("_body_timer")
         site = self._olla()
         rid = site.new_request_id() if site is not None else b"-"
-        body = error_body(message, "invalid_request_error", code, dialect_for_path(self._target), status)
+        parts = self._request_line.split(b" ")
+        target = parts[1].partition(b"?")[0] if len(parts) > 1 else b""
+        body = error_body(message, "invalid_request_error", code, dialect_for_path(target), status)
         phrase = RESPONSES.get(status) or (b"Request Header Fields Too Large" if status == 431 else b"Error")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"

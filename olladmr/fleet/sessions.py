@@ -41,7 +41,6 @@ HIT, MISS, REPIN, SPILL, DISABLED = "hit", "miss", "repin", "spill", "disabled"
 #: Routes that generate with a chat runner: their prompts build a KV cache worth returning to (the others carry a
 #: key only from the header), and /engines/ps's completion runners say where their model is loaded.
 GENERATION_ROUTES = frozenset({"chat/completions", "completions", "messages", "responses"})
-PREFIX_ROUTES = GENERATION_ROUTES
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def session_key(
             value = values[0].strip() if values else b""
             if value and len(value) <= 256:
                 return SessionKey(_digest(scope, b"s", value), source, value)
-        elif route not in PREFIX_ROUTES:
+        elif route not in GENERATION_ROUTES:
             continue  # embeddings, rerank, score, images: only an explicit session id
         elif source == "prefix":
             prefix = conversation_prefix(route, body, settings.prefix_bytes)
@@ -336,8 +335,7 @@ class SessionRouter:
         model loaded and are within the load bound, when there are some and
         others would have to load it; else ``pool`` (the balancer decides).
         """
-        mean = sum(ep.in_flight for ep in pool) / len(pool)
-        bound = self.settings.load_factor * mean + 1
+        bound = self._bound(pool)
         loaded = [ep for ep in pool if ep.model_loaded(model_key) is True and ep.in_flight <= bound]
         if loaded and len(loaded) < len(pool):
             if any(ep.model_loaded(model_key) is False for ep in pool):
@@ -345,10 +343,13 @@ class SessionRouter:
             return loaded
         return pool
 
+    def _bound(self, tier: Sequence[EndpointState]) -> float:
+        """The most requests in flight an endpoint of ``tier`` may have: ``load_factor`` x the mean + 1."""
+        return self.settings.load_factor * sum(ep.in_flight for ep in tier) / len(tier) + 1
+
     def _within_bound(self, ep: EndpointState, tier: Sequence[EndpointState]) -> bool:
-        """Whether ``ep`` has a free slot and at most ``load_factor`` x the tier's mean in-flight + 1."""
-        mean = sum(other.in_flight for other in tier) / len(tier)
-        return ep.has_free_slot and ep.in_flight <= self.settings.load_factor * mean + 1
+        """Whether ``ep`` has a free slot and is within the tier's load bound."""
+        return ep.has_free_slot and ep.in_flight <= self._bound(tier)
 
     def _bounded(self, tier: list[EndpointState], model_key: str | None = None) -> EndpointState:
         """
@@ -373,8 +374,7 @@ class SessionRouter:
         return tier[0]
 
     def _over(self, ep: EndpointState, tier: Sequence[EndpointState], times: float) -> bool:
-        mean = sum(other.in_flight for other in tier) / len(tier)
-        return ep.in_flight > times * (self.settings.load_factor * mean + 1)
+        return ep.in_flight > times * self._bound(tier)
 
     def served(self, session: SessionKey, placement: Placement, endpoint: EndpointState) -> str:
         """

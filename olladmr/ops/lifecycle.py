@@ -39,6 +39,10 @@ class Lifecycle:
         self.config = config
         self.loaded_at = self._clock.seconds()
 
+    def now(self) -> float:
+        """The clock's time now."""
+        return self._clock.seconds()
+
     def uptime(self) -> float:
         """Seconds since start."""
         return self._clock.seconds() - self.started_at

@@ -79,8 +79,8 @@ class _StickyCollector:
         results = CounterMetricFamily(
             "olladmr_sticky_sessions", "keyed requests by placement result", labels=["result"]
         )
-        for result in ("hits", "misses", "repins", "spills"):
-            results.add_metric([result.rstrip("s") if result != "misses" else "miss"], stats[result])
+        for label, key in (("hit", "hits"), ("miss", "misses"), ("repin", "repins"), ("spill", "spills")):
+            results.add_metric([label], stats[key])
         yield results
         cold = CounterMetricFamily(
             "olladmr_cold_routes", "requests that could go to an endpoint with the model loaded (avoided) or could not (taken)",

@@ -120,7 +120,7 @@ class StatusReport:
         total = sum(stats.requests.values())
         failed = sum(stats.failures.values())
         return {
-            "timestamp": self._lifecycle.uptime() + self._lifecycle.started_at,
+            "timestamp": self._lifecycle.now(),
             "models": models,
             "summary": {
                 "total_models": len(models),
