@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/olladmr_plugin.py"]},
+    package_data={"twisted": ["plugins/olladmr_plugin.py"], "olladmr": ["ui/*.html", "ui/*.js", "ui/*.css"]},
     install_requires=[
         "twisted[tls]>=24.7.0,<27",  # <27: olladmr/_twisted_compat.py is contract-tested on 24.7 and 26.10
         "treq>=24.9.1",
@@ -27,6 +27,7 @@ setup(
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "types-PyYAML",
+            "playwright>=1.40",  # drives Debian's chromium (scripts/test.sh installs it); never downloads a browser
         ]
     },
     license="MIT",

@@ -30,6 +30,7 @@ from .fleet.health import HealthMonitor, health_client
 from .fleet.responses import ResponseDirectory
 from .fleet.sessions import SessionRouter
 from .fleet.state import Fleet
+from .ops.dashboard import Dashboard, EventLog
 from .ops.lifecycle import Lifecycle
 from .ops.logs import AccessLog, LogControl
 from .ops.metrics import Metrics
@@ -68,6 +69,7 @@ class Daemon:
     reconfiguration: Reconfiguration
     reloader: ConfigReloader
     status: StatusReport
+    dashboard: Dashboard
     app: OllaApp
     site: OllaSite
     workers: WorkerPool | None
@@ -148,12 +150,13 @@ def build(
         listen=listener.description,
         listen_fixed=listen is not None or inherit is not None,
     )
+    events = EventLog(reactor)
     reloader = ConfigReloader(
         config_path,
         reactor,
         load=partial(load_config, environ=environ),
         apply=reconfiguration.apply,
-        observe=metrics.reload_observed,
+        observers=(metrics.reload_observed, events.reload_observed),
         forward=pool.reload_all if pool is not None else None,
     )
     status = StatusReport(
@@ -166,6 +169,7 @@ def build(
         reloads=reloader.counts,
     )
     process = ProcessStats(lifecycle)
+    dashboard = Dashboard(reactor, lifecycle, status=status, metrics=metrics, events=events, sticky=sessions.stats)
     app = OllaApp(
         proxy=proxy,
         catalogue=catalogue,
@@ -175,6 +179,7 @@ def build(
         metrics=metrics,
         lifecycle=lifecycle,
         process=process,
+        dashboard=dashboard,
         reload=reloader.reload,
     )
     site = OllaSite(app.resource(gate), reactor, limits, access_log)
@@ -189,7 +194,7 @@ def build(
         upstream=upstream,
         lifecycle=lifecycle,
         log_control=log_control,
-        children=(reloader, process),
+        children=(reloader, process, dashboard),
         workers=pool,
     )
     return Daemon(
@@ -213,6 +218,7 @@ def build(
         reconfiguration=reconfiguration,
         reloader=reloader,
         status=status,
+        dashboard=dashboard,
         app=app,
         site=site,
         workers=pool,

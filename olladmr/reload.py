@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from .config.reader import ConfigError
 from .config.schema import Config
+from .ops.lifecycle import ReloadResult
 
 log = Logger()
 
@@ -31,14 +32,6 @@ class Reconfigurable(Protocol):
     """A part that adopts a reloaded configuration (in-flight work keeps what it started with)."""
 
     def reconfigure(self, config: Config) -> None: ...
-
-
-class ReloadResult:
-    """What a reload did: ``ok`` and a one-line summary (or the error)."""
-
-    def __init__(self, ok: bool, summary: str) -> None:
-        self.ok = ok
-        self.summary = summary
 
 
 def describe_changes(old: Config, new: Config, *, listen_fixed: bool) -> str:
@@ -98,14 +91,14 @@ class ConfigReloader(Service):
         *,
         load: Callable[[str], Config],
         apply: Callable[[Config], str],
-        observe: Callable[[bool], None] | None = None,
+        observers: Sequence[Callable[[ReloadResult], None]] = (),
         forward: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self.reactor = reactor
         self._load = load
         self._apply = apply
-        self._observe = observe
+        self._observers = tuple(observers)  # told of every reload's result (metrics, the dashboard's event log)
         self._forward = forward  # tell worker processes to reload too
         self._previous: Any = None
         self.reloads = 0
@@ -145,13 +138,14 @@ class ConfigReloader(Service):
             config = self._load(self.path)
         except ConfigError as error:
             self.failures += 1
-            if self._observe is not None:
-                self._observe(False)
             log.error("reload failed, keeping the running configuration: {error}", error=str(error))
-            return ReloadResult(False, str(error))
+            return self._tell(ReloadResult(False, str(error)))
         summary = self._apply(config)
         self.reloads += 1
-        if self._observe is not None:
-            self._observe(True)
         log.info("reloaded {path}: {summary}", path=self.path, summary=summary)
-        return ReloadResult(True, summary)
+        return self._tell(ReloadResult(True, summary))
+
+    def _tell(self, result: ReloadResult) -> ReloadResult:
+        for observe in self._observers:
+            observe(result)
+        return result

@@ -45,6 +45,7 @@ from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.models import normalise_model
 from .fleet.sessions import SessionRouter
+from .ops.dashboard import ASSETS, SECURITY_HEADERS, Dashboard
 from .ops.lifecycle import Lifecycle
 from .ops.metrics import CONTENT_TYPE, Metrics
 from .ops.process import ProcessStats
@@ -53,7 +54,7 @@ from .proxy.affinity import RESPONSE_ID
 from .proxy.headers import add_response_headers
 from .proxy.proxy import Proxy
 from .proxy.record import ProxyCall
-from .reload import ReloadResult
+from .ops.lifecycle import ReloadResult
 
 DMR_PREFIX = b"/olla/dmr"
 log = Logger()
@@ -250,6 +251,30 @@ class ProxyResource(Resource):
         return NOT_DONE_YET
 
 
+class EventStreamResource(Resource):
+    """Opens one dashboard event stream on the request (``NOT_DONE_YET``: the dashboard writes it from then on)."""
+
+    isLeaf = True
+
+    def __init__(self, dashboard: Dashboard) -> None:
+        super().__init__()
+        self._dashboard = dashboard
+
+    def render(self, request: OllaRequest) -> Any:
+        headers = request.responseHeaders
+        for name, value in SECURITY_HEADERS.items():
+            headers.setRawHeaders(name, [value])
+        headers.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
+        headers.setRawHeaders(b"x-accel-buffering", [b"no"])
+        if request.method == b"HEAD":
+            return b""
+        if self._dashboard.subscribe(request) is None:
+            error = ClientError(503, "too many dashboard event streams are open", "server_busy")
+            error.headers = {b"retry-after": b"5"}
+            return prepare_error(request, error)
+        return NOT_DONE_YET
+
+
 class OllaApp:
     """
     Owns the route table (one Klein class): which paths exist, which
@@ -270,6 +295,7 @@ class OllaApp:
         metrics: Metrics,
         lifecycle: Lifecycle,
         process: ProcessStats,
+        dashboard: Dashboard,
         reload: Callable[[], ReloadResult],
     ) -> None:
         self._proxy = proxy
@@ -280,6 +306,7 @@ class OllaApp:
         self._metrics = metrics
         self._lifecycle = lifecycle
         self._process = process
+        self._dashboard = dashboard
         self._reload = reload
 
     def resource(self, gate: Gate) -> Resource:
@@ -522,6 +549,48 @@ class OllaApp:
         _allow(request, "POST")
         result = self._reload()
         return _json(request, {"reloaded": result.ok, "summary": result.summary}, 200 if result.ok else 400)
+
+    # -- the dashboard
+
+    def _dashboard_on(self, request: OllaRequest) -> None:
+        _allow(request, "GET")
+        if not self._dashboard.enabled:
+            raise not_found("the dashboard is disabled (server.admin.dashboard: false)", "unknown_route")
+
+    @app.route("/internal/ui", methods=ALL_METHODS)
+    def ui_redirect(self, request: OllaRequest) -> bytes:
+        self._dashboard_on(request)
+        request.setResponseCode(301)
+        request.responseHeaders.setRawHeaders(b"location", [b"/internal/ui/"])
+        return b""
+
+    @app.route("/internal/ui/", methods=ALL_METHODS)
+    def ui_page(self, request: OllaRequest) -> bytes:
+        return self._asset(request, "index.html")
+
+    @app.route("/internal/ui/<string:name>", methods=ALL_METHODS)
+    def ui_file(self, request: OllaRequest, name: str) -> Any:
+        if name == "events":
+            self._dashboard_on(request)
+            return EventStreamResource(self._dashboard)
+        if name == "snapshot":
+            self._dashboard_on(request)
+            body = _json(request, {**self._dashboard.snapshot(), "events": self._dashboard.events.recent()})
+            request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+            return body
+        if name not in ASSETS or name == "index.html":
+            raise not_found(f"no dashboard file {name!r}", "unknown_route")
+        return self._asset(request, name)
+
+    def _asset(self, request: OllaRequest, name: str) -> bytes:
+        self._dashboard_on(request)
+        body = self._dashboard.assets[name]
+        headers = request.responseHeaders
+        for header, value in SECURITY_HEADERS.items():
+            headers.setRawHeaders(header, [value])
+        headers.setRawHeaders(b"content-type", [ASSETS[name]])
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        return b"" if request.method == b"HEAD" else body
 
     @app.route("/internal/metrics", methods=ALL_METHODS)
     def metrics(self, request: OllaRequest) -> bytes:

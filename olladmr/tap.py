@@ -4,12 +4,19 @@ The twistd entry point: command-line options and ``makeService``.
 ``twistd -n olladmr [--config FILE] [--listen ENDPOINT]``.  A configuration
 or listen-address problem ends the process before it listens, with one line
 on stderr (file, key path, problem) and exit status 1 -- never a traceback.
+
+``twistd olladmr [--config FILE] --check`` (like ``nginx -t``) reads and
+validates the configuration exactly as start-up and SIGHUP do, prints
+``FILE: ok (N endpoints: a, b)`` and exits 0, or prints that one line and
+exits 1 -- while twistd is still parsing options: no port is bound, no
+endpoint contacted, no log or pid file written.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Any, Mapping
 
 from twisted.internet import endpoints
@@ -24,7 +31,7 @@ from .service import OllaService
 class Options(usage.Options):
     """``twistd olladmr`` options."""
 
-    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--check]"
     longdesc = (
         "An OpenAI-compatible proxy in front of Docker Model Runner servers. "
         "Config lookup: --config, $OLLA_CONFIG_FILE, ./config.yaml, /etc/olladmr/config.yaml, built-in defaults."
@@ -43,10 +50,46 @@ class Options(usage.Options):
         ["inherit-family", None, None, "(internal) address family of the inherited socket", int],
         ["worker-index", None, 0, "(internal) this worker's number", int],
     ]
+    optFlags = [
+        ["check", None, "Validate the configuration (as start-up and SIGHUP do), print the verdict, exit 0 or 1."],
+    ]
 
     def postOptions(self) -> None:
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
+        if self["check"]:
+            code, line = check(self)
+            print(line, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+            raise SystemExit(code)
+
+
+def check(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """``--check``: (exit status, the one line to print) for the configuration start-up would use."""
+    explicit = options.get("config")
+    try:
+        config = resolve_config(explicit, environ)
+    except ConfigError as error:
+        return 1, str(error)
+    listen = options.get("listen")
+    if listen:
+        problem = _listen_problem(listen)
+        if problem is not None:
+            return 1, problem
+    names = [ep.name for ep in config.endpoints]
+    where = find_config(explicit, environ) or "built-in defaults"
+    count = f"{len(names)} endpoint{'' if len(names) == 1 else 's'}"
+    return 0, f"{where}: ok ({count}: {', '.join(names)})" if names else f"{where}: ok (no endpoints)"
+
+
+def _listen_problem(listen: str, reactor: Any = None) -> str | None:
+    """Why ``--listen`` is not a server endpoint description, or ``None`` (parsing it binds nothing)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        endpoints.serverFromString(reactor, listen)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"--listen {listen}: not a valid Twisted endpoint description ({exc})"
+    return None
 
 
 def _tune_pypy() -> None:
@@ -74,10 +117,9 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
         raise SystemExit(str(error)) from None
     listen = options.get("listen")
     if listen:
-        try:
-            endpoints.serverFromString(reactor, listen)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"--listen {listen}: not a valid Twisted endpoint description ({exc})") from None
+        problem = _listen_problem(listen, reactor)
+        if problem is not None:
+            raise SystemExit(problem)
     workers = int(options.get("workers") or 1)
     description = listen or config.server.listen
     if workers > 1 and not description.startswith(("tcp:", "unix:")):

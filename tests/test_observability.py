@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest_twisted
 from conftest import config_for, in_thread
@@ -105,6 +106,29 @@ async def test_one_access_event_per_request_including_errors(daemon_factory, fak
     assert (access["req-ok"]["status"], access["req-ok"]["outcome"], access["req-ok"]["endpoint"]) == (200, "ok", "fake-a")
     assert access["req-404"]["status"] == 404 and access["req-400"]["status"] == 400
     assert access["req-ok"]["ttfb_ms"] is not None and access["req-ok"]["total_ms"] >= access["req-ok"]["ttfb_ms"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_lines_leave_out_what_has_no_value_and_json_keeps_it_null(daemon_factory, fake):
+    """A rejected request's text line has no ``None`` and units on durations; its JSON event shows the nulls."""
+    from twisted.logger import eventAsJSON, formatEventAsClassicLogText
+
+    daemon = await daemon_factory(config_for(fake))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await daemon.post_json(PATH, CHAT, {"x-request-id": "req-ok"})
+        await daemon.post_json(PATH, {**CHAT, "model": "no/such-model"}, {"x-request-id": "req-none"})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    access = {e["request_id"]: e for e in events if e.get("log_namespace") == "olladmr.access"}
+    rejected = formatEventAsClassicLogText(access["req-none"])
+    assert "None" not in rejected and "endpoint=" not in rejected and "ttfb=" not in rejected and "tokens=" not in rejected
+    assert "model=no/such-model -> 404" in rejected and re.search(r"total=[0-9.]+ms", rejected), rejected
+    served = formatEventAsClassicLogText(access["req-ok"])
+    assert "endpoint=fake-a -> 200" in served and re.search(r"ttfb=[0-9.]+ms total=[0-9.]+ms tokens=\d+/\d+ ok", served)
+    as_json = json.loads(eventAsJSON(access["req-none"]))
+    assert as_json["endpoint"] is None and as_json["ttfb_ms"] is None and as_json["prompt_tokens"] is None
 
 
 @pytest_twisted.ensureDeferred

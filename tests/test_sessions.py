@@ -590,6 +590,40 @@ def test_overloaded_choice_spills_to_the_next_in_the_key_order() -> None:
     assert router.counts[SPILL] == 1
 
 
+def test_a_new_sessions_spill_is_a_detour_from_its_home() -> None:
+    """A new session that spills is pinned to its home, not to the spill target: its next turn goes home once it can."""
+    _, router, _, eps = setup(endpoints=[(n, 100) for n in "abc"])
+    session = header_session(router, "conv")
+    home, second, _ = rendezvous(session.key, eps)
+    home.in_flight = 6  # mean 2, bound 3.5: over
+    spilled = router.place(session, eps, MODEL)
+    assert (spilled.verdict, spilled.order[0], spilled.home) == (SPILL, second, home.name)
+    assert router.served(session, spilled, second) == SPILL
+    home.in_flight = 0
+    back = router.place(session, eps, MODEL)
+    assert (back.verdict, back.order[0], back.pinned) == (HIT, home, home.name)  # got ("hit", <second>, ...)
+
+
+def test_two_instances_agree_after_one_of_them_spills() -> None:
+    """Instance 1 spills a new session on its own load, instance 2 (idle) places it: both then send it to one endpoint."""
+    clock = Clock()
+    config = make_config()
+    busy_fleet, idle_fleet = healthy_fleet(config, clock), healthy_fleet(config, clock)
+    busy, idle = SessionRouter(clock, config), SessionRouter(clock, config)
+    session = header_session(busy, "conv")
+    busy_eps, idle_eps = list(busy_fleet), list(idle_fleet)
+    home = rendezvous(session.key, busy_eps)[0]
+    home.in_flight = 9
+    first = busy.place(session, busy_eps, MODEL)
+    busy.served(session, first, first.order[0])
+    assert first.verdict == SPILL
+    second = idle.place(session, idle_eps, MODEL)
+    idle.served(session, second, second.order[0])
+    home.in_flight = 0
+    third = busy.place(session, busy_eps, MODEL)
+    assert second.order[0].name == third.order[0].name == home.name
+
+
 def test_load_bound_is_strictly_exceeded() -> None:
     """In-flight exactly at load_factor x mean + 1 does not spill; one more does."""
     _, router, _, eps = setup({"load_factor": 1.0}, endpoints=[("a", 100), ("b", 100)])
@@ -878,6 +912,55 @@ def test_unknown_loaded_state_is_neutral() -> None:
     second.set_loaded({})  # unknown first choice is not counted as a cold route
     assert names(router.place(session, eps, MODEL).order) == [first.name, second.name]
     assert (router.cold_avoided, router.cold_taken) == (0, 1)
+
+
+def test_an_endpoint_loading_the_model_beats_one_that_would_start_another_load() -> None:
+    """The model loaded nowhere but loading at the key's second choice: the request joins that load."""
+    _, router, _, eps = setup()
+    session = header_session(router, "conv")
+    x, y, z = rendezvous(session.key, eps)
+    x.set_loaded({})
+    y.set_loaded({MODEL: True})  # /engines/ps: loading
+    z.set_loaded({})
+    assert router.place(session, eps, MODEL).order[0] is y
+    assert router.cold_avoided == 1
+    y.set_loaded({})
+    z.note_routed(MODEL)  # olladmr just sent the model there: a load is under way
+    assert z.model_loading(MODEL) and z.model_loaded(MODEL) is False
+    assert router.place(session, eps, MODEL).order[0] is z
+
+
+def test_a_model_loaded_nowhere_goes_where_the_fewest_models_are_resident() -> None:
+    """Loaded nowhere: the endpoint holding the fewest models (loaded or loading) wins, ties in the key's order."""
+    _, router, _, eps = setup()
+    session = header_session(router, "conv")
+    x, y, z = rendezvous(session.key, eps)
+    x.set_loaded({OTHER_MODEL: False})
+    y.set_loaded({"ai/qwen3": True})
+    z.set_loaded({})
+    assert names(router.place(session, eps, MODEL).order) == names([z, x, y])
+    z.note_routed(OTHER_MODEL)
+    assert names(router.place(session, eps, MODEL).order) == names([x, y, z])
+    z.set_loaded(None)  # one endpoint cannot say what it holds: the key's order alone
+    assert names(router.place(session, eps, MODEL).order) == names([x, y, z])
+    assert z.resident_count() is None and x.resident_count() == 1
+
+
+def test_note_routed_lasts_until_an_answer_or_the_next_ps() -> None:
+    """``note_routed`` marks a load under way; an answer makes the model loaded, a ``set_loaded`` replaces both."""
+    _, _, _, (a, b, _) = setup()
+    a.set_loaded({})
+    a.note_routed(MODEL)
+    assert (a.model_loading(MODEL), a.model_loaded(MODEL), a.resident_count()) == (True, False, 1)
+    a.note_served(MODEL)
+    assert (a.model_loading(MODEL), a.model_loaded(MODEL)) == (False, True)
+    b.set_loaded({})
+    b.note_routed(MODEL)
+    b.set_loaded({})
+    assert (b.model_loading(MODEL), b.resident_count()) == (False, 0)
+    b.set_loaded({MODEL: False})
+    b.note_routed(MODEL)  # loaded already: no load starts
+    assert (b.model_loading(MODEL), b.model_loaded(MODEL)) == (False, True)
 
 
 def test_note_served_marks_loaded_until_the_next_ps() -> None:

@@ -167,3 +167,51 @@ async def test_workers_share_the_socket_and_follow_signals(tmp_path, fake):
     assert watcher.output.count(b"Server Shut Down") == 2
     assert b"Traceback" not in watcher.output
     await pool.closeCachedConnections()
+
+
+# -- --check (like nginx -t)
+
+
+def test_check_reports_ok_with_the_endpoint_names(tmp_path, monkeypatch):
+    """``check()`` validates as start-up does: the file and its endpoints, or the one-line error; defaults too."""
+    from olladmr.tap import check
+
+    good = tmp_path / "good.yaml"
+    good.write_text("endpoints:\n  - {name: a, url: 'http://a:1'}\n  - {name: b, url: 'http://b:1'}\n")
+    assert check({"config": str(good)}, {}) == (0, f"{good}: ok (2 endpoints: a, b)")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("endpoints:\n  - {url: 'http://a:1', check_interval: ten}\n")
+    assert check({"config": str(bad)}, {}) == (
+        1, f'{bad}: endpoints[0].check_interval: expected a duration such as "10s", got "ten"'
+    )
+    assert check({"config": None}, {"OLLA_CONFIG_FILE": str(good)})[1].startswith(f"{good}: ok")
+    monkeypatch.chdir(tmp_path)
+    if not os.path.exists("/etc/olladmr/config.yaml"):
+        assert check({"config": None}, {}) == (0, "built-in defaults: ok (1 endpoint: local-dmr)")
+    code, line = check({"config": str(good), "listen": "nonsense:1"}, {})
+    assert code == 1 and line.startswith("--listen nonsense:1: not a valid Twisted endpoint description")
+
+
+@pytest.mark.slow
+def test_twistd_check_validates_without_listening_contacting_or_writing(tmp_path):
+    """``twistd olladmr --check``: exit 0 and ``FILE: ok (...)``, or exit 1 and the one line; no pid file, no request."""
+    with socket.socket() as upstream:  # an "endpoint" that must never be contacted
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen(8)
+        upstream.setblocking(False)
+        url = f"http://127.0.0.1:{upstream.getsockname()[1]}"
+        good = tmp_path / "good.yaml"
+        good.write_text(f"endpoints:\n  - {{name: gpu-1, url: '{url}'}}\n")
+        out = subprocess.run(TWISTD + ["olladmr", "--config", str(good), "--check"],
+                             capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=60)
+        assert (out.returncode, out.stdout, out.stderr) == (0, f"{good}: ok (1 endpoint: gpu-1)\n", "")
+        with pytest.raises(BlockingIOError):
+            upstream.accept()  # nobody connected
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {port: 1\n")
+    out = subprocess.run(TWISTD + ["olladmr", "--config", str(bad), "--check"],
+                         capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{bad}: line 2 column 1: invalid YAML"), lines
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml", "good.yaml"]  # no twistd.pid, no twistd.log

@@ -375,6 +375,7 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         raise limits.error("max_header_size", "must be at least 4KB")
     admin = srv.section("admin")
     reload_endpoint = admin.boolean("reload_endpoint", False)
+    dashboard = admin.boolean("dashboard", True)
     admin.finish()
     host = srv.string("host", DEFAULT_HOST).strip()
     if not host or any(c.isspace() for c in host):
@@ -390,6 +391,7 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         idle_timeout=srv.duration("idle_timeout", 120.0),
         request_limits=request_limits,
         reload_endpoint=reload_endpoint,
+        dashboard=dashboard,
         rate_limits=parse_rate_limits(srv.section("rate_limits")),
         auth=parse_auth(srv.section("auth"), environ),
         cors=parse_cors(srv.section("cors")),

@@ -163,6 +163,7 @@ class ServerConfig:
     idle_timeout: float = 120.0
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     reload_endpoint: bool = False
+    dashboard: bool = True  # server.admin.dashboard: the live page at /internal/ui/
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)

@@ -29,6 +29,8 @@ from .cors import Cors
 from .ratelimit import RateLimiter, rate_limited, too_many_concurrent
 
 HEALTH = b"/internal/health"
+#: The dashboard's shell (page, script, style): no data in it, so no admin key; what it shows needs one.
+UI_SHELL = frozenset({b"/internal/ui", b"/internal/ui/", b"/internal/ui/app.js", b"/internal/ui/style.css"})
 _INTERNAL = b"/internal/"
 _NO_HEADERS: dict[bytes, bytes] = {}
 
@@ -107,7 +109,7 @@ class Gate:
                     return Admission(preflight_headers, self._open.forward_credentials, status)
             extra.update(self.cors.response_headers(headers))
         if path.startswith(_INTERNAL) and path != HEALTH:
-            if self.auth.admin_required and not self.auth.check_admin(headers):
+            if self.auth.admin_required and path not in UI_SHELL and not self.auth.check_admin(headers):
                 raise admin_unauthorized()
             return self._admitted(extra)
         if path == b"/version":

@@ -17,9 +17,14 @@ processed its prefix, and every olladmr instance agrees which one that is.
   endpoint when the old one returns (its cache is warm there now).
 * **Bounded load**: an endpoint whose in-flight count exceeds
   ``load_factor`` x the tier's mean + 1, or that has no free slot, is
-  passed over for the next one in the key's order (``spill``).
+  passed over for the next one in the key's order (``spill``).  A spill
+  is a one-off detour: the session stays pinned to the endpoint placement
+  chose, so instances that bound load by their own in-flight counts still
+  agree where each conversation lives.
 * **Loaded models**: without a pin, an endpoint that has the model loaded
-  (``/engines/ps``) wins over one that would have to load it.
+  (``/engines/ps``) wins over one that would have to load it, then one
+  already loading it; a model loaded nowhere goes where the fewest models
+  are resident, so models spread over the fleet.
 """
 
 from __future__ import annotations
@@ -168,6 +173,11 @@ def _by_tier(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointState
     return [ep for tier in tiers for ep in rendezvous(key, [e for e in endpoints if e.config.priority == tier])]
 
 
+def _warm(ep: EndpointState, model_key: str) -> bool:
+    """Whether ``model_key`` is loaded at ``ep`` or a load of it is under way there."""
+    return ep.model_loaded(model_key) is True or ep.model_loading(model_key)
+
+
 class PinTable:
     """Owns the bounded session -> endpoint pins: least recently used first, idle ones expire after ``idle_ttl``."""
 
@@ -228,11 +238,17 @@ class PinTable:
 
 @dataclass
 class Placement:
-    """Where one keyed request goes first, and why: the endpoints in order, and hit/miss/repin/spill."""
+    """
+    Where one keyed request goes first, and why: the endpoints in order,
+    hit/miss/repin/spill, the session's pin before it, and its home (the
+    endpoint placement chose before the load bound: a spill is a detour
+    from it, and the session stays pinned there).
+    """
 
     order: list[EndpointState]
     verdict: str
     pinned: str | None
+    home: str | None = None
 
 
 class SessionRouter:
@@ -309,25 +325,39 @@ class SessionRouter:
         verdict = REPIN if pinned is not None else MISS
         if generation:
             tier = self._prefer_loaded(tier, model_key or "")
+        home = tier[0]
         chosen = self._bounded(tier, model_key if generation else None)
-        if chosen is not tier[0]:
+        if chosen is not home:
             verdict = SPILL
             tier = [chosen, *[ep for ep in tier if ep is not chosen]]
-        return Placement(tier + others, verdict, pinned)
+        return Placement(tier + others, verdict, pinned, home.name)
 
     def _prefer_loaded(self, tier: list[EndpointState], model_key: str) -> list[EndpointState]:
-        """Put the endpoints that have the model loaded first, when the key's first choice does not."""
+        """
+        ``tier`` (in the key's order) with the endpoints that can answer
+        soonest first, when the key's first choice does not have the model
+        loaded: those that have it loaded; else those already loading it (the
+        request shares that load); else, the model being loaded nowhere, the
+        endpoints holding the fewest models (a load there evicts least, and
+        the models spread over the fleet instead of piling onto one endpoint).
+        """
         first = tier[0].model_loaded(model_key)
         if first is True:
             return tier
-        loaded = [ep for ep in tier if ep.model_loaded(model_key) is True]
-        if loaded:
-            if first is False:
-                self.cold_avoided += 1
-            return loaded + [ep for ep in tier if ep not in loaded]
+        for ready in (
+            [ep for ep in tier if ep.model_loaded(model_key) is True],
+            [ep for ep in tier if ep.model_loading(model_key)],
+        ):
+            if ready:
+                if first is False and tier[0] not in ready:
+                    self.cold_avoided += 1
+                return ready + [ep for ep in tier if ep not in ready]
         if first is False:
             self.cold_taken += 1
-        return tier
+        counts = [ep.resident_count() for ep in tier]
+        if None in counts:
+            return tier  # some endpoint cannot say what it holds: the key's order alone
+        return [ep for _, _, ep in sorted(zip(counts, range(len(tier)), tier))]
 
     def prefer_loaded(self, pool: list[EndpointState], model_key: str) -> list[EndpointState]:
         """
@@ -355,13 +385,13 @@ class SessionRouter:
         """
         The first endpoint in ``tier`` that is not over its load bound (or the
         first, if all are).  While some endpoint of the tier has the model
-        loaded, a spill goes only to one that has it too, unless every such one
+        loaded (or is loading it), a spill goes only to one that has it too, unless every such one
         is over twice the bound or out of slots: load imbalance is not worth a
         cold load (seconds to minutes), overload is.
         """
         if len(tier) == 1:
             return tier[0]
-        warm = [ep for ep in tier if ep.model_loaded(model_key) is True] if model_key is not None else []
+        warm = [ep for ep in tier if _warm(ep, model_key)] if model_key is not None else []
         if warm:
             for ep in warm:
                 if self._within_bound(ep, tier):
@@ -379,11 +409,16 @@ class SessionRouter:
     def served(self, session: SessionKey, placement: Placement, endpoint: EndpointState) -> str:
         """
         ``endpoint`` answered the request: the session is pinned where its
-        cache now is (a spill away from an existing pin is a one-off detour
-        and leaves the pin); returns the verdict to report.
+        cache now is; a spill is a one-off detour that leaves the pin (a new
+        session is pinned to its home); returns the verdict to report.
         """
         verdict = placement.verdict
-        if endpoint.name != placement.pinned and not (verdict == SPILL and placement.pinned is not None):
+        if verdict == SPILL:
+            if placement.pinned is None and placement.home is not None:
+                # A new session's spill is a detour too: it is pinned where placement put it, which is where
+                # every other instance sends it, so its next turns converge there once the load allows.
+                self.pins.pin(session.key, placement.home)
+        elif endpoint.name != placement.pinned:
             if verdict == HIT:
                 verdict = REPIN  # the pinned endpoint failed; the session moves
             self.pins.pin(session.key, endpoint.name)

@@ -66,6 +66,7 @@ class EndpointState:
         self.breaker = CircuitBreaker(clock, breaker_failures, breaker_cooldown)
         self.loaded: dict[str, bool] | None = None  # from /engines/ps: model key -> still loading; None: unknown
         self._served: set[str] = set()  # models real traffic just got answers for (loaded until ps says otherwise)
+        self._routed: set[str] = set()  # models sent here while not loaded: a load is under way (until ps or an answer)
         self._waiters: deque[tuple[Deferred[None], IDelayedCall]] = deque()
         self.removed = False
 
@@ -125,14 +126,33 @@ class EndpointState:
         loading = self.loaded.get(key)
         return loading is False
 
+    def model_loading(self, key: str) -> bool:
+        """Whether a load of ``key`` is under way here (``/engines/ps`` says so, or we just sent it here unloaded)."""
+        if key in self._served:
+            return False
+        return key in self._routed or (self.loaded is not None and self.loaded.get(key) is True)
+
+    def resident_count(self) -> int | None:
+        """How many models are loaded or loading here (``None``: unknown, no ``/engines/ps``)."""
+        if self.loaded is None:
+            return None
+        return len(self.loaded.keys() | self._served | self._routed)
+
     def set_loaded(self, loaded: dict[str, bool] | None) -> None:
         """What ``/engines/ps`` said is loaded (model key -> still loading), or ``None`` when it cannot say."""
         self.loaded = loaded
         self._served.clear()
+        self._routed.clear()
+
+    def note_routed(self, key: str) -> None:
+        """A generation request for ``key`` is being sent here: unless it is loaded, a load starts now."""
+        if self.model_loaded(key) is not True:
+            self._routed.add(key)
 
     def note_served(self, key: str) -> None:
         """Real traffic got an answer for ``key`` here: it is loaded now."""
         self._served.add(key)
+        self._routed.discard(key)
 
     def loaded_models(self) -> list[str] | None:
         """The loaded models' keys, for status pages (``None``: unknown)."""

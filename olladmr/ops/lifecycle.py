@@ -13,6 +13,14 @@ from twisted.internet.interfaces import IReactorTime
 from ..config.schema import Config
 
 
+class ReloadResult:
+    """What a reload did: ``ok`` and a one-line summary (or the error)."""
+
+    def __init__(self, ok: bool, summary: str) -> None:
+        self.ok = ok
+        self.summary = summary
+
+
 class Lifecycle:
     """Owns the process's start time, the configuration in force (and its load time) and the draining flag."""
 

@@ -106,6 +106,54 @@ def access_fields(record: ExchangeRecord) -> dict[str, Any]:
     }
 
 
+_FORMATS: dict[tuple[bool, ...], str] = {}  # access_format's results by which fields are present (at most 256)
+
+
+def access_format(fields: dict[str, Any]) -> str:
+    """
+    The text line's format for ``fields``: a field without a value is left
+    out (never ``None``), every duration carries its unit.  The event keeps
+    every field, so the JSON format shows the missing ones as ``null``.
+    """
+    present = (
+        fields["model"] is not None,
+        fields["endpoint"] is not None,
+        bool(fields["status"]),
+        fields["ttfb_ms"] is not None,
+        fields["prompt_tokens"] is not None,
+        fields["completion_tokens"] is not None,
+        bool(fields["failovers"]),
+        fields["error"] is not None,
+    )
+    cached = _FORMATS.get(present)
+    if cached is not None:
+        return cached
+    model, endpoint, status, ttfb, prompt, completion, failovers, error = present
+    parts = ["{request_id} {client} {method} {path}"]
+    if model:
+        parts.append("model={model}")
+    if endpoint:
+        parts.append("endpoint={endpoint}")
+    parts.append("-> {status}" if status else "-> no response")
+    parts.append("{bytes}B")
+    if ttfb:
+        parts.append("ttfb={ttfb_ms}ms")
+    parts.append("total={total_ms}ms")
+    if prompt and completion:
+        parts.append("tokens={prompt_tokens}/{completion_tokens}")
+    elif prompt:
+        parts.append("prompt_tokens={prompt_tokens}")
+    elif completion:
+        parts.append("completion_tokens={completion_tokens}")
+    if failovers:
+        parts.append("failovers={failovers}")
+    parts.append("{outcome}")
+    if error:
+        parts.append('error="{error}"')
+    text = _FORMATS[present] = " ".join(parts)
+    return text
+
+
 class AccessLog:
     """Emits one ``olladmr.access`` event per request, with its fields as event keys."""
 
@@ -122,11 +170,8 @@ class AccessLog:
         """A proxied request ended (completed, failed or abandoned)."""
         if not self.enabled:
             return
-        self.log.info(
-            "{request_id} {client} {method} {path} model={model} endpoint={endpoint} -> {status} "
-            "{bytes}B ttfb={ttfb_ms}ms total={total_ms}ms tokens={prompt_tokens}/{completion_tokens} {outcome}",
-            **access_fields(record),
-        )
+        fields = access_fields(record)
+        self.log.info(access_format(fields), **fields)
 
     def local_request(self, request: Any, elapsed: float) -> None:
         """A request olladmr answered itself (errors, status, models list)."""

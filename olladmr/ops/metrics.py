@@ -15,7 +15,7 @@ latencies for the p50/p95/p99 in ``/internal/status/models``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,6 +28,7 @@ from ..config.schema import Config
 from ..fleet.models import normalise_model
 from ..fleet.state import Fleet
 from ..proxy.record import OK, ExchangeRecord
+from .lifecycle import ReloadResult
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
 OTHER_MODEL = "other"
@@ -94,37 +95,67 @@ class _StickyCollector:
         yield GaugeMetricFamily("olladmr_sticky_sessions_active", "sessions pinned now", value=stats["sessions"])
 
 
+def _percentile(window: Sequence[float], p: float, scale: float = 1.0) -> float | None:
+    """The ``p`` quantile of the sorted ``window`` times ``scale`` (``None`` when empty)."""
+    if not window:
+        return None
+    return round(window[min(len(window) - 1, int(p * len(window)))] * scale, 2)
+
+
 class ModelStats:
-    """Per-model request counts and a bounded latency window."""
+    """
+    Per-key (a model, or an endpoint) request and failure counts, token
+    totals, and bounded windows of latency, time to first byte and
+    generation speed.
+    """
 
     WINDOW = 1000
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
         self.failures: dict[str, int] = {}
+        self.completion_tokens: dict[str, int] = {}
         self.latencies: dict[str, deque[float]] = {}
+        self.ttfts: dict[str, deque[float]] = {}
+        self.speeds: dict[str, deque[float]] = {}
 
-    def add(self, model: str, seconds: float, ok: bool) -> None:
-        self.requests[model] = self.requests.get(model, 0) + 1
-        if not ok:
-            self.failures[model] = self.failures.get(model, 0) + 1
-        window = self.latencies.get(model)
+    @classmethod
+    def _window(cls, windows: dict[str, deque[float]], key: str) -> deque[float]:
+        window = windows.get(key)
         if window is None:
-            window = self.latencies[model] = deque(maxlen=self.WINDOW)
-        window.append(seconds)
+            window = windows[key] = deque(maxlen=cls.WINDOW)
+        return window
 
-    def summary(self, model: str) -> dict[str, Any]:
-        window = sorted(self.latencies.get(model, ()))
+    def add(
+        self, key: str, seconds: float, ok: bool, *, ttft: float | None = None, tokens: int = 0,
+        rate: float | None = None,
+    ) -> None:
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if not ok:
+            self.failures[key] = self.failures.get(key, 0) + 1
+        self._window(self.latencies, key).append(seconds)
+        if ttft is not None:
+            self._window(self.ttfts, key).append(ttft)
+        if tokens:
+            self.completion_tokens[key] = self.completion_tokens.get(key, 0) + tokens
+        if rate is not None:
+            self._window(self.speeds, key).append(rate)
 
-        def pct(p: float) -> float | None:
-            if not window:
-                return None
-            return round(window[min(len(window) - 1, int(p * len(window)))] * 1000, 2)
-
+    def summary(self, key: str) -> dict[str, Any]:
+        latency = sorted(self.latencies.get(key, ()))
+        ttft = sorted(self.ttfts.get(key, ()))
+        speed = sorted(self.speeds.get(key, ()))
+        requests = self.requests.get(key, 0)
+        failures = self.failures.get(key, 0)
         return {
-            "requests": self.requests.get(model, 0),
-            "failures": self.failures.get(model, 0),
-            "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
+            "requests": requests,
+            "failures": failures,
+            "error_rate": round(failures / requests, 4) if requests else None,
+            "latency_ms": {"p50": _percentile(latency, 0.50, 1000), "p95": _percentile(latency, 0.95, 1000),
+                           "p99": _percentile(latency, 0.99, 1000)},
+            "ttft_ms": {"p50": _percentile(ttft, 0.50, 1000), "p95": _percentile(ttft, 0.95, 1000)},
+            "tokens_per_second": {"p50": _percentile(speed, 0.50)},
+            "completion_tokens": self.completion_tokens.get(key, 0),
         }
 
 
@@ -188,6 +219,8 @@ class Metrics:
             r.register(_StickyCollector(sticky))
         self.config_loaded.set(clock.seconds())
         self.model_stats = ModelStats()
+        self.endpoint_stats = ModelStats()  # the same, per endpoint (the status API and the dashboard)
+        self.completion_tokens_total = 0
         self.total = 0
         self.succeeded = 0
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -230,15 +263,23 @@ class Metrics:
         if record.failovers:
             self.failovers.inc(record.failovers)
         usage = record.usage
+        completion = 0
+        rate = None
         if usage:
             for kind in ("prompt_tokens", "completion_tokens"):
                 value = usage.get(kind)
                 if isinstance(value, int) and value >= 0:
                     child(self.tokens, model, kind.split("_")[0]).inc(value)
+                    if kind == "completion_tokens":
+                        completion = value
             rate = record.tokens_per_second
             if rate is not None:
                 child(self.tokens_per_second, model).observe(rate)
-        self.model_stats.add(model, total, ok)
+        self.completion_tokens_total += completion
+        ttft = None if record.first_byte_at is None else max(0.0, record.first_byte_at - record.arrived)
+        self.model_stats.add(model, total, ok, ttft=ttft, tokens=completion, rate=rate)
+        if record.endpoint:
+            self.endpoint_stats.add(record.endpoint, total, ok, ttft=ttft, tokens=completion, rate=rate)
 
     def health_checks_observe(self, endpoint: str, result: str, seconds: float) -> None:
         """A health check of ``endpoint`` ended with ``result`` after ``seconds``."""
@@ -248,9 +289,9 @@ class Metrics:
         """A response-owner probe ended with ``result`` after ``seconds``."""
         self.response_probes.labels(result).observe(seconds)
 
-    def reload_observed(self, ok: bool) -> None:
-        """A configuration reload succeeded (``ok``) or was refused."""
-        self.reloads.labels("success" if ok else "failure").inc()
+    def reload_observed(self, result: ReloadResult) -> None:
+        """A configuration reload succeeded or was refused."""
+        self.reloads.labels("success" if result.ok else "failure").inc()
 
     def reconfigure(self, config: Config) -> None:
         """A new configuration is in force: stamp its load time."""

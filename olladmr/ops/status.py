@@ -80,7 +80,9 @@ class StatusReport:
         """``/internal/status/endpoints``."""
         eps = list(self._fleet)
         return {
-            "endpoints": [endpoint_status(ep) for ep in eps],
+            "endpoints": [
+                {**endpoint_status(ep), "traffic": self._metrics.endpoint_stats.summary(ep.name)} for ep in eps
+            ],
             "total_count": len(eps),
             "healthy_count": sum(1 for ep in eps if ep.status == "healthy"),
             "routable_count": sum(1 for ep in eps if ep.routable),

@@ -287,6 +287,8 @@ class Exchange:
         request = self.request
         config = endpoint.config
         endpoint.record_attempt()
+        if self.call.model_key is not None and self.call.route in GENERATION_ROUTES:
+            endpoint.note_routed(self.call.model_key)  # a load starts there now, unless the model is loaded
         self.record.attempts += 1
         self.record.endpoint = endpoint.name
         client = request.getClientAddress()
