@@ -174,6 +174,14 @@ async def test_the_page_shows_the_fleet_and_follows_it_live(rig: Any) -> None:
         assert page.evaluate("window.__sameDocument") is True  # updated in place, never reloaded
         screenshot(page, "light")
 
+        # the stream drops: the page says so, polls the status API meanwhile, then reconnects
+        blockingCallFromThread(reactor, daemon.dashboard.close_streams)
+        expect(page.locator("#connection")).to_contain_text("disconnected", timeout=5000)
+        blockingCallFromThread(reactor, fakes[1].start, fakes[1].port)
+        expect(status_cell(page, "dmr-1")).to_contain_text("healthy", timeout=5000)  # seen while polling or live
+        expect(page.locator("#connection")).to_have_text("live", timeout=10000)
+        assert page.evaluate("window.__sameDocument") is True
+
     await in_thread(browse, base, "light", steps)
     print(f"dashboard latency: {timings}")
     assert all(seconds < 5 for seconds in timings.values()), timings

@@ -244,6 +244,10 @@ class Dashboard(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        self.close_streams()
+
+    def close_streams(self) -> None:
+        """End every open event stream (the daemon stops, or the dashboard was turned off)."""
         for stream in list(self._streams):
             stream.close()
 
@@ -269,8 +273,7 @@ class Dashboard(Service):
         """Once a second: sample traffic, log status and breaker changes, push new events and a changed snapshot."""
         now = self._clock.seconds()
         if self._streams and not self.enabled:  # turned off by a reload: the open streams end
-            for stream in list(self._streams):
-                stream.close()
+            self.close_streams()
         self.traffic.sample(now, self._metrics.total, self._metrics.completion_tokens_total)
         snapshot = self.snapshot()
         self._note_changes(snapshot["endpoints"])
