@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Mapping
 
 from .config.files import load_config
 from .config.schema import Config
+from .lean import check_tls
 from .edge.gate import Gate
 from .edge.site import EdgeLimits, OllaSite
 from .fleet.aliases import Aliases
@@ -154,7 +154,7 @@ def build(
     reloader = ConfigReloader(
         config_path,
         reactor,
-        load=partial(load_config, environ=environ),
+        load=lambda path: check_tls(load_config(path, environ), listener.description),
         apply=reconfiguration.apply,
         observers=(metrics.reload_observed, events.reload_observed),
         forward=pool.reload_all if pool is not None else None,

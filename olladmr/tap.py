@@ -17,15 +17,16 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from twisted.internet import endpoints
 from twisted.python import usage
 
-from .build import build
 from .config.files import find_config, resolve_config
 from .config.reader import ConfigError
-from .service import OllaService
+from .lean import import_without_tls, needs_tls
+
+if TYPE_CHECKING:
+    from .service import OllaService
 
 
 class Options(usage.Options):
@@ -45,7 +46,8 @@ class Options(usage.Options):
             "Twisted endpoint to listen on (e.g. tcp:40114:interface=127.0.0.1, unix:/run/olladmr.sock); "
             "overrides server.host/server.port.",
         ],
-        ["workers", "w", 1, "Processes serving the listening socket (tcp: or unix: listen addresses).", int],
+        ["workers", "w", 1, "Processes serving the listening socket (tcp: or unix: listen addresses); "
+         "'auto': one per CPU this process may run on.", None],
         ["inherit-fd", None, None, "(internal) serve on this inherited listening socket", int],
         ["inherit-family", None, None, "(internal) address family of the inherited socket", int],
         ["worker-index", None, 0, "(internal) this worker's number", int],
@@ -55,12 +57,30 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        if self["workers"] < 1:
-            raise usage.UsageError("--workers must be at least 1")
+        self["workers"] = parse_workers(self["workers"])
         if self["check"]:
             code, line = check(self)
             print(line, file=sys.stdout if code == 0 else sys.stderr, flush=True)
             raise SystemExit(code)
+
+
+def parse_workers(value: object) -> int:
+    """``--workers``: a count of at least 1, or ``auto`` (the CPUs this process may run on)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif str(value).strip().lower() == "auto":
+        try:
+            count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            count = os.cpu_count() or 1
+    else:
+        try:
+            count = int(str(value))
+        except ValueError:
+            raise usage.UsageError(f"--workers: expected a number or 'auto', got {value!r}") from None
+    if count < 1:
+        raise usage.UsageError("--workers must be at least 1")
+    return count
 
 
 def check(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
@@ -83,6 +103,8 @@ def check(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
 
 def _listen_problem(listen: str, reactor: Any = None) -> str | None:
     """Why ``--listen`` is not a server endpoint description, or ``None`` (parsing it binds nothing)."""
+    from twisted.internet import endpoints
+
     if reactor is None:
         from twisted.internet import reactor
     try:
@@ -106,20 +128,24 @@ def _tune_pypy() -> None:
 def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mapping[str, str] = os.environ) -> OllaService:
     """Build the service tree from parsed options (or exit with one line)."""
     _tune_pypy()
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
     explicit = options.get("config")
     try:
         config = resolve_config(explicit, environ)
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     listen = options.get("listen")
+    if not needs_tls(config, listen):
+        import_without_tls()  # no pyOpenSSL in memory unless TLS is configured (a no-op if Twisted's is loaded)
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
     if listen:
         problem = _listen_problem(listen, reactor)
         if problem is not None:
             raise SystemExit(problem)
+    from .build import build
+
     workers = int(options.get("workers") or 1)
     description = listen or config.server.listen
     if workers > 1 and not description.startswith(("tcp:", "unix:")):

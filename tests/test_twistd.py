@@ -215,3 +215,24 @@ def test_twistd_check_validates_without_listening_contacting_or_writing(tmp_path
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{bad}: line 2 column 1: invalid YAML"), lines
     assert sorted(os.listdir(tmp_path)) == ["bad.yaml", "good.yaml"]  # no twistd.pid, no twistd.log
+
+
+def test_workers_option_takes_a_count_or_auto():
+    """``--workers 3`` is 3, ``--workers auto`` one per usable CPU; zero or words are usage errors."""
+    from twisted.python import usage
+
+    from olladmr.tap import Options
+
+    def parsed(value: str) -> int:
+        options = Options()
+        options.parseOptions(["--workers", value])
+        return options["workers"]
+
+    assert parsed("3") == 3
+    assert parsed("auto") == parsed("AUTO") == len(os.sched_getaffinity(0))
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(usage.UsageError):
+            parsed(bad)
+    defaults = Options()
+    defaults.parseOptions([])
+    assert defaults["workers"] == 1
