@@ -16,6 +16,7 @@ A reload goes through :class:`~olladmr.reload.Reconfiguration`, which calls
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -33,7 +34,7 @@ from .fleet.state import Fleet
 from .ops.dashboard import Dashboard, EventLog
 from .ops.lifecycle import Lifecycle
 from .ops.logs import AccessLog, LogControl
-from .ops.metrics import Metrics
+from .ops.metrics import MULTIPROCESS_ENV, Metrics, share_across_processes
 from .ops.process import ProcessStats
 from .ops.status import StatusReport
 from .proxy.affinity import ResponseAffinity
@@ -105,7 +106,14 @@ def build(
     sessions = SessionRouter(reactor, config)
     settings = config.proxy.response_affinity
     directory = ResponseDirectory(reactor, settings.max_entries, settings.ttl)
-    metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__, sessions.stats)
+    shared_dir: str | None = None  # --workers: the traffic metrics of every process, summed at each scrape
+    if workers > 1 and inherit is None:
+        shared_dir = tempfile.mkdtemp(prefix="olladmr-metrics-")  # the master's; its workers inherit the variable
+    elif inherit is not None and environ.get(MULTIPROCESS_ENV):
+        shared_dir = environ[MULTIPROCESS_ENV]
+    if shared_dir is not None:
+        share_across_processes(shared_dir)
+    metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__, sessions.stats, shared_dir=shared_dir)
     affinity = ResponseAffinity(
         directory,
         upstream,
@@ -142,6 +150,7 @@ def build(
             family=listener.family,
             argv=argv,
             shutdown_timeout=lambda: lifecycle.config.server.shutdown_timeout,
+            shared_dir=shared_dir,
         )
     reconfiguration = Reconfiguration(
         config,

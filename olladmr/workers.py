@@ -4,7 +4,9 @@ Several processes on one listening socket (``--workers N``).
 The twistd process (the *master*) binds the socket as usual and serves on it
 itself; :class:`WorkerPool` then starts ``N - 1`` worker processes that
 adopt the same socket (passed as file descriptor 3) and run the same
-service tree, each with its own health monitor.  The kernel hands each new
+service tree, each with its own health monitor.  Their traffic metrics are
+summed across processes (``ops.metrics``: multiprocess files in a directory
+the master creates, removed when the pool has stopped).  The kernel hands each new
 connection to one of them.
 
 Signals: the master forwards SIGHUP (reload) to every worker after
@@ -18,6 +20,7 @@ short delay.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Any, Callable
 
@@ -59,6 +62,7 @@ class WorkerPool(Service):
         family: Callable[[], int],
         argv: list[str],
         shutdown_timeout: Callable[[], float],
+        shared_dir: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -66,6 +70,7 @@ class WorkerPool(Service):
         self._family = family
         self.argv = argv
         self._shutdown_timeout = shutdown_timeout
+        self._shared_dir = shared_dir  # the metrics files of every process: removed once all have stopped
         self.workers: dict[int, tuple[_Worker, Any]] = {}
         self._stopping = False
         self._quick_deaths = 0
@@ -132,8 +137,10 @@ class WorkerPool(Service):
         ended = [worker.ended for worker, _ in self.workers.values()]
         self.terminate()
         if not ended:
+            self._remove_shared()
             return Deferred.fromCoroutine(_none())
         all_ended = DeferredList(ended)
+        all_ended.addBoth(self._removed_shared)
         grace = self._shutdown_timeout() + 5.0
 
         def kill() -> None:
@@ -144,6 +151,14 @@ class WorkerPool(Service):
         timer = self.reactor.callLater(grace, kill)
         all_ended.addBoth(lambda r: timer.cancel() if timer.active() else None)
         return all_ended
+
+    def _remove_shared(self) -> None:
+        if self._shared_dir is not None:
+            shutil.rmtree(self._shared_dir, ignore_errors=True)
+
+    def _removed_shared(self, result: Any) -> Any:
+        self._remove_shared()
+        return result
 
 
 async def _none() -> None:

@@ -71,6 +71,28 @@ class _Watcher(protocol.ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
+async def worker_requests(port: int, pid: int) -> int:
+    """The requests process ``pid`` sent upstream itself (its endpoints' own counters), asked until it answers."""
+    import json
+
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+    for _ in range(400):
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 1
+        agent = Agent(reactor, pool=pool)  # one kept-alive connection: both answers come from one process
+        try:
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}/internal/process".encode())
+            answered = json.loads(await readBody(response)).get("pid")
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}/internal/status/endpoints".encode())
+            body = json.loads(await readBody(response))
+        finally:
+            await pool.closeCachedConnections()
+        if answered == pid:
+            return sum(ep["request_count"] for ep in body["endpoints"])
+    raise AssertionError(f"process {pid} never answered")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,10 +148,13 @@ def test_systemd_unit_verifies():
 @pytest_twisted.ensureDeferred
 async def test_workers_share_the_socket_and_follow_signals(tmp_path, fake):
     """--workers 2: two processes answer on one port; SIGHUP reloads both; SIGTERM stops both, exit 0."""
+    import io
     import json
 
     from conftest import eventually
-    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+    from prometheus_client.parser import text_string_to_metric_families
+    from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+    from twisted.web.http_headers import Headers
 
     port = _free_port()
     cfg = tmp_path / "config.yaml"
@@ -156,6 +181,36 @@ async def test_workers_share_the_socket_and_follow_signals(tmp_path, fake):
             if len(pids) == 2:
                 break
         assert len(pids) == 2
+
+        # the traffic of both processes in one scrape (and in /internal/status) of either
+        body = json.dumps({"model": "ai/smollm2", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        sent = 40
+        for _ in range(sent):
+            response = await agent.request(
+                b"POST", f"http://127.0.0.1:{port}/olla/dmr/engines/v1/chat/completions".encode(),
+                Headers({b"content-type": [b"application/json"]}), FileBodyProducer(io.BytesIO(body)),
+            )
+            assert response.code == 200
+            await readBody(response)
+        totals: dict[int, int] = {}  # pid -> the request total its /internal/status reports
+        for _ in range(200):
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}/internal/status".encode())
+            status = json.loads(await readBody(response))
+            totals[status["pid"]] = status["requests"]["total"]
+            if len(totals) == 2:
+                break
+        scrapes = []
+        for _ in range(20):
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}/internal/metrics".encode())
+            text = (await readBody(response)).decode()
+            scrapes.append(sum(
+                sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name == "olladmr_requests_total"
+            ))
+        assert scrapes == [sent] * 20, scrapes
+        assert sorted(totals.values()) == [sent, sent], totals
+        served = [await worker_requests(port, pid) for pid in sorted(totals)]
+        assert sum(served) == sent and all(served), served  # both served some: the sums are of two processes
         process.signalProcess("HUP")
         await eventually(lambda: watcher.output.count(b"reloaded ") == 2, 10, "both processes to reload")
         process.signalProcess("TERM")

@@ -10,16 +10,26 @@ a model that no endpoint lists is counted under ``other``.
 
 :class:`ModelStats` keeps per-model request counts and a bounded window of
 latencies for the p50/p95/p99 in ``/internal/status/models``.
+
+With ``--workers N`` the request counters and histograms (:data:`SHARED`)
+live in ``prometheus_client``'s multiprocess files, one per process, in a
+directory the master creates (:func:`share_across_processes`); a scrape of
+any process sums every process's files, so one scrape of the shared port
+shows fleet-wide counts, and ``/internal/status``'s totals are read the same
+way.  What describes one process's own view (its endpoint states, in-flight
+requests, health checks, reloads, sessions) stays per process.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -31,6 +41,40 @@ from ..proxy.record import OK, ExchangeRecord
 from .lifecycle import ReloadResult
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
+#: The metric families summed over every process with ``--workers`` (the traffic; the rest is per process).
+SHARED = frozenset({
+    "olladmr_requests", "olladmr_request_outcomes", "olladmr_requests_succeeded", "olladmr_request_duration_seconds",
+    "olladmr_time_to_first_byte_seconds", "olladmr_upstream_response_bytes", "olladmr_failovers", "olladmr_tokens",
+    "olladmr_completion_tokens_per_second",
+})
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_across_processes(directory: str) -> None:
+    """
+    From now on, this process's metric values live in ``prometheus_client``'s
+    per-process files in ``directory`` (multiprocess mode; workers inherit
+    the directory through the environment).  Call it before any
+    :class:`Metrics` is built; it is for a process that serves one daemon.
+    """
+    os.environ[MULTIPROCESS_ENV] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+class _Exposition:
+    """What a scrape renders: the shared families summed over every process's files, the rest from this process."""
+
+    def __init__(self, local: CollectorRegistry, directory: str) -> None:
+        self._local = local
+        self._directory = directory
+
+    def collect(self) -> Iterator[Any]:
+        for family in MultiProcessCollector(None, path=self._directory).collect():
+            if family.name in SHARED:
+                yield family
+        for family in self._local.collect():
+            if family.name not in SHARED:
+                yield family
 OTHER_MODEL = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _STATUSES = ("unknown", "healthy", "busy", "unhealthy", "offline")
@@ -169,8 +213,10 @@ class Metrics:
         in_flight: Callable[[], int],
         response_entries: Callable[[], int] = lambda: 0,
         sticky: Callable[[], dict[str, Any]] | None = None,
+        shared_dir: str | None = None,
     ) -> None:
         self.fleet = fleet
+        self._shared_dir = shared_dir
         self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -178,6 +224,9 @@ class Metrics:
             "olladmr_requests", "proxied requests", ["endpoint", "model", "route", "status_class"], registry=r
         )
         self.outcomes = Counter("olladmr_request_outcomes", "how proxied requests ended", ["outcome"], registry=r)
+        self.succeeded_total = Counter(
+            "olladmr_requests_succeeded", "proxied requests that ended ok with a status below 500", registry=r
+        )
         self.duration = Histogram(
             "olladmr_request_duration_seconds", "arrival to last byte", ["route"], buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -251,6 +300,8 @@ class Metrics:
         ok = record.outcome == OK and 0 < record.status < 500
         self.total += 1
         self.succeeded += ok
+        if ok:
+            self.succeeded_total.inc()
         child = self._child
         child(self.requests, endpoint, model, record.route, status_class(record.status)).inc()
         child(self.outcomes, record.outcome).inc()
@@ -298,5 +349,19 @@ class Metrics:
         self.config_loaded.set(self._clock.seconds())
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of the registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of the registry (with ``--workers``, the traffic of every process)."""
+        if self._shared_dir is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Exposition(self.registry, self._shared_dir))
+
+    def totals(self) -> tuple[int, int]:
+        """(requests, succeeded) proxied so far: this process's, or with ``--workers`` every process's."""
+        if self._shared_dir is None:
+            return self.total, self.succeeded
+        total = succeeded = 0.0
+        for family in MultiProcessCollector(None, path=self._shared_dir).collect():
+            if family.name == "olladmr_request_outcomes":
+                total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            elif family.name == "olladmr_requests_succeeded":
+                succeeded = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        return int(total), int(succeeded)

@@ -137,7 +137,8 @@ class StatusReport:
         life = self._lifecycle
         metrics = self._metrics
         eps = list(self._fleet)
-        succeeded, failed = self._reloads()
+        reloads_ok, reloads_failed = self._reloads()
+        total, succeeded = metrics.totals()
         return {
             "name": "olladmr",
             "version": __version__,
@@ -152,11 +153,11 @@ class StatusReport:
             "draining": life.draining,
             "active_requests": self._in_flight(),
             "requests": {
-                "total": metrics.total,
-                "succeeded": metrics.succeeded,
-                "success_rate": round(metrics.succeeded / metrics.total, 4) if metrics.total else None,
+                "total": total,
+                "succeeded": succeeded,
+                "success_rate": round(succeeded / total, 4) if total else None,
             },
-            "reloads": {"succeeded": succeeded, "failed": failed},
+            "reloads": {"succeeded": reloads_ok, "failed": reloads_failed},
             "endpoints": {
                 "total": len(eps),
                 "healthy": sum(1 for ep in eps if ep.status == "healthy"),
