@@ -45,6 +45,7 @@ from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.models import normalise_model
 from .fleet.sessions import SessionRouter
+from .jsonscan import NotAnObject, members
 from .ops.dashboard import ASSETS, SECURITY_HEADERS, Dashboard
 from .ops.lifecycle import Lifecycle
 from .ops.metrics import CONTENT_TYPE, Metrics
@@ -134,8 +135,25 @@ def _allow(request: OllaRequest, *methods: str) -> None:
     raise method_not_allowed(method, methods + (("HEAD",) if "GET" in methods else ()), request.path.decode("latin-1"))
 
 
-def _parse_body(request: OllaRequest) -> dict[str, Any]:
-    """The JSON object of a model-routed POST, with a valid string ``model``, or a 400/413 ClientError."""
+#: Bodies from this size on are read with :func:`~olladmr.jsonscan.members`: only the members routing needs are built.
+LARGE_BODY = 64 * 1024
+#: The top-level members routing reads, per route (the model; the conversation's opening for affinity; the
+#: Responses API's previous_response_id); everything else is validated but never built for a large body.
+ROUTING_MEMBERS: dict[str, frozenset[str]] = {
+    "chat/completions": frozenset({"model", "messages"}),
+    "messages": frozenset({"model", "system", "messages"}),
+    "responses": frozenset({"model", "previous_response_id", "input", "instructions"}),
+    "completions": frozenset({"model", "prompt"}),
+}
+_MODEL_ONLY = frozenset({"model"})
+
+
+def _parse_body(request: OllaRequest, wanted: frozenset[str] = _MODEL_ONLY) -> dict[str, Any]:
+    """
+    The JSON object of a model-routed POST (for a large body, only its
+    ``wanted`` members), with a valid string ``model``, or a 400/413
+    ClientError.
+    """
     if request.body_too_large:
         # Site.buildProtocol sets ``channel.site``; Twisted's HTTPChannel does not declare it.
         raise too_large(request.channel.site.limits.max_body_size)  # type: ignore[attr-defined]
@@ -146,7 +164,9 @@ def _parse_body(request: OllaRequest) -> dict[str, Any]:
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object with a \"model\"", "invalid_json")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw) if len(raw) < LARGE_BODY else members(raw, wanted)
+    except NotAnObject:
+        body = None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
     if not isinstance(body, dict):
@@ -377,7 +397,7 @@ class OllaApp:
     def post(self, request: OllaRequest, spec: PostRoute) -> Resource:
         """A model-routed POST: its body validated here, proxied by the resource returned."""
         _allow(request, "POST")
-        body = _parse_body(request)
+        body = _parse_body(request, ROUTING_MEMBERS.get(spec.route, _MODEL_ONLY))
         model: str = body["model"]
         key = normalise_model(model)
         admission = request.admission
