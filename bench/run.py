@@ -176,6 +176,19 @@ def proc_stat(pid: int) -> list[str]:
     return data[data.rindex(")") + 2 :].split()
 
 
+def settle(targets: list[Any], limit: float = 15.0) -> None:
+    """Wait until every proxy is idle (under 3% of a core over 0.3 s): the last scenario's teardown is over."""
+    deadline = time.monotonic() + limit
+    for t in targets:
+        if not t.is_proxy:
+            continue
+        while time.monotonic() < deadline:
+            before = cpu_ticks(t.pids())
+            time.sleep(0.3)
+            if (cpu_ticks(t.pids()) - before) / CLK_TCK < 0.3 * 0.03:
+                break
+
+
 def cpu_ticks(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -347,8 +360,8 @@ http {{
     return conf
 
 
-def write_olladmr_config(tmp: Path, port: int, static_port: int, sse_port: int) -> Path:
-    conf = tmp / "olladmr.yaml"
+def write_olladmr_config(tmp: Path, port: int, static_port: int, sse_port: int, name: str = "olladmr") -> Path:
+    conf = tmp / f"{name}.yaml"
     conf.write_text(f"""server:
   host: 127.0.0.1
   port: {port}
@@ -715,6 +728,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     ap.add_argument("--streams", type=int, default=1000, help="concurrent slow streams to hold (default 1000)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configs and logs)")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="also measure olladmr --workers N (N >= 2) on the same scenarios")
     args = ap.parse_args()
 
     for tool in ("wrk", "nginx"):
@@ -779,6 +794,23 @@ def main() -> int:
         wait_until("olladmr", olladmr_ready, 30, odmr, procs, "olladmr")
         targets.append(Target("olladmr", oport, oport, PREFIX, pids=lambda: [odmr.pid]))
 
+        # -- olladmr --workers N (optional)
+        if args.workers > 1:
+            wport = free_port()
+            wname = f"olladmr×{args.workers}"
+            odmrw = procs.start(wname, [py, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+                                        "-n", "--pidfile=", "olladmr", "--workers", str(args.workers), "--config",
+                                        str(write_olladmr_config(tmp, wport, static_port, sse_port, "olladmr-workers"))],
+                                env=env, cwd=ROOT)
+
+            def workers_ready() -> bool:
+                status, body = hget(wport, "GET", PREFIX + MODELS_PATH)
+                return status == 200 and CHAT_MODEL.encode() in body and len(children(odmrw.pid)) >= args.workers - 1
+
+            wait_until(wname, workers_ready, 30, odmrw, procs, wname)
+            time.sleep(2.0)  # the workers' first health checks
+            targets.append(Target(wname, wport, wport, PREFIX, pids=lambda: [odmrw.pid, *children(odmrw.pid)]))
+
         # -- olla (optional)
         if args.olla:
             lport = free_port()
@@ -816,13 +848,23 @@ def main() -> int:
         lua = HERE / "wrk_post.lua"
         scenario_hold(results, targets, args.streams)  # first: RSS growth is not hidden by earlier load
         secs, warm = (2, 1) if args.quick else (10, 1)
+        settle(targets)  # releasing 1000 streams keeps a proxy busy for a while: not part of the next scenario
         scenario_chat(results, targets, 1, secs, warm, lua)
+        settle(targets)
         scenario_chat(results, targets, 32, secs, warm, lua)
+        settle(targets)
         scenario_stream_latency(results, targets, args.quick)
+        settle(targets)
         scenario_stream_load(results, targets, args.quick)
         for t in targets:
             if t.is_proxy:
                 results.put("RSS after the run (MB)", t.name, rss_kb(t.pids()) / 1024)
+        if args.workers > 1:
+            one = results.rows.get("chat c=32: requests/s", {}).get("olladmr")
+            many = results.rows.get("chat c=32: requests/s", {}).get(f"olladmr×{args.workers}")
+            if one and many:
+                results.notes.append(f"olladmr --workers {args.workers} / one process, chat c=32 requests/s: "
+                                     f"{many / one:.2f}× (target ≥ 1.8× for 2 workers)")
 
         order = [
             "chat c=1: requests/s", "chat c=1: p50 latency (µs)", "chat c=1: p99 latency (µs)",
