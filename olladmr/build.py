@@ -96,7 +96,7 @@ def build(
         config,
         address=listener.address,
         worker_index=worker_index,
-        workers=workers if inherit is None else 1,
+        workers=workers,
     )
     upstream = UpstreamClient(reactor, config.proxy)
     fleet = Fleet(config, reactor)
@@ -126,7 +126,7 @@ def build(
     health = HealthMonitor(
         fleet, health_http, reactor, config, pool=health_pool, observe_check=metrics.health_checks_observe
     )
-    gate = Gate(config.server, reactor)
+    gate = Gate(config.server, reactor, share=workers)
     access_log = AccessLog(log_control)
     proxy = Proxy(
         fleet,

@@ -84,7 +84,7 @@ class WorkerPool(Service):
         worker = _Worker(self, index)
         args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *self.argv,
                 "--inherit-fd", str(WORKER_FD), "--inherit-family", str(int(self._family())),
-                "--worker-index", str(index)]
+                "--worker-index", str(index), "--workers", str(self.count)]
         transport = self.reactor.spawnProcess(
             worker, sys.executable, args, env=os.environ.copy(),
             childFDs={0: "w", 1: 1, 2: 2, WORKER_FD: self._fd()},

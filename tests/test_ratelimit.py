@@ -305,3 +305,36 @@ def test_concurrency_uncapped_by_default() -> None:
     for _ in range(1001):
         limiter.release_concurrent("a")
     assert limiter.in_flight("a") == 0
+
+
+# -- --workers N: each process enforces its share
+
+
+def test_each_of_n_processes_enforces_a_share_that_sums_to_at_most_the_limit() -> None:
+    """100/min across 3 processes: 33 each (99 together); 0 stays off; a limit below N is 1 each."""
+    from olladmr.edge.gate import share_of
+
+    limits = RateLimitConfig(global_requests_per_minute=100, per_ip_requests_per_minute=5, burst_size=10,
+                             max_concurrent_per_client=8, per_key_requests_per_minute=2)
+    assert share_of(limits, 1) is limits
+    three = share_of(limits, 3)
+    assert (three.global_requests_per_minute, three.per_ip_requests_per_minute, three.burst_size) == (33, 1, 3)
+    assert (three.max_concurrent_per_client, three.per_key_requests_per_minute) == (2, 1)
+    assert three.health_requests_per_minute == 0  # off stays off
+    two = share_of(limits, 2)
+    assert two.global_requests_per_minute * 2 <= limits.global_requests_per_minute
+
+
+def test_a_gate_for_one_of_two_workers_admits_half_the_limit() -> None:
+    """Two processes' gates with per_ip 10/min admit 5 each from one client: 10 together, as configured."""
+    from olladmr.config import parse_config
+    from olladmr.edge.gate import Gate
+
+    config = parse_config({"server": {"rate_limits": {"per_ip_requests_per_minute": 10}}}, "t")
+    clock = Clock()
+    clock.advance(EPOCH)
+    admitted = 0
+    for _ in range(2):
+        gate = Gate(config.server, clock, share=2)
+        admitted += sum(gate.limiter.check("10.0.0.1", None).allowed for _ in range(20))
+    assert admitted == 10

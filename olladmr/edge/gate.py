@@ -58,17 +58,44 @@ OPEN = Admission()
 CLOSED = Admission(forward_credentials=False)
 
 
+def share_of(limits: RateLimitConfig, processes: int) -> RateLimitConfig:
+    """
+    The limits one of ``processes`` processes enforces so that together
+    they admit no more than ``limits`` say: each configured limit divided by
+    the process count, rounded down, at least 1.  (A client whose
+    connections all reach one process gets that process's share.)
+    """
+    if processes <= 1:
+        return limits
+
+    def part(value: int) -> int:
+        return max(1, value // processes) if value > 0 else 0
+
+    return dataclasses.replace(
+        limits,
+        global_requests_per_minute=part(limits.global_requests_per_minute),
+        per_ip_requests_per_minute=part(limits.per_ip_requests_per_minute),
+        health_requests_per_minute=part(limits.health_requests_per_minute),
+        burst_size=part(limits.burst_size),
+        max_concurrent_per_client=part(limits.max_concurrent_per_client),
+        per_key_requests_per_minute=part(limits.per_key_requests_per_minute),
+    )
+
+
 class Gate:
     """Owns CORS, authentication, rate limiting and per-client concurrency for one service."""
 
-    def __init__(self, server: ServerConfig, clock: IReactorTime) -> None:
+    def __init__(self, server: ServerConfig, clock: IReactorTime, share: int = 1) -> None:
         self._clock = clock
+        self._share = share  # with --workers N, this process enforces 1/N of every limit
         self.limiter = RateLimiter(self._limits(server), clock)
         self._apply(server)
 
-    @staticmethod
-    def _limits(server: ServerConfig) -> RateLimitConfig:
-        return dataclasses.replace(server.rate_limits, per_key_requests_per_minute=server.auth.per_key_requests_per_minute)
+    def _limits(self, server: ServerConfig) -> RateLimitConfig:
+        limits = dataclasses.replace(
+            server.rate_limits, per_key_requests_per_minute=server.auth.per_key_requests_per_minute
+        )
+        return share_of(limits, self._share)
 
     def _apply(self, server: ServerConfig) -> None:
         self.cors = Cors(server.cors)
