@@ -89,19 +89,27 @@ async def test_token_usage_recorded_without_touching_the_bytes(daemon_factory, f
     assert all(e["outcome"] == "ok" and e["status"] == 200 and e["request_id"] for e in access)
 
 
+async def access_events(*requests) -> dict[str, dict]:
+    """Await ``requests`` (coroutines, one after another) and return their ``olladmr.access`` events by request id."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for request in requests:
+            await request
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return {e["request_id"]: e for e in events if e.get("log_namespace") == "olladmr.access"}
+
+
 @pytest_twisted.ensureDeferred
 async def test_one_access_event_per_request_including_errors(daemon_factory, fake):
     """Every request, proxied or answered locally, produces exactly one access event with its outcome."""
     daemon = await daemon_factory(config_for(fake))
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        await daemon.post_json(PATH, CHAT, {"x-request-id": "req-ok"})
-        await daemon.request("GET", "/nowhere", headers={"x-request-id": "req-404"})
-        await daemon.post_json(PATH, {"model": ""}, {"x-request-id": "req-400"})
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    access = {e["request_id"]: e for e in events if e.get("log_namespace") == "olladmr.access"}
+    access = await access_events(
+        daemon.post_json(PATH, CHAT, {"x-request-id": "req-ok"}),
+        daemon.request("GET", "/nowhere", headers={"x-request-id": "req-404"}),
+        daemon.post_json(PATH, {"model": ""}, {"x-request-id": "req-400"}),
+    )
     assert set(access) == {"req-ok", "req-404", "req-400"}
     assert (access["req-ok"]["status"], access["req-ok"]["outcome"], access["req-ok"]["endpoint"]) == (200, "ok", "fake-a")
     assert access["req-404"]["status"] == 404 and access["req-400"]["status"] == 400
@@ -114,14 +122,10 @@ async def test_access_lines_leave_out_what_has_no_value_and_json_keeps_it_null(d
     from twisted.logger import eventAsJSON, formatEventAsClassicLogText
 
     daemon = await daemon_factory(config_for(fake))
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        await daemon.post_json(PATH, CHAT, {"x-request-id": "req-ok"})
-        await daemon.post_json(PATH, {**CHAT, "model": "no/such-model"}, {"x-request-id": "req-none"})
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    access = {e["request_id"]: e for e in events if e.get("log_namespace") == "olladmr.access"}
+    access = await access_events(
+        daemon.post_json(PATH, CHAT, {"x-request-id": "req-ok"}),
+        daemon.post_json(PATH, {**CHAT, "model": "no/such-model"}, {"x-request-id": "req-none"}),
+    )
     rejected = formatEventAsClassicLogText(access["req-none"])
     assert "None" not in rejected and "endpoint=" not in rejected and "ttfb=" not in rejected and "tokens=" not in rejected
     assert "model=no/such-model -> 404" in rejected and re.search(r"total=[0-9.]+ms", rejected), rejected
