@@ -122,9 +122,28 @@ def build(
         max_probes=settings.max_concurrent_probes,
         observe_probe=metrics.probe_observed,
     )
+    pool: WorkerPool | None = None
+    if workers > 1 and inherit is None:
+        argv = ["-n", "--pidfile=", "olladmr"] + (["--config", config_path] if config_path else [])
+        pool = WorkerPool(
+            reactor,
+            workers,
+            fd=listener.fileno,
+            family=listener.family,
+            argv=argv,
+            shutdown_timeout=lambda: lifecycle.config.server.shutdown_timeout,
+            shared_dir=shared_dir,
+        )
     health_http, health_pool = health_client(reactor)
     health = HealthMonitor(
-        fleet, health_http, reactor, config, pool=health_pool, observe_check=metrics.health_checks_observe
+        fleet,
+        health_http,
+        reactor,
+        config,
+        pool=health_pool,
+        observe_check=metrics.health_checks_observe,
+        share=pool.share_health if pool is not None else None,  # the master checks for every process
+        follower=inherit is not None,  # a worker adopts the master's checks
     )
     gate = Gate(config.server, reactor, share=workers)
     access_log = AccessLog(log_control)
@@ -140,18 +159,6 @@ def build(
         observers=(metrics, access_log),
     )
     limits = EdgeLimits(config.server)
-    pool: WorkerPool | None = None
-    if workers > 1 and inherit is None:
-        argv = ["-n", "--pidfile=", "olladmr"] + (["--config", config_path] if config_path else [])
-        pool = WorkerPool(
-            reactor,
-            workers,
-            fd=listener.fileno,
-            family=listener.family,
-            argv=argv,
-            shutdown_timeout=lambda: lifecycle.config.server.shutdown_timeout,
-            shared_dir=shared_dir,
-        )
     reconfiguration = Reconfiguration(
         config,
         # fleet first: the health monitor reconciles its loops against it, last

@@ -190,7 +190,7 @@ class OllaService(MultiService):
                 keys=", ".join(config.ignored),
             )
         if self.listener.inherit is not None:
-            watch_master(self._reactor, self._master_gone)
+            watch_master(self._reactor, self._master_gone, self._health.adopt)
         self._health.first_round.addCallback(self._accept)
 
     def _master_gone(self) -> None:

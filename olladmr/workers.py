@@ -4,7 +4,9 @@ Several processes on one listening socket (``--workers N``).
 The twistd process (the *master*) binds the socket as usual and serves on it
 itself; :class:`WorkerPool` then starts ``N - 1`` worker processes that
 adopt the same socket (passed as file descriptor 3) and run the same
-service tree, each with its own health monitor.  Their traffic metrics are
+service tree.  Health checks are the master's: after each one it sends
+what every endpoint's checks found to each worker as a JSON line on the
+worker's stdin, and workers adopt it (``HealthMonitor.adopt``).  Their traffic metrics are
 summed across processes (``ops.metrics``: multiprocess files in a directory
 the master creates, removed when the pool has stopped).  The kernel hands each new
 connection to one of them.
@@ -19,6 +21,7 @@ short delay.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -28,6 +31,7 @@ from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 
 log = Logger()
 
@@ -71,6 +75,7 @@ class WorkerPool(Service):
         self.argv = argv
         self._shutdown_timeout = shutdown_timeout
         self._shared_dir = shared_dir  # the metrics files of every process: removed once all have stopped
+        self._health: bytes | None = None  # the master's latest health checks, one JSON line
         self.workers: dict[int, tuple[_Worker, Any]] = {}
         self._stopping = False
         self._quick_deaths = 0
@@ -91,6 +96,8 @@ class WorkerPool(Service):
         )
         worker.started = self.reactor.seconds()
         self.workers[index] = (worker, transport)
+        if self._health is not None:
+            transport.write(self._health)
         log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
     def worker_ended(self, worker: _Worker, reason: Any) -> None:
@@ -113,6 +120,15 @@ class WorkerPool(Service):
     def _respawn(self, index: int) -> None:
         if not self._stopping and index not in self.workers:
             self._spawn(index)
+
+    def share_health(self, states: list[dict[str, object]]) -> None:
+        """Send what the master's health checks found to every worker (a JSON line on its stdin)."""
+        self._health = json.dumps(states, separators=(",", ":")).encode() + b"\n"
+        for _, transport in list(self.workers.values()):
+            try:
+                transport.write(self._health)
+            except Exception:  # the worker is going away; it is restarted with the latest line
+                pass
 
     def signal_all(self, name: str) -> None:
         """Send a signal (``"HUP"``, ``"TERM"``, ...) to every running worker."""
@@ -165,21 +181,36 @@ async def _none() -> None:
     return None
 
 
-class _MasterWatch(protocol.Protocol):
-    """In a worker: when the master's pipe on stdin closes, stop."""
+class _MasterWatch(LineOnlyReceiver):
+    """In a worker: the master's health checks arrive as JSON lines on stdin; when the pipe closes, stop."""
 
-    def __init__(self, on_lost: Callable[[], None]) -> None:
+    delimiter = b"\n"
+    MAX_LENGTH = 16 * 1024 * 1024
+
+    def __init__(self, on_lost: Callable[[], None], on_health: Callable[[list[dict[str, Any]]], None]) -> None:
         self.on_lost = on_lost
+        self.on_health = on_health
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            states = json.loads(line)
+        except ValueError:
+            log.warn("worker: unreadable health line from the master ({size} bytes)", size=len(line))
+            return
+        if isinstance(states, list):
+            self.on_health([s for s in states if isinstance(s, dict)])
 
     def connectionLost(self, reason: Any = None) -> None:
         self.on_lost()
 
 
-def watch_master(reactor: Any, on_lost: Callable[[], None]) -> None:
-    """Call ``on_lost`` when stdin (the pipe from the master) closes."""
+def watch_master(
+    reactor: Any, on_lost: Callable[[], None], on_health: Callable[[list[dict[str, Any]]], None] = lambda _: None
+) -> None:
+    """Apply the master's health lines with ``on_health``; call ``on_lost`` when stdin (the pipe) closes."""
     from twisted.internet import stdio
 
-    stdio.StandardIO(_MasterWatch(on_lost), reactor=reactor)
+    stdio.StandardIO(_MasterWatch(on_lost, on_health), reactor=reactor)
 
 
 def adopt(reactor: Any, fd: int, family: int, factory: Any) -> Any:

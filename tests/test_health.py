@@ -479,3 +479,49 @@ def test_health_through_real_treq_non_2xx_is_unhealthy_and_garbage_keeps_models(
     stub.flush()
     assert ep.status == HEALTHY and [m["id"] for m in ep.models] == ["ai/x"]
     monitor.stopService()
+
+
+# -- --workers: the master checks, its workers adopt what it found
+
+
+def test_a_master_shares_every_check_and_a_follower_adopts_it_without_checking() -> None:
+    """The master's states after each check, applied by a follower that sends no check of its own."""
+    shared: list[list[dict[str, object]]] = []
+    clock = Clock()
+    config = fleet_config(ep_conf("a", "2s", "1s"), ep_conf("b", "2s", "1s"))
+    fleet = Fleet(config, clock)
+    client = FakeClient(clock)
+    client.behaviour["a"] = answer_with(200, models_doc("ai/smollm2"))
+    client.behaviour["b"] = refuse
+    master = HealthMonitor(fleet, client, clock, config, share=shared.append)
+    master.startService()
+    assert shared and {s["name"]: s["status"] for s in shared[-1]} == {"a": HEALTHY, "b": OFFLINE}
+
+    worker_fleet = Fleet(config, clock)
+    worker_client = FakeClient(clock)
+    follower = HealthMonitor(worker_fleet, worker_client, clock, config, follower=True)
+    follower.startService()
+    assert not follower.first_round.called
+    follower.adopt(json.loads(json.dumps(shared[-1])))  # as it travels: one JSON line
+    assert follower.first_round.called
+    a, b = worker_fleet.get("a"), worker_fleet.get("b")
+    assert a is not None and b is not None
+    assert (a.status, a.routable, a.has_model(normalise_model("ai/smollm2"))) == (HEALTHY, True, True)
+    assert (b.status, b.status_reason) == (OFFLINE, fleet.get("b").status_reason)  # type: ignore[union-attr]
+    clock.advance(10)
+    assert worker_client.calls == []  # never checked anything itself
+    follower.adopt([{"name": "nope", "status": HEALTHY}, {"name": "a", "status": "exploded"}])
+    assert a.status == HEALTHY  # unknown endpoints and statuses are ignored
+
+
+def test_a_follower_serves_anyway_when_the_master_says_nothing() -> None:
+    """No health line from the master within FOLLOWER_WAIT: the worker accepts (endpoints stay unknown)."""
+    from olladmr.fleet.health import FOLLOWER_WAIT
+
+    m = monitored(ep_conf("a"), start=False)
+    follower = HealthMonitor(m.fleet, m.client, m.clock, m.config, follower=True)
+    follower.startService()
+    m.clock.advance(FOLLOWER_WAIT - 0.1)
+    assert not follower.first_round.called
+    m.clock.advance(0.2)
+    assert follower.first_round.called and m.client.calls == [] and m.ep("a").status == UNKNOWN

@@ -107,7 +107,7 @@ async def test_twistd_serves_then_exits_cleanly_on_sigterm(tmp_path, fake):
 
     port = _free_port()
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"endpoints:\n  - {{url: '{fake.url}', name: box}}\n")
+    cfg.write_text(f"endpoints:\n  - {{url: '{fake.url}', name: box, check_interval: 1s}}\n")
     watcher = _Watcher()
     process = reactor.spawnProcess(
         watcher, sys.executable,
@@ -152,13 +152,14 @@ async def test_workers_share_the_socket_and_follow_signals(tmp_path, fake):
     import json
 
     from conftest import eventually
+    from twisted.internet import task
     from prometheus_client.parser import text_string_to_metric_families
     from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
     from twisted.web.http_headers import Headers
 
     port = _free_port()
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"endpoints:\n  - {{url: '{fake.url}', name: box}}\n")
+    cfg.write_text(f"endpoints:\n  - {{url: '{fake.url}', name: box, check_interval: 1s}}\n")
     watcher = _Watcher()
     process = reactor.spawnProcess(
         watcher, sys.executable,
@@ -211,6 +212,15 @@ async def test_workers_share_the_socket_and_follow_signals(tmp_path, fake):
         assert sorted(totals.values()) == [sent, sent], totals
         served = [await worker_requests(port, pid) for pid in sorted(totals)]
         assert sum(served) == sent and all(served), served  # both served some: the sums are of two processes
+
+        # health checks are the master's alone (the worker adopts them): one check a second, not two
+        def checks() -> int:
+            return sum(1 for r in fake.requests if r.method == "GET" and r.uri.startswith("/engines/v1/models"))
+
+        before, started = checks(), reactor.seconds()
+        await task.deferLater(reactor, 4.0, lambda: None)  # a measurement window, not a synchronisation
+        window = reactor.seconds() - started
+        assert checks() - before <= window + 1.5, (checks() - before, window)
         process.signalProcess("HUP")
         await eventually(lambda: watcher.output.count(b"reloaded ") == 2, 10, "both processes to reload")
         process.signalProcess("TERM")

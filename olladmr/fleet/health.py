@@ -41,11 +41,14 @@ from .._twisted_compat import use_quiet_factory
 from ..config.schema import Config
 from ..failures import BAD_RESPONSE, HEADER_TIMEOUT, UpstreamFailure, classify, is_transport_failure, was_cancelled
 from .models import model_ids, normalise_model
-from .state import BUSY, HEALTHY, OFFLINE, UNHEALTHY, EndpointState, Fleet
+from .state import BUSY, HEALTHY, OFFLINE, UNHEALTHY, UNKNOWN, EndpointState, Fleet
 
 log = Logger()
 
 BACKOFF_CAP = 60.0
+ALL_STATUSES = frozenset({UNKNOWN, HEALTHY, BUSY, UNHEALTHY, OFFLINE})
+#: How long a --workers worker waits for the master's first health checks before it accepts anyway (seconds).
+FOLLOWER_WAIT = 10.0
 MAX_LIST_BYTES = 10 * 1024 * 1024
 USER_AGENT = f"olladmr/{__version__}".encode()
 
@@ -108,6 +111,8 @@ class HealthMonitor(Service):
         pool: HTTPConnectionPool | None = None,
         observe_check: Callable[[str, str, float], None] | None = None,
         listeners: tuple[Callable[[EndpointState, str, str], None], ...] = (),
+        share: Callable[[list[dict[str, object]]], None] | None = None,
+        follower: bool = False,
     ) -> None:
         self.fleet = fleet
         self.http = http
@@ -122,14 +127,42 @@ class HealthMonitor(Service):
         self._soon: dict[str, Any] = {}
         self._bad_ps: set[str] = set()
         self._polling: set[str] = set()
+        self._share = share  # --workers master: what the checks found goes to every worker
+        self.follower = follower  # --workers worker: no checks of its own but re-checks after traffic failures
+        self._wait: Any = None
         self.first_round: Deferred[None] = Deferred()
 
     # -- service lifecycle
 
     def startService(self) -> None:
         super().startService()
+        if self.follower:
+            # the master's first checks arrive through adopt(); if they do not, serve anyway
+            self._wait = self.clock.callLater(FOLLOWER_WAIT, self._first_round_done)
+            return
         firsts = self._reconcile()
-        DeferredList(firsts, consumeErrors=True).addCallback(lambda _: self.first_round.callback(None))
+        DeferredList(firsts, consumeErrors=True).addCallback(lambda _: self._first_round_done())
+
+    def _first_round_done(self) -> None:
+        if not self.first_round.called:
+            self.first_round.callback(None)
+        if self._wait is not None and self._wait.active():
+            self._wait.cancel()
+
+    def adopt(self, states: list[dict[str, Any]]) -> None:
+        """A worker's copy of what the master's health checks found (endpoints it does not have are ignored)."""
+        for state in states:
+            ep = self.fleet.get(str(state.get("name")))
+            status = state.get("status")
+            if ep is None or ep.removed or status not in ALL_STATUSES:
+                continue
+            ep.adopt_checked(state)
+            self._set_status(ep, str(status), str(state.get("reason") or ""))
+        self._first_round_done()
+
+    def _shared(self) -> None:
+        if self._share is not None:
+            self._share([ep.checked_state() for ep in self.fleet])
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -141,6 +174,8 @@ class HealthMonitor(Service):
             if call.active():
                 call.cancel()
         self._soon.clear()
+        if self._wait is not None and self._wait.active():
+            self._wait.cancel()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return None
@@ -149,7 +184,7 @@ class HealthMonitor(Service):
         """Adopt reloaded thresholds; start loops for new or re-timed endpoints, stop removed ones."""
         self._busy_threshold = config.proxy.busy_threshold
         self._discovery_interval = config.model_discovery_interval
-        if self.running:
+        if self.running and not self.follower:
             self._reconcile()
 
     def _reconcile(self) -> list[Deferred[None]]:
@@ -196,6 +231,7 @@ class HealthMonitor(Service):
             self._checking.discard(ep.name)
             if isinstance(result, Failure):
                 log.failure("health check of {endpoint} crashed", result, endpoint=ep.name)
+            self._shared()
 
         d.addBoth(done)
         return d
@@ -264,6 +300,7 @@ class HealthMonitor(Service):
             log.warn("{endpoint}: {path} did not return DMR's list of loaded models", endpoint=ep.name,
                      path=ep.config.ps_url)
         ep.set_loaded(loaded)
+        self._shared()
 
     async def discover(self, ep: EndpointState) -> None:
         """Fetch ``model_url`` into the endpoint's model list."""

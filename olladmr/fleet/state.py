@@ -10,7 +10,7 @@ an endpoint whose configuration is unchanged keeps its state.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -174,6 +174,33 @@ class EndpointState:
         self.model_keys = frozenset(normalise_model(str(m["id"])) for m in models)
         self.models_known = True
         self.models_updated = self._clock.seconds()
+
+    def checked_state(self) -> dict[str, object]:
+        """What health checks found (for ``--workers``: the master checks, its workers adopt this)."""
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.status_reason,
+            "models": self.models if self.models_known else None,
+            "loaded": self.loaded,
+            "last_check": self.last_check,
+            "latency_ms": self.last_latency_ms,
+            "failures": self.consecutive_check_failures,
+        }
+
+    def adopt_checked(self, state: Mapping[str, Any]) -> None:
+        """Take what another process's health checks found (the status itself goes through the monitor)."""
+        models = state.get("models")
+        if isinstance(models, list) and all(isinstance(m, dict) and "id" in m for m in models):
+            if [m["id"] for m in models] != [m["id"] for m in self.models] or not self.models_known:
+                self.set_models(models)
+        loaded = state.get("loaded")
+        if loaded is None or (isinstance(loaded, dict) and all(isinstance(v, bool) for v in loaded.values())):
+            self.set_loaded(loaded)
+        last_check, latency, failures = state.get("last_check"), state.get("latency_ms"), state.get("failures")
+        self.last_check = float(last_check) if isinstance(last_check, (int, float)) else self.last_check
+        self.last_latency_ms = float(latency) if isinstance(latency, (int, float)) else self.last_latency_ms
+        self.consecutive_check_failures = failures if isinstance(failures, int) else self.consecutive_check_failures
 
     def issues(self) -> list[str]:
         out: list[str] = []
