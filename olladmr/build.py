@@ -106,8 +106,9 @@ def build(
     sessions = SessionRouter(reactor, config)
     settings = config.proxy.response_affinity
     directory = ResponseDirectory(reactor, settings.max_entries, settings.ttl)
+    master = workers > 1 and inherit is None  # --workers N: this process binds, checks and starts the rest
     shared_dir: str | None = None  # --workers: the traffic metrics of every process, summed at each scrape
-    if workers > 1 and inherit is None:
+    if master:
         shared_dir = tempfile.mkdtemp(prefix="olladmr-metrics-")  # the master's; its workers inherit the variable
     elif inherit is not None and environ.get(MULTIPROCESS_ENV):
         shared_dir = environ[MULTIPROCESS_ENV]
@@ -123,7 +124,7 @@ def build(
         observe_probe=metrics.probe_observed,
     )
     pool: WorkerPool | None = None
-    if workers > 1 and inherit is None:
+    if master:
         argv = ["-n", "--pidfile=", "olladmr"] + (["--config", config_path] if config_path else [])
         pool = WorkerPool(
             reactor,

@@ -525,3 +525,16 @@ def test_a_follower_serves_anyway_when_the_master_says_nothing() -> None:
     assert not follower.first_round.called
     m.clock.advance(0.2)
     assert follower.first_round.called and m.client.calls == [] and m.ep("a").status == UNKNOWN
+
+
+def test_adopting_the_same_loaded_models_keeps_what_traffic_taught_the_worker() -> None:
+    """A repeated /engines/ps answer from the master does not erase a model this worker just served."""
+    m = monitored(ep_conf("a"), start=False)
+    ep = m.ep("a")
+    state = {"name": "a", "status": HEALTHY, "reason": "ok", "models": None, "loaded": None}
+    ep.adopt_checked(state)
+    ep.note_served("ai/smollm2:latest")
+    ep.adopt_checked(state)  # unchanged: nothing new from ps
+    assert ep.model_loaded("ai/smollm2:latest") is True
+    ep.adopt_checked({**state, "loaded": {}})  # ps now says: nothing loaded
+    assert ep.model_loaded("ai/smollm2:latest") is False

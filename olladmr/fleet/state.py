@@ -195,7 +195,8 @@ class EndpointState:
             if [m["id"] for m in models] != [m["id"] for m in self.models] or not self.models_known:
                 self.set_models(models)
         loaded = state.get("loaded")
-        if loaded is None or (isinstance(loaded, dict) and all(isinstance(v, bool) for v in loaded.values())):
+        valid = loaded is None or (isinstance(loaded, dict) and all(isinstance(v, bool) for v in loaded.values()))
+        if valid and loaded != self.loaded:  # only news from /engines/ps replaces what traffic taught this process
             self.set_loaded(loaded)
         last_check, latency, failures = state.get("last_check"), state.get("latency_ms"), state.get("failures")
         self.last_check = float(last_check) if isinstance(last_check, (int, float)) else self.last_check

@@ -275,6 +275,10 @@ class Dashboard(Service):
         if self._streams and not self.enabled:  # turned off by a reload: the open streams end
             self.close_streams()
         self.traffic.sample(now, self._metrics.total, self._metrics.completion_tokens_total)
+        if not self._streams:  # nobody watching: keep the event log, build no snapshot
+            self._note_changes(self._status.endpoints()["endpoints"])
+            self._pushed = self.events.last_id
+            return
         snapshot = self.snapshot()
         self._note_changes(snapshot["endpoints"])
         for event in self.events.since(self._pushed):
@@ -283,10 +287,9 @@ class Dashboard(Service):
         change = self._fingerprint(snapshot)
         if change != self._last_change:
             self._last_change = change
-            if self._streams:
-                self._last_write = now
-                self._broadcast(sse("snapshot", snapshot), snapshot=True)
-        elif self._streams and now - self._last_write >= KEEPALIVE_SECONDS:
+            self._last_write = now
+            self._broadcast(sse("snapshot", snapshot), snapshot=True)
+        elif now - self._last_write >= KEEPALIVE_SECONDS:
             self._last_write = now
             self._broadcast(b": keep-alive\n\n")
 
@@ -330,8 +333,10 @@ class Dashboard(Service):
         stream = EventStream(request, self._streams.discard)
         self._streams.add(stream)
         self._last_write = self._clock.seconds()
+        snapshot = self.snapshot()
+        self._last_change = self._fingerprint(snapshot)  # what this stream starts with: the next tick sends only news
         stream.send(b"retry: 2000\n\n")
-        stream.send(sse("snapshot", self.snapshot()), snapshot=True)
+        stream.send(sse("snapshot", snapshot), snapshot=True)
         stream.send(sse("events", self.events.recent()))
         return stream
 
