@@ -16,6 +16,7 @@ setup(
         "pyyaml>=6.0",
         "service-identity>=24.1.0",
         "prometheus-client>=0.20.0",
+        "httptools>=0.6.1",  # llhttp: the proxy path's upstream response parser (olladmr/proxy/wire.py)
     ],
     extras_require={
         "test": [

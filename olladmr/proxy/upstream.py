@@ -1,60 +1,48 @@
 """
 The upstream HTTP client of the proxy path: one persistent connection
-pool and plain ``Agent`` requests, plus a small capped body reader.
+pool, requests sent on the lean connections of :mod:`olladmr.proxy.wire`,
+and the request body producers.
 
-The proxy path deliberately uses ``twisted.web.client.Agent`` directly
-rather than treq's wrappers: no cookie jar shared between users, no content
-decoding, no response buffering.  (Health checks and model discovery use
-treq on a pool of their own: see :mod:`olladmr.fleet.health`.)  Failures
-are classified into :class:`~olladmr.failures.UpstreamFailure` so the
-proxy can decide whether failing over is safe.
+No cookie jar shared between users, no content decoding, no response
+buffering.  (Health checks and model discovery use treq on a pool of their
+own: see :mod:`olladmr.fleet.health`.)  Failures are classified into
+:class:`~olladmr.failures.UpstreamFailure` so the proxy can decide whether
+failing over is safe.
 """
 
 from __future__ import annotations
 
 import io
-from typing import IO, Any, Hashable
+from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import URI, Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from .. import __version__
-from .._twisted_compat import agent_endpoint, agent_host_header, agent_request, pool_has_idle_connection, use_quiet_factory
+from .._twisted_compat import agent_endpoint, agent_host_header
 from ..config.schema import Config, ProxyConfig
 from ..failures import HEADER_TIMEOUT, UpstreamFailure, classify, was_cancelled
+from .wire import ConnectionPool, request_head, send_on
 
 USER_AGENT = f"olladmr/{__version__}".encode()
-
-
-class _TrackingPool(HTTPConnectionPool):
-    """A connection pool that remembers whether it last handed out a cached connection."""
-
-    last_reused = False
-
-    def __init__(self, reactor: Any, persistent: bool = True) -> None:
-        super().__init__(reactor, persistent)
-        use_quiet_factory(self)
-
-    def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
-        self.last_reused = pool_has_idle_connection(self, key)
-        return super().getConnection(key, endpoint)
+_BODY_METHODS = frozenset({b"POST", b"PUT"})  # sent with ``Content-Length: 0`` when bodiless, as Agent does
 
 
 class _Target:
     """One upstream origin, parsed once: pool key, client endpoint, Host header."""
 
-    __slots__ = ("key", "endpoint", "uri", "host")
+    __slots__ = ("key", "endpoint", "host")
 
     def __init__(self, agent: Agent, origin: bytes) -> None:
-        self.uri = URI.fromBytes(origin + b"/")
-        self.key = (self.uri.scheme, self.uri.host, self.uri.port)
-        self.endpoint = agent_endpoint(agent, self.uri)
-        self.host = agent_host_header(agent, self.uri)
+        uri = URI.fromBytes(origin + b"/")
+        self.key = (uri.scheme, uri.host, uri.port)
+        self.endpoint = agent_endpoint(agent, uri)
+        self.host = agent_host_header(agent, uri)
 
 
 @implementer(IBodyProducer)
@@ -62,11 +50,11 @@ class BytesProducer:
     """A request body already in memory, written in one go."""
 
     def __init__(self, body: bytes) -> None:
-        self._body = body
+        self.body = body
         self.length = len(body)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
+        consumer.write(self.body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -113,13 +101,16 @@ def body_producer(content: IO[bytes] | None) -> IBodyProducer | None:
 
 
 class UpstreamClient:
-    """Owns the connection pool and sends requests to endpoints."""
+    """
+    Owns the proxy path's connection pool and sends requests to endpoints
+    (see :mod:`olladmr.proxy.wire`).  An ``Agent`` is kept only to build
+    each origin's client endpoint (TCP, or TLS for ``https://``, with the
+    connect timeout) and ``Host`` value the way Twisted does.
+    """
 
     def __init__(self, reactor: Any, proxy: ProxyConfig) -> None:
         self._reactor = reactor
-        self.pool = _TrackingPool(reactor, persistent=True)
-        self._fresh_pool = HTTPConnectionPool(reactor, persistent=False)
-        use_quiet_factory(self._fresh_pool)
+        self.pool = ConnectionPool(reactor, proxy.max_idle_connections, proxy.idle_connection_timeout)
         self._apply(proxy)
 
     def reconfigure(self, config: Config) -> None:
@@ -128,14 +119,10 @@ class UpstreamClient:
 
     def _apply(self, proxy: ProxyConfig) -> None:
         self.proxy = proxy
-        self.pool.maxPersistentPerHost = proxy.max_idle_connections
-        # Twisted infers ``int`` from the default (240); it is any number of seconds (a callLater delay).
-        self.pool.cachedConnectionTimeout = proxy.idle_connection_timeout  # type: ignore[assignment]
-        self.pool.retryAutomatically = False
-        self._agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self.pool)
-        self._fresh_agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout, pool=self._fresh_pool)
+        self.pool.max_idle = proxy.max_idle_connections
+        self.pool.idle_timeout = proxy.idle_connection_timeout
+        self._agent = Agent(self._reactor, connectTimeout=proxy.connection_timeout)
         self._targets: dict[bytes, _Target] = {}
-        self._fresh_targets: dict[bytes, _Target] = {}
 
     def request(
         self,
@@ -154,10 +141,23 @@ class UpstreamClient:
         it aborts the connection.
         """
         timeout = self.proxy.response_header_timeout if header_timeout is None else header_timeout
-        agent = self._fresh_agent if fresh else self._agent
-        self.pool.last_reused = False
-        d = self._send(agent, method, url, headers, body, fresh)
-        reused = self.pool.last_reused and not fresh
+        scheme, sep, rest = url.partition(b"://")
+        netloc, slash, path = rest.partition(b"/")
+        origin = scheme + sep + netloc
+        target = self._targets.get(origin)
+        if target is None:
+            target = self._targets[origin] = _Target(self._agent, origin)
+        payload: bytes | IBodyProducer | None
+        if body is None:
+            payload, length = None, (0 if method in _BODY_METHODS else None)
+        elif isinstance(body, BytesProducer):
+            payload, length = body.body, body.length
+        else:
+            payload, length = body, body.length
+            if not isinstance(length, int):
+                raise ValueError("an upstream request body must have a known length")
+        head = request_head(method, slash + path or b"/", target.host, headers, length)
+        d, reused = send_on(self.pool, target.key, target.endpoint, head, payload, method == b"HEAD", fresh)
         timed_out = False
 
         def expire() -> None:
@@ -181,24 +181,7 @@ class UpstreamClient:
             return Failure(classify(endpoint, result, reused=reused))
 
         d.addBoth(settled)
-        return d
-
-    def _send(
-        self, agent: Agent, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None, fresh: bool
-    ) -> Deferred[IResponse]:
-        """
-        ``agent.request`` without re-parsing the origin on every call: the
-        origin's pool key, endpoint and Host header are computed once.
-        """
-        scheme, sep, rest = url.partition(b"://")
-        netloc, slash, path = rest.partition(b"/")
-        origin = scheme + sep + netloc
-        targets = self._fresh_targets if fresh else self._targets
-        target = targets.get(origin)
-        if target is None:
-            target = targets[origin] = _Target(agent, origin)
-        headers.setRawHeaders(b"host", [target.host])
-        return agent_request(agent, target.key, target.endpoint, method, target.uri, headers, body, slash + path or b"/")
+        return d  # type: ignore[return-value]
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        return self.pool.close()

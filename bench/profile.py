@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""
+Profile olladmr's request path: starts the bench's nginx upstream and olladmr
+(one process), loads it with wrk (non-streaming chat, 32 connections) while
+``py-spy record`` samples the daemon, and prints the functions that take the
+most samples, by own time and by time inside them.
+
+    python bench/profile.py [--seconds 10] [--connections 32] [--out DIR]
+
+Needs wrk, nginx and py-spy (``pip install py-spy``) on PATH.  Also writes
+the collapsed stacks (``DIR/stacks.txt``) for a flame graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.dont_write_bytecode = True
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as bench  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--out", default=None, help="where to keep stacks.txt (default: a temporary directory)")
+    ap.add_argument("--python", default=None)
+    ap.add_argument("--top", type=int, default=40)
+    args = ap.parse_args()
+    py = bench.find_python(args.python)
+    tmp = Path(args.out or tempfile.mkdtemp(prefix="olladmr-profile-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    procs = bench.Procs(tmp)
+    try:
+        static_port = bench.free_port()
+        nginx = procs.start("nginx-static", ["nginx", "-p", str(tmp), "-e", str(tmp / "static.error.log"),
+                                             "-c", str(bench.write_static_nginx(tmp, static_port))])
+        bench.wait_until("nginx", lambda: bench.hget(static_port, "GET", bench.MODELS_PATH)[0] == 200, 10, nginx, procs, "nginx-static")
+        oport = bench.free_port()
+        env = dict(os.environ, PYTHONPATH=str(bench.ROOT))
+        odmr = procs.start("olladmr", [py, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+                                       "-n", "--pidfile=", "olladmr", "--config",
+                                       str(bench.write_olladmr_config(tmp, oport, static_port, static_port))], env=env, cwd=bench.ROOT)
+        bench.wait_until("olladmr", lambda: bench.hget(oport, "GET", bench.PREFIX + bench.MODELS_PATH)[0] == 200, 30, odmr, procs, "olladmr")
+        target = bench.Target("olladmr", oport, oport, bench.PREFIX, pids=lambda: [odmr.pid])
+        bench.run_wrk(target, args.connections, 1, HERE / "wrk_post.lua")  # warm up
+        stacks = tmp / "stacks.txt"
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(odmr.pid), "--format", "raw", "--rate", "500",
+                                "--duration", str(int(args.seconds) + 1), "--output", str(stacks), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        t0 = bench.cpu_ticks([odmr.pid])
+        r = bench.run_wrk(target, args.connections, args.seconds, HERE / "wrk_post.lua")
+        t1 = bench.cpu_ticks([odmr.pid])
+        spy.wait()
+        cpu_us = (t1 - t0) / bench.CLK_TCK * 1e6 / max(1, r["requests"])
+        print(f"{r['requests']:.0f} requests, {r['requests'] / args.seconds:,.0f} req/s, CPU {cpu_us:.0f} µs/request "
+              f"(with py-spy attached)")
+        report(stacks, args.top)
+        print(f"stacks: {stacks}")
+    finally:
+        procs.stop_all()
+    return 0
+
+
+def report(stacks: Path, top: int) -> None:
+    own: collections.Counter[str] = collections.Counter()
+    inside: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in stacks.read_text().splitlines():
+        frames, _, n = line.rpartition(" ")
+        count = int(n)
+        total += count
+        names = [f.split(" (")[0] + " " + f.split("/")[-1].split(":")[0].rstrip(")") for f in frames.split(";")]
+        own[names[-1]] += count
+        for name in set(names):
+            inside[name] += count
+    print(f"\n{total} samples\n\nown time:")
+    for name, n in own.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {name}")
+    print("\ninside (inclusive):")
+    for name, n in inside.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""
+The proxy path's HTTP/1.1 client connections: llhttp (``httptools``, the
+parser uvicorn uses) reads upstream responses, a request's head (and a body
+already in memory) goes out in one write, and :class:`ConnectionPool` keeps
+idle keep-alive connections per origin.
+
+Twisted's ``Agent`` parses responses line by line in Python and builds a
+request object, a ``Headers`` round trip and a chain of Deferreds per
+request; on the proxy path that was a quarter of olladmr's CPU.  What it
+gives the rest of olladmr is kept: a response is an ``IResponse`` whose body
+goes to an ``IProtocol`` through ``deliverBody``, the protocol's transport
+is an ``IPushProducer`` over the upstream socket (backpressure, and
+``stopProducing`` aborts it), and failures are Twisted's own
+``ResponseNeverReceived``/``RequestTransmissionFailed``/``ResponseFailed``
+so :func:`olladmr.failures.classify` reads them as before.  Connections are
+made through the same client endpoints ``Agent`` uses (TCP, or TLS for
+``https://``), with its connect timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import httptools
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+log = Logger()
+
+#: Framing headers: they describe this connection's message, not the resource (Agent drops them too).
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+#: Status codes whose responses never have a body (RFC 9110 section 6.4.1).
+_NO_BODY = frozenset({204, 304})
+_CANONICAL: dict[bytes, bytes] = {}
+#: Bytes a response's status line and headers may take before the connection is dropped as a bad response
+#: (llhttp sets no limit; the proxy's own 64 KB check of the parsed headers comes after this).
+MAX_RESPONSE_HEAD = 72 * 1024
+
+
+def canonical_name(name: bytes) -> bytes:
+    """``content-type`` -> ``Content-Type`` (what Agent sends; cached)."""
+    found = _CANONICAL.get(name)
+    if found is None:
+        found = b"-".join(part.capitalize() for part in name.split(b"-"))
+        if len(_CANONICAL) < 512:
+            _CANONICAL[name] = found
+    return found
+
+
+def request_head(method: bytes, target: bytes, host: bytes, headers: Headers, length: int | None) -> bytes:
+    """The request line and header block of one upstream request (``length`` None: no ``Content-Length``)."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    append = parts.append
+    for name, values in headers.getAllRawHeaders():
+        if name == b"host" or name == b"Host":
+            continue
+        cname = canonical_name(name)
+        for value in values:
+            append(cname)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+    if length is not None:
+        append(b"Content-Length: %d\r\n\r\n" % length)
+    else:
+        append(b"\r\n")
+    return b"".join(parts)
+
+
+class UnsolicitedResponse(ValueError):
+    """Response bytes arrived on a connection with no request in flight."""
+
+
+@implementer(IPushProducer)
+class _BodyTransport:
+    """What a body protocol sees as its transport: pause/resume/stop the upstream socket while its response lasts."""
+
+    __slots__ = ("_connection", "active", "paused")
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self._connection = connection
+        self.active = True
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if self.active and not self.paused and self._connection.transport is not None:
+            self.paused = True
+            self._connection.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.active and self.paused and self._connection.transport is not None:
+            self.paused = False
+            self._connection.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        if self.active:
+            self._connection.abandon()
+
+
+@implementer(IResponse)
+class UpstreamResponse:
+    """One upstream response: status, end-to-end headers, framing length, and its body for one protocol."""
+
+    version = (b"HTTP", 1, 1)
+    request = None
+    previousResponse = None
+
+    def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, headers: Headers, length: Any) -> None:
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self._connection = connection
+        self._protocol: Any = None
+        self._buffered: list[bytes] = []
+        self._ended: Failure | None = None
+        self.transport = _BodyTransport(connection)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        """Give the body to ``protocol`` (what arrived so far at once, the rest as it comes)."""
+        if self._protocol is not None:
+            raise RuntimeError("deliverBody called twice")
+        self._protocol = protocol
+        protocol.makeConnection(self.transport)
+        buffered, self._buffered = self._buffered, []
+        for data in buffered:
+            protocol.dataReceived(data)
+        if self._ended is not None:
+            protocol.connectionLost(self._ended)
+
+    def body_data(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.dataReceived(data)
+        else:
+            self._buffered.append(data)
+
+    def body_end(self, reason: Failure) -> None:
+        if self._ended is not None:
+            return
+        self._ended = reason
+        self.transport.active = False
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+
+
+class UpstreamConnection(Protocol):
+    """
+    Owns one upstream connection: the request in flight on it (one at a
+    time), llhttp's parser state, and whether the connection may be kept
+    for the next request.
+    """
+
+    def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
+        self._pool = pool
+        self.key = key
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiting: Deferred[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._phrase = b""
+        self._sent = True  # the whole request has been written
+        self._producer: IBodyProducer | None = None
+        self._head_only = False
+        self._until_close = False
+        self._error: Failure | None = None
+        self._abandoned = False
+        self._head_bytes = 0
+        self.busy = False
+        self.lost = False
+        self.idle_since = 0.0
+
+    # -- sending
+
+    def send(self, head: bytes, body: bytes | IBodyProducer | None, head_only: bool) -> Deferred[UpstreamResponse]:
+        """Write one request; fires with its response at the end of the response's headers."""
+        self.busy = True
+        self._head_only = head_only
+        self._headers = []
+        self._phrase = b""
+        self._response = None
+        self._error = None
+        self._head_bytes = 0
+        d: Deferred[UpstreamResponse] = Deferred(self._cancel)
+        self._waiting = d
+        transport = self.transport
+        assert transport is not None
+        if body is None:
+            transport.write(head)
+        elif isinstance(body, bytes):
+            if len(body) <= 65536:
+                transport.write(head + body)
+            else:
+                transport.writeSequence([head, body])
+        else:
+            self._sent = False
+            self._producer = body
+            transport.write(head)
+            transport.registerProducer(body, True)  # type: ignore[attr-defined]
+            body.startProducing(transport).addCallbacks(self._body_sent, self._body_failed)
+        return d
+
+    def _body_sent(self, _: object) -> None:
+        self._sent = True
+        self._producer = None
+        if self.transport is not None and not self.lost:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def _body_failed(self, failure: Failure) -> None:
+        self._producer = None
+        if self.lost or failure.check(CancelledError):
+            return
+        log.failure("reading a request body for an upstream failed", failure)
+        self._error = failure
+        self._abort()
+
+    def _cancel(self, d: Deferred[UpstreamResponse]) -> None:
+        self._waiting = None  # Deferred.cancel errbacks it with CancelledError
+        self._abort()
+
+    # -- receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.busy:
+            self._abort()  # bytes nobody asked for on an idle connection: it cannot be trusted
+            return
+        try:
+            self._parser.feed_data(data)
+            if self._waiting is not None:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_RESPONSE_HEAD:
+                    self._protocol_error(ValueError(f"response headers larger than {MAX_RESPONSE_HEAD} bytes"))
+        except httptools.HttpParserUpgrade:
+            self._protocol_error(ValueError("the upstream switched protocols"))
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__ or e
+            if not isinstance(cause, UnsolicitedResponse):
+                log.failure("handling an upstream response failed", Failure(cause))
+            self._protocol_error(cause)
+        except httptools.HttpParserError as e:
+            self._protocol_error(e)
+
+    def on_status(self, status: bytes) -> None:
+        self._phrase += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if not self.busy:
+            raise UnsolicitedResponse("the upstream sent a response nobody asked for")
+        code = self._parser.get_status_code()
+        if code < 200:  # 1xx: an interim response, then the real one on the same connection
+            self._headers = []
+            self._phrase = b""
+            return
+        headers = Headers()
+        length: Any = UNKNOWN_LENGTH
+        chunked = False
+        add = headers.addRawHeader
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname in _FRAMING:
+                if lname == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        pass  # llhttp rejects a malformed Content-Length before this
+                elif b"chunked" in value.lower():
+                    chunked = True
+                continue
+            add(lname, value)
+        self._headers = []
+        if chunked:
+            length = UNKNOWN_LENGTH
+        if code in _NO_BODY:
+            length = 0
+        self._until_close = length is UNKNOWN_LENGTH and not chunked and not self._head_only
+        response = UpstreamResponse(self, code, self._phrase, headers, length)
+        self._response = response
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(response)
+        if self._head_only:  # llhttp would wait for the body a HEAD response announces: end it here
+            self._finish(False)
+
+    def on_body(self, body: bytes) -> None:
+        response = self._response
+        if response is not None and not self._head_only:
+            response.body_data(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is None or self._head_only:
+            return  # an interim (1xx) response ended, or a HEAD response already did
+        self._finish(self._parser.should_keep_alive())
+
+    def _finish(self, keep_alive: bool) -> None:
+        response = self._response
+        self._response = None
+        reusable = keep_alive and self._sent and not self._abandoned and not self.lost and self._producer is None
+        if self._producer is not None:  # the upstream answered before the whole body went up
+            self._producer.stopProducing()
+            self._producer = None
+        if response is not None:
+            paused = response.transport.paused
+            response.body_end(Failure(ResponseDone("response done")))
+            if paused and self.transport is not None:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.busy = False
+        if self.lost:
+            return
+        if reusable:
+            self._pool.release(self)
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- ending
+
+    def abandon(self) -> None:
+        """The body's reader wants no more of it: close the connection (it cannot be reused mid-body)."""
+        self._abandoned = True
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _protocol_error(self, error: BaseException) -> None:
+        self._error = Failure(error)
+        self._abort()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        self._pool.forget(self)
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+        why = self._error or reason
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            if self._sent:
+                waiting.errback(ResponseNeverReceived([why]))
+            else:
+                waiting.errback(RequestTransmissionFailed([why]))
+        response, self._response = self._response, None
+        if response is not None:
+            if self._until_close and self._error is None and not self._abandoned:
+                response.body_end(Failure(PotentialDataLoss()))  # read until close: as Agent reports it
+            else:
+                response.body_end(Failure(ResponseFailed([why])))
+        self.busy = False
+
+    def expire(self) -> None:
+        """Idle for too long in the pool."""
+        if self.transport is not None and not self.lost:
+            self.transport.loseConnection()
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self._pool, self._key)
+
+
+class ConnectionPool:
+    """
+    Owns the idle keep-alive connections to upstreams, per origin: at most
+    ``max_idle`` each, closed after ``idle_timeout`` seconds unused (one
+    timer sweeps them all).
+    """
+
+    def __init__(self, clock: IReactorTime, max_idle: int, idle_timeout: float) -> None:
+        self._clock = clock
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: dict[Hashable, list[UpstreamConnection]] = {}
+        self._sweeper: IDelayedCall | None = None
+        self._closing: list[Deferred[None]] = []
+
+    def factory(self, key: Hashable) -> Factory:
+        return _ConnectionFactory(self, key)
+
+    def take(self, key: Hashable) -> UpstreamConnection | None:
+        """The most recently used idle connection to ``key``, if any is still fresh."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        oldest = self._clock.seconds() - self.idle_timeout
+        while idle:
+            connection = idle.pop()
+            if not connection.lost and connection.idle_since >= oldest:
+                return connection
+            connection.expire()
+        return None
+
+    def has_idle(self, key: Hashable) -> bool:
+        return bool(self._idle.get(key))
+
+    def release(self, connection: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= self.max_idle or self.max_idle <= 0:
+            connection.expire()
+            return
+        connection.idle_since = self._clock.seconds()
+        idle.append(connection)
+        if self._sweeper is None and self.idle_timeout > 0:
+            self._sweeper = self._clock.callLater(self.idle_timeout, self._sweep)
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+        if not any(self._idle.values()):
+            self._idle.clear()
+            if self._closing:
+                closing, self._closing = self._closing, []
+                for d in closing:
+                    d.callback(None)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        oldest = self._clock.seconds() - self.idle_timeout
+        for idle in list(self._idle.values()):
+            for connection in [c for c in idle if c.idle_since < oldest]:
+                idle.remove(connection)
+                connection.expire()
+        if any(self._idle.values()) and self.idle_timeout > 0:
+            self._sweeper = self._clock.callLater(self.idle_timeout / 2, self._sweep)
+
+    def close(self) -> Deferred[None]:
+        """Close every idle connection; fires once they are gone."""
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        connections = [c for idle in self._idle.values() for c in idle if not c.lost]
+        if not connections:
+            self._idle.clear()
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closing.append(d)
+        for connection in connections:
+            connection.expire()
+        return d
+
+    def connect(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[UpstreamConnection]:
+        """A new connection to ``key`` through ``endpoint``."""
+        return endpoint.connect(self.factory(key))  # type: ignore[return-value]
+
+
+def send_on(
+    pool: ConnectionPool,
+    key: Hashable,
+    endpoint: IStreamClientEndpoint,
+    head: bytes,
+    body: bytes | IBodyProducer | None,
+    head_only: bool,
+    fresh: bool,
+) -> tuple[Deferred[UpstreamResponse], bool]:
+    """
+    Send one request on an idle connection to ``key`` (unless ``fresh``) or
+    a new one; returns the response's Deferred and whether the connection
+    was reused.  Cancelling the Deferred aborts the connection (or the
+    connection attempt).
+    """
+    connection = None if fresh else pool.take(key)
+    if connection is not None:
+        return connection.send(head, body, head_only), True
+    current: list[Deferred[Any]] = []
+    cancelled = False
+
+    def cancel(_: Deferred[UpstreamResponse]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        if current:
+            current[0].cancel()
+
+    result: Deferred[UpstreamResponse] = Deferred(cancel)
+
+    def connected(connection: UpstreamConnection) -> None:
+        if cancelled:
+            connection.expire()
+            return
+        sent = connection.send(head, body, head_only)
+        current[:] = [sent]
+        sent.addCallbacks(result.callback, _pass_on(result))
+
+    def failed(failure: Failure) -> None:
+        if not result.called:
+            result.errback(Failure(CancelledError()) if cancelled else failure)
+
+    connecting = pool.connect(key, endpoint)
+    current.append(connecting)
+    connecting.addCallbacks(connected, failed)
+    return result, False
+
+
+def _pass_on(result: Deferred[UpstreamResponse]) -> Any:
+    def errback(failure: Failure) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    return errback
+
