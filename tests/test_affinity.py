@@ -18,6 +18,7 @@ from olladmr.failures import REFUSED, UpstreamFailure
 from olladmr.fleet.responses import ResponseDirectory
 from olladmr.fleet.state import EndpointState, Fleet
 from olladmr.proxy.affinity import FOUND, MISSING, PROBE_PATH, ResponseAffinity
+from olladmr.proxy.headers import HeaderPairs, header_values
 from olladmr.proxy.upstream import USER_AGENT
 
 RID = "resp_0123456789abcdefABCDEF01"
@@ -72,7 +73,7 @@ class FakeResponse:
 class Call:
     """One ``client.request`` the affinity made, and the Deferred it got back."""
 
-    def __init__(self, endpoint: str, method: bytes, url: bytes, headers: Headers, body: object, timeout: float | None):
+    def __init__(self, endpoint: str, method: bytes, url: bytes, headers: HeaderPairs, body: object, timeout: float | None):
         self.endpoint = endpoint
         self.method = method
         self.url = url
@@ -97,7 +98,7 @@ class FakeClient:
         endpoint: str,
         method: bytes,
         url: bytes,
-        headers: Headers,
+        headers: HeaderPairs,
         body: object,
         *,
         fresh: bool = False,
@@ -224,9 +225,9 @@ def test_the_probe_is_a_get_of_the_response_with_the_endpoint_headers_and_timeou
     ]
     assert PROBE_PATH == "/engines/v1/responses/"
     headers = calls[0].headers
-    assert headers.getRawHeaders(b"accept") == [b"application/json"]
-    assert headers.getRawHeaders(b"user-agent") == [USER_AGENT]
-    assert headers.getRawHeaders(b"x-api-key") == [b"k1"]
+    assert header_values(headers, b"accept") == [b"application/json"]
+    assert header_values(headers, b"user-agent") == [USER_AGENT]
+    assert header_values(headers, b"x-api-key") == [b"k1"]
 
 
 def test_the_first_200_wins_before_the_slow_probes_answer() -> None:

@@ -38,6 +38,7 @@ from olladmr.fleet.sessions import SessionRouter
 from olladmr.fleet.state import EndpointState, Fleet
 from olladmr.proxy.affinity import ResponseAffinity
 from olladmr.proxy.exchange import MAX_UPSTREAM_HEADER_BYTES, Exchange, Phase
+from olladmr.proxy.headers import HeaderPairs, header_values
 from olladmr.proxy.proxy import InFlight, Proxy
 from olladmr.proxy.record import (
     CLIENT_DISCONNECTED,
@@ -112,14 +113,14 @@ class UpstreamCall:
     endpoint: str
     method: bytes
     url: bytes
-    headers: Headers
+    headers: HeaderPairs
     body: IBodyProducer | None
     fresh: bool
     deferred: Deferred[Any] = field(init=False)
     cancelled: bool = False
 
     def header(self, name: bytes) -> bytes | None:
-        values = self.headers.getRawHeaders(name)
+        values = header_values(self.headers, name)
         return values[0] if values else None
 
     def body_bytes(self) -> bytes:
@@ -154,7 +155,7 @@ class FakeUpstreamClient:
         endpoint: str,
         method: bytes,
         url: bytes,
-        headers: Headers,
+        headers: HeaderPairs,
         body: IBodyProducer | None,
         *,
         fresh: bool = False,

@@ -77,6 +77,19 @@ def test_a_body_in_time_is_served_and_leaves_no_timer() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_a_whole_request_arms_no_timer_and_a_pipelined_partial_one_gets_its_clock() -> None:
+    """
+    A request that arrives whole never starts the header clock; the part of a
+    pipelined request received with it gets one once the first is answered.
+    """
+    channel, transport, clock, resource = connect(read_header_timeout="2s", idle_timeout=0)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n")
+    assert resource.seen == [(b"GET", 0)]
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [2.0]  # the second request's header clock
+    clock.advance(2.1)
+    assert b"HTTP/1.1 408" in transport.value() and resource.seen == [(b"GET", 0)]
+
+
 def test_header_block_over_the_limit_gets_431_even_in_one_line() -> None:
     """A header line longer than max_header_size (LineReceiver's own cap would just close) is answered 431 JSON."""
     channel, transport, clock, _ = connect(request_limits={"max_header_size": "8KB"})

@@ -77,6 +77,7 @@ class OllaChannel(HTTPChannel):
     _body_timer: IDelayedCall | None = None
     _rejected = False
     _header_bytes = 0  # of the request being received; our own count, for our 431 (Twisted's gives a bare 400)
+    _in_body = False  # the request being received has a body still to come
     _request_line = b""  # of the request being received: its errors speak that route's dialect
     LINGER = 5.0
 
@@ -101,6 +102,30 @@ class OllaChannel(HTTPChannel):
         if self._rejected:
             return
         super().dataReceived(data)
+        self._arm()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)  # may start on a pipelined request already received
+        self._arm()
+
+    def _arm(self) -> None:
+        """
+        Start the header (or body) clock of a request left part-received.
+        Armed once the bytes at hand are parsed, so a request that arrives
+        whole (the usual case) costs no timer at all; the clock starts when
+        its first bytes were handled, as before.
+        """
+        if self._rejected or self.transport is None:
+            return
+        site = self._olla()
+        if site is None:
+            return
+        limits = site.limits
+        if self._header_bytes > 0:
+            if self._header_timer is None and limits.read_header_timeout > 0:
+                self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
+        elif self._in_body and self._body_timer is None and limits.read_timeout > 0:
+            self._body_timer = site.clock.callLater(limits.read_timeout, self._too_slow, "body")
 
     def lineReceived(self, line: bytes) -> None:
         if self._rejected:
@@ -111,8 +136,6 @@ class OllaChannel(HTTPChannel):
             if self._header_bytes == 0:
                 self._size_caps()  # a reload may have changed the limit since the last request
                 self._request_line = line  # parsed only if the request is rejected
-                if self._header_timer is None and limits.read_header_timeout > 0:
-                    self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
             self._header_bytes += len(line)
             if self._header_bytes > limits.max_header_size:
                 self.reject(
@@ -141,13 +164,12 @@ class OllaChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._cancel("_header_timer")
         self._header_bytes = 0
-        site = self._olla()
-        if site is not None and self.length != 0 and site.limits.read_timeout > 0:
-            self._body_timer = site.clock.callLater(site.limits.read_timeout, self._too_slow, "body")
+        self._in_body = self.length != 0
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
         self._cancel("_body_timer")
+        self._in_body = False
         super().allContentReceived()
 
     def _cancel(self, name: str) -> None:

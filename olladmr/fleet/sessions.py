@@ -292,6 +292,13 @@ class SessionRouter:
             return Placement(list(candidates), MISS, None)
         generation = model_key is not None and (route is None or route in GENERATION_ROUTES)
         pinned = self.pins.get(session.key)
+        if len(routable) == 1:  # one place to go: the verdict is all there is to work out
+            only = routable[0]
+            if generation and only.model_loaded(model_key or "") is False:
+                self.cold_taken += 1
+            if pinned == only.name:
+                return Placement(routable, HIT, pinned)
+            return Placement(routable, REPIN if pinned is not None else MISS, pinned, only.name)
         if pinned is not None:
             holder = next((ep for ep in routable if ep.name == pinned), None)
             if holder is not None and generation and holder.model_loaded(model_key or "") is False:

@@ -23,7 +23,6 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ..bodies import read_body
@@ -157,9 +156,9 @@ class ResponseAffinity:
         if self._locating.get(response_id) is None:
             return succeed(False)  # found (or given up) while this probe waited for a slot
         config = endpoint.config
-        headers = Headers({b"user-agent": [USER_AGENT], b"accept": [b"application/json"]})
-        for name, value in config.encoded_headers:
-            headers.setRawHeaders(name, [value])
+        own = {name.lower() for name, _ in config.encoded_headers}
+        headers = [(n, v) for n, v in ((b"user-agent", USER_AGENT), (b"accept", b"application/json")) if n not in own]
+        headers += [(name.lower(), value) for name, value in config.encoded_headers]
         url = (config.url + PROBE_PATH + response_id).encode()
         d = self._client.request(endpoint.name, b"GET", url, headers, None, header_timeout=self.timeout)
 

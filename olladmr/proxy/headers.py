@@ -13,6 +13,9 @@ from typing import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
+#: Headers as they go upstream: (lower-case name, value) pairs, in order.
+HeaderPairs = list[tuple[bytes, bytes]]
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -57,35 +60,49 @@ def upstream_request_headers(
     scheme: bytes,
     endpoint_headers: Iterable[tuple[bytes, bytes]] = (),
     forward_credentials: bool = False,
-) -> Headers:
+) -> HeaderPairs:
     """
-    Build the headers for the upstream request from the client's.
+    Build the headers for the upstream request from the client's (values
+    as Twisted's server parsed them: no CR, LF or NUL).
 
     Adds ``X-Olla-Request-ID``, ``X-Forwarded-For`` (the client address
     appended to any existing chain), ``X-Forwarded-Host`` and
-    ``X-Forwarded-Proto``, then the endpoint's configured headers.
+    ``X-Forwarded-Proto``, then the endpoint's configured headers, which
+    replace any client header of the same name.
     """
     named = connection_tokens(incoming)
-    out = Headers()
-    put = out.setRawHeaders
+    out: HeaderPairs = []
+    append = out.append
+    chain: list[bytes] = []
+    host = b""
+    endpoint_names = {name.lower() for name, _ in endpoint_headers} if endpoint_headers else ()
     for name, values in incoming.getAllRawHeaders():
         lname = name.lower()
-        if _is_hop(lname, named) or lname in _REQUEST_MANAGED or lname.startswith(b"x-olla-"):
+        if lname in _REQUEST_MANAGED:
+            if lname == b"x-forwarded-for":
+                chain.extend(values)
+            elif lname == b"host" and values:
+                host = values[0]
+            continue
+        if _is_hop(lname, named) or lname.startswith(b"x-olla-") or lname in endpoint_names:
             continue
         if lname in CLIENT_CREDENTIALS and not forward_credentials:
             continue
-        put(lname, list(values))
-    chain = incoming.getRawHeaders(b"x-forwarded-for")
-    forwarded = b", ".join([*chain, client_ip]) if chain else client_ip
-    put(b"x-forwarded-for", [forwarded])
-    host = incoming.getRawHeaders(b"host")
+        for value in values:
+            append((lname, value))
+    append((b"x-forwarded-for", b", ".join([*chain, client_ip]) if chain else client_ip))
     if host:
-        put(b"x-forwarded-host", [host[0]])
-    put(b"x-forwarded-proto", [scheme])
-    put(b"x-olla-request-id", [request_id])
+        append((b"x-forwarded-host", host))
+    append((b"x-forwarded-proto", scheme))
+    append((b"x-olla-request-id", request_id))
     for name, value in endpoint_headers:
-        put(name.lower(), [value])
+        append((name.lower(), value))
     return out
+
+
+def header_values(pairs: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """The values of ``name`` (lower-case) among ``pairs``."""
+    return [value for key, value in pairs if key == name]
 
 
 def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:

@@ -19,7 +19,6 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, FileBodyProducer
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -27,6 +26,7 @@ from .. import __version__
 from .._twisted_compat import agent_endpoint, agent_host_header
 from ..config.schema import Config, ProxyConfig
 from ..failures import HEADER_TIMEOUT, UpstreamFailure, classify, was_cancelled
+from .headers import HeaderPairs
 from .wire import ConnectionPool, request_head, send_on
 
 USER_AGENT = f"olladmr/{__version__}".encode()
@@ -129,7 +129,7 @@ class UpstreamClient:
         endpoint: str,
         method: bytes,
         url: bytes,
-        headers: Headers,
+        headers: HeaderPairs,
         body: IBodyProducer | None,
         *,
         fresh: bool = False,

@@ -19,7 +19,7 @@ made through the same client endpoints ``Agent`` uses (TCP, or TLS for
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterable
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -40,6 +40,9 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 #: Status codes whose responses never have a body (RFC 9110 section 6.4.1).
 _NO_BODY = frozenset({204, 304})
 _CANONICAL: dict[bytes, bytes] = {}
+_SET_HERE = frozenset({b"host", b"content-length"})
+#: How every clean body ends (one Failure for all: building one per response costs more than the rest of the end).
+_DONE = Failure(ResponseDone("Response body fully received"))
 #: Bytes a response's status line and headers may take before the connection is dropped as a bad response
 #: (llhttp sets no limit; the proxy's own 64 KB check of the parsed headers comes after this).
 MAX_RESPONSE_HEAD = 72 * 1024
@@ -55,19 +58,26 @@ def canonical_name(name: bytes) -> bytes:
     return found
 
 
-def request_head(method: bytes, target: bytes, host: bytes, headers: Headers, length: int | None) -> bytes:
-    """The request line and header block of one upstream request (``length`` None: no ``Content-Length``)."""
+def request_head(
+    method: bytes, target: bytes, host: bytes, headers: Iterable[tuple[bytes, bytes]], length: int | None
+) -> bytes:
+    """
+    The request line and header block of one upstream request: ``Host``,
+    then ``headers`` (lower-case names, sent canonically capitalised; any
+    ``host`` or ``content-length`` among them is ignored), then
+    ``Content-Length`` unless ``length`` is None.
+    """
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     append = parts.append
-    for name, values in headers.getAllRawHeaders():
-        if name == b"host" or name == b"Host":
+    for name, value in headers:
+        if name in _SET_HERE:
             continue
-        cname = canonical_name(name)
-        for value in values:
-            append(cname)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+        if b"\r" in value or b"\n" in value:
+            raise ValueError(f"header {name!r} has a line break in its value")
+        append(canonical_name(name))
+        append(b": ")
+        append(value)
+        append(b"\r\n")
     if length is not None:
         append(b"Content-Length: %d\r\n\r\n" % length)
     else:
@@ -313,7 +323,7 @@ class UpstreamConnection(Protocol):
             self._producer = None
         if response is not None:
             paused = response.transport.paused
-            response.body_end(Failure(ResponseDone("response done")))
+            response.body_end(_DONE)
             if paused and self.transport is not None:
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.busy = False
