@@ -14,17 +14,18 @@ against.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Hashable
+from typing import Any, Collection
 
-from twisted.internet.defer import Deferred
+from twisted.internet import tcp
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.client import _HTTP11ClientFactory as _ClientFactory
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
 
 #: The Twisted releases the contract tests have been run against (setup.py pins below the next major).
 TESTED_TWISTED = ("24.7", "26.10")
+
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
 class QuietHTTP11ClientFactory(_ClientFactory):
@@ -36,11 +37,6 @@ class QuietHTTP11ClientFactory(_ClientFactory):
 def use_quiet_factory(pool: HTTPConnectionPool) -> None:
     """Make ``pool`` build its connections with :class:`QuietHTTP11ClientFactory`."""
     pool._factory = QuietHTTP11ClientFactory
-
-
-def pool_has_idle_connection(pool: HTTPConnectionPool, key: Hashable) -> bool:
-    """Whether ``pool`` holds a cached (idle, keep-alive) connection for ``key``."""
-    return bool(pool._connections.get(key))
 
 
 def agent_endpoint(agent: Agent, uri: URI) -> IStreamClientEndpoint:
@@ -55,23 +51,33 @@ def agent_host_header(agent: Agent, uri: URI) -> bytes:
     return value
 
 
-def agent_request(
-    agent: Agent,
-    key: tuple[bytes, bytes, int],
-    endpoint: IStreamClientEndpoint,
-    method: bytes,
-    uri: URI,
-    headers: Headers,
-    body: IBodyProducer | None,
-    path: bytes,
-) -> Deferred[IResponse]:
+def write_now(transport: Any, data: bytes) -> None:
     """
-    ``agent.request`` with the origin already parsed: ``key`` is the pool key,
-    ``endpoint`` the connection endpoint and ``path`` the request target.
-    ``headers`` must already carry ``Host``.
+    ``transport.write(data)``, sent at once when ``transport`` is a plain TCP
+    connection with nothing queued.  Twisted queues every write until the
+    reactor's next turn finds the socket writable, which costs two
+    ``epoll_ctl`` calls and a reactor iteration per response; one
+    ``send`` now does the same job, and whatever the kernel does not take is
+    queued the ordinary way (behind it, in order).  Any other transport
+    (TLS, Unix, test transports), or one that is closing or has bytes
+    queued, gets its ordinary ``write``.
     """
-    d: Deferred[IResponse] = agent._requestWithEndpoint(key, endpoint, method, uri, headers, body, path)
-    return d
+    if (
+        type(transport) in _PLAIN_TCP
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # would block, or broken: Twisted's own write path finds out and reports it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def clear_exit_signal(reactor: Any, signals: Collection[int]) -> bool:

@@ -51,6 +51,19 @@ class ListenError(SystemExit):
     """The daemon cannot listen where it was told to; ends the process with one line."""
 
 
+#: Pending connections the kernel may queue for us (Twisted's default is 50: a burst of 100 clients
+#: connecting at once then waits a second for SYN retransmits; nginx asks for 511, Go for somaxconn).
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A listen ``description`` with ``backlog=LISTEN_BACKLOG`` unless it names a backlog itself."""
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
 class Listener:
     """Owns the listening port: binding (or adopting an inherited socket), pausing, resuming, closing."""
 
@@ -70,7 +83,7 @@ class Listener:
             self.pause()
             return
         try:
-            endpoint = endpoints.serverFromString(self._reactor, self.description)
+            endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
         except (ValueError, KeyError, TypeError) as exc:
             raise ListenError(f"olladmr: invalid listen address {self.description!r}: {exc}") from None
         result: list[Any] = []

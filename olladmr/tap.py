@@ -14,6 +14,7 @@ endpoint contacted, no log or pid file written.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import sys
@@ -125,6 +126,20 @@ def _tune_pypy() -> None:
             pass
 
 
+def settle_gc() -> None:
+    """
+    Once the daemon runs: collect what start-up left behind, then move every
+    object alive now (modules, the service tree, configuration) out of the
+    collector's sight (``gc.freeze``), so the full collections the request
+    path triggers now and then walk only request-time objects: shorter
+    pauses, a lower latency tail.  CPython only.
+    """
+    freeze = getattr(gc, "freeze", None)
+    if freeze is not None:
+        gc.collect()
+        freeze()
+
+
 def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mapping[str, str] = os.environ) -> OllaService:
     """Build the service tree from parsed options (or exit with one line)."""
     _tune_pypy()
@@ -154,6 +169,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
     inherit = None
     if options.get("inherit-fd") is not None:
         inherit = (int(options["inherit-fd"]), int(options["inherit-family"]))
+    reactor.callWhenRunning(settle_gc)
     return build(
         config,
         reactor=reactor,

@@ -114,3 +114,20 @@ def test_a_bad_reload_changes_nothing(tmp_path: Path) -> None:
     assert not result.ok and "proxy.load_balancer" in result.summary
     assert parts.proxy.balancer.name == "priority" and parts.reloader.counts() == (0, 1)
     assert parts.lifecycle.config.source == path and [ep.name for ep in parts.fleet] == ["a"]
+
+
+def test_the_listener_asks_for_a_deep_backlog_unless_told() -> None:
+    """A burst of clients connecting at once is queued by the kernel, not dropped for a SYN retransmit (1 s)."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    from olladmr.service import LISTEN_BACKLOG, Listener, with_backlog
+
+    assert with_backlog("tcp:40114:interface=127.0.0.1") == f"tcp:40114:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
+    assert with_backlog("tcp:1:backlog=7") == "tcp:1:backlog=7"
+    listener = Listener(reactor, "tcp:0:interface=127.0.0.1")
+    listener.bind(Factory())  # type: ignore[arg-type]
+    try:
+        assert listener.port is not None and getattr(listener.port, "backlog") == LISTEN_BACKLOG >= 511
+    finally:
+        listener.close()

@@ -9,7 +9,6 @@ renames or reshapes one of those internals a test here fails by name.
 
 from __future__ import annotations
 
-import io
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -19,17 +18,18 @@ import pytest
 import pytest_twisted
 import twisted
 from twisted.application import app
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, tcp
 from twisted.internet.base import ReactorBase
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint, _ISupportsExitSignalCapturing
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.web import client
-from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
+from twisted.web.client import URI, Agent, HTTPConnectionPool, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -39,10 +39,9 @@ from olladmr._twisted_compat import (
     QuietHTTP11ClientFactory,
     agent_endpoint,
     agent_host_header,
-    agent_request,
     clear_exit_signal,
-    pool_has_idle_connection,
     use_quiet_factory,
+    write_now,
 )
 
 # -- helpers: a real loopback HTTP server, log capture, polling
@@ -171,11 +170,6 @@ class RecordingEndpoint:
         return self.wrapped.connect(protocolFactory)
 
 
-def _pool_key(uri: URI) -> tuple[bytes, bytes, int]:
-    """The pool key ``Agent.request`` itself uses for ``uri``."""
-    return (uri.scheme, uri.host, uri.port)
-
-
 # -- the Twisted version
 
 
@@ -274,30 +268,6 @@ async def test_quiet_pool_logs_no_factory_lines_through_an_agent(
     assert logs.factory_lines() == []
 
 
-# -- pool_has_idle_connection  (HTTPConnectionPool._connections)
-
-
-def test_pool_has_no_idle_connection_when_fresh() -> None:
-    """A fresh pool's ``_connections`` mapping is empty for every key."""
-    fresh = HTTPConnectionPool(reactor, persistent=True)
-    assert pool_has_idle_connection(fresh, (b"http", b"127.0.0.1", 80)) is False
-
-
-@pytest_twisted.ensureDeferred
-async def test_pool_has_idle_connection_after_a_keep_alive_request(loopback: Loopback, pool: HTTPConnectionPool) -> None:
-    """A finished keep-alive request puts its connection in ``_connections[key]`` under Agent's (scheme, host, port) key."""
-    key = _pool_key(URI.fromBytes(loopback.origin + b"/"))
-    assert pool_has_idle_connection(pool, key) is False
-
-    response = await Agent(reactor, pool=pool).request(b"GET", loopback.origin + b"/keep-alive")
-    assert await readBody(response) == b"ok /keep-alive"
-    await eventually(lambda: pool_has_idle_connection(pool, key), "the connection to return to the pool")
-    assert pool_has_idle_connection(pool, (b"http", b"127.0.0.1", loopback.number + 1)) is False
-
-    await pool.closeCachedConnections()
-    assert pool_has_idle_connection(pool, key) is False
-
-
 # -- agent_endpoint  (Agent._getEndpoint)
 
 
@@ -352,60 +322,49 @@ def test_agent_host_header(url: bytes, expected: bytes) -> None:
     assert agent_host_header(Agent(reactor), URI.fromBytes(url)) == expected
 
 
-# -- agent_request  (Agent._requestWithEndpoint)
+# -- write_now  (FileDescriptor.dataBuffer/offset/_tempDataBuffer, tcp.Connection.socket)
+
+
+class _Sink(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
 
 
 @pytest_twisted.ensureDeferred
-async def test_agent_request_sends_a_pre_parsed_request(loopback: Loopback, pool: HTTPConnectionPool) -> None:
-    """``_requestWithEndpoint(key, endpoint, method, uri, headers, body, path)`` sends ``path`` to ``endpoint`` as given."""
-    use_quiet_factory(pool)
-    agent = Agent(reactor, pool=pool)
-    origin = URI.fromBytes(loopback.origin + b"/")
-    key = _pool_key(origin)
-    endpoint = agent_endpoint(agent, origin)
-    host = agent_host_header(agent, origin)
-    headers = Headers({b"host": [host], b"content-type": [b"application/json"]})
-    body = FileBodyProducer(io.BytesIO(b'{"model": "m"}'))
-
-    response = await agent_request(agent, key, endpoint, b"POST", origin, headers, body, b"/v1/chat/completions?stream=1&x=%20")
-    assert response.code == 200
-    assert await readBody(response) == b"ok /v1/chat/completions?stream=1&x=%20"
-    [seen] = loopback.resource.seen
-    assert seen.method == b"POST"
-    assert seen.uri == b"/v1/chat/completions?stream=1&x=%20"
-    assert seen.hosts == [b"127.0.0.1:%d" % loopback.number]
-    assert seen.body == b'{"model": "m"}'
-
-
-@pytest_twisted.ensureDeferred
-async def test_agent_request_keeps_the_given_host_header(loopback: Loopback, pool: HTTPConnectionPool) -> None:
-    """A ``Host`` header already in ``headers`` is sent once, unchanged, rather than recomputed from ``uri``."""
-    agent = Agent(reactor, pool=pool)
-    origin = URI.fromBytes(loopback.origin + b"/")
-    headers = Headers({b"host": [b"upstream.example:1234"]})
-    response = await agent_request(agent, _pool_key(origin), agent_endpoint(agent, origin), b"GET", origin, headers, None, b"/h")
-    assert await readBody(response) == b"ok /h"
-    assert [seen.hosts for seen in loopback.resource.seen] == [[b"upstream.example:1234"]]
+async def test_write_now_sends_before_the_reactor_turns_and_keeps_order() -> None:
+    """
+    On an idle TCP transport the bytes leave at once (nothing is queued for
+    the reactor); once something is queued, later bytes queue behind it.
+    """
+    sink = _Sink()
+    factory = Factory.forProtocol(lambda: sink)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(Protocol))
+        transport = client.transport
+        assert type(transport) is tcp.Client
+        assert (transport.dataBuffer, transport.offset, transport._tempDataBuffer) == (b"", 0, [])
+        write_now(transport, b"one ")
+        assert (transport.dataBuffer, transport._tempDataBuffer) == (b"", [])  # sent, not queued
+        transport.write(b"two ")  # queued for the reactor, as Twisted does
+        assert transport._tempDataBuffer == [b"two "]
+        write_now(transport, b"three")  # must not overtake "two "
+        assert transport._tempDataBuffer == [b"two ", b"three"]
+        await eventually(lambda: sink.received == b"one two three", "the bytes in order")
+        transport.loseConnection()
+        write_now(transport, b"late")  # a closing transport: handed to Twisted, which drops or queues it as usual
+    finally:
+        await port.stopListening()
 
 
-@pytest_twisted.ensureDeferred
-async def test_agent_request_reuses_the_pooled_connection_for_its_key(loopback: Loopback, pool: HTTPConnectionPool) -> None:
-    """The ``key`` given to ``_requestWithEndpoint`` is the pool key: the connection goes back under it and is reused."""
-    use_quiet_factory(pool)
-    agent = Agent(reactor, pool=pool)
-    origin = URI.fromBytes(loopback.origin + b"/")
-    key = _pool_key(origin)
-    endpoint = agent_endpoint(agent, origin)
-    host = agent_host_header(agent, origin)
-
-    for path in (b"/one", b"/two"):
-        assert pool_has_idle_connection(pool, key) is (path == b"/two")
-        response = await agent_request(agent, key, endpoint, b"GET", origin, Headers({b"host": [host]}), None, path)
-        assert await readBody(response) == b"ok " + path
-        await eventually(lambda: pool_has_idle_connection(pool, key), "the connection to return to the pool")
-    first, second = loopback.resource.seen
-    assert (first.uri, second.uri) == (b"/one", b"/two")
-    assert first.client_port == second.client_port  # one TCP connection, reused
+def test_write_now_hands_other_transports_to_their_own_write() -> None:
+    """Anything but a plain TCP connection (TLS, a test transport) gets an ordinary ``write``."""
+    transport = StringTransport()
+    write_now(transport, b"abc")
+    assert transport.value() == b"abc"
 
 
 # -- clear_exit_signal  (ReactorBase._exitSignal)

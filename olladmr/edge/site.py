@@ -22,8 +22,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
+from .._twisted_compat import write_now
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
 from ..proxy.headers import client_request_id
@@ -217,6 +219,27 @@ class OllaChannel(HTTPChannel):
         transport = cast("_Connection | None", self.transport)
         if transport is not None and transport.connected:
             transport.abortConnection()
+
+    # -- writing: at once when the socket has room (see write_now), one send per response head
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):  # pairs, from older Twisted releases: sanitised as Twisted does
+            pairs, headers = headers, Headers()
+            for name, value in pairs:
+                headers.addRawHeader(name, value)
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        extend = parts.extend
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
+        parts.append(b"\r\n")
+        write_now(self.transport, b"".join(parts))
+
+    def write(self, data: bytes) -> None:
+        write_now(self.transport, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        write_now(self.transport, b"".join(iovec))
 
     def readConnectionLost(self) -> None:
         # Only a transport that sees IHalfCloseableProtocol calls this, and HTTPChannel

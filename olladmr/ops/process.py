@@ -58,16 +58,22 @@ class ProcessStats(Service):
 
     def startService(self) -> None:
         super().startService()
-        gc.callbacks.append(self._hook)
+        callbacks = getattr(gc, "callbacks", None)  # CPython only (PyPy's gc has no hooks: pauses stay 0)
+        if callbacks is not None:
+            callbacks.append(self._hook)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._hook in gc.callbacks:
-            gc.callbacks.remove(self._hook)
+        callbacks = getattr(gc, "callbacks", None)
+        if callbacks is not None and self._hook in callbacks:
+            callbacks.remove(self._hook)
 
     def snapshot(self) -> dict[str, Any]:
-        """The JSON body of ``/internal/process``."""
-        stats = gc.get_stats()
+        """The JSON body of ``/internal/process`` (CPython's collector figures; empty ones on PyPy)."""
+        get_stats = getattr(gc, "get_stats", None)
+        stats = get_stats() if get_stats is not None else []
+        if not isinstance(stats, list):
+            stats = []  # PyPy: one GcStats object, not CPython's per-generation dicts
         return {
             "timestamp": time.time(),
             "pid": os.getpid(),
@@ -75,8 +81,8 @@ class ProcessStats(Service):
             "memory": {"rss_bytes": _rss_bytes()},
             "garbage_collection": {
                 "enabled": gc.isenabled(),
-                "thresholds": list(gc.get_threshold()),
-                "counts": list(gc.get_count()),
+                "thresholds": list(gc.get_threshold()) if hasattr(gc, "get_threshold") else [],
+                "counts": list(gc.get_count()) if hasattr(gc, "get_count") else [],
                 "collections": [s.get("collections", 0) for s in stats],
                 "collected": [s.get("collected", 0) for s in stats],
                 "uncollectable": [s.get("uncollectable", 0) for s in stats],

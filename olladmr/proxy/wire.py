@@ -33,6 +33,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .._twisted_compat import write_now
+
 log = Logger()
 
 #: Framing headers: they describe this connection's message, not the resource (Agent drops them too).
@@ -206,12 +208,11 @@ class UpstreamConnection(Protocol):
         transport = self.transport
         assert transport is not None
         if body is None:
-            transport.write(head)
+            write_now(transport, head)
         elif isinstance(body, bytes):
-            if len(body) <= 65536:
-                transport.write(head + body)
-            else:
-                transport.writeSequence([head, body])
+            write_now(transport, head + body if len(body) <= 65536 else head)
+            if len(body) > 65536:
+                write_now(transport, body)
         else:
             self._sent = False
             self._producer = body
