@@ -20,6 +20,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.client import _HTTP11ClientFactory as _ClientFactory
+from twisted.web.http import HTTPChannel
 
 #: The Twisted releases the contract tests have been run against (setup.py pins below the next major).
 TESTED_TWISTED = ("24.7", "26.10")
@@ -78,6 +79,23 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def set_request_line(channel: HTTPChannel, method: bytes, path: bytes, version: bytes) -> None:
+    """
+    Record a parsed request line where ``HTTPChannel`` keeps it between its
+    line parser and ``allHeadersReceived`` (persistence reads the version)
+    and ``allContentReceived`` (which hands all three to
+    ``Request.requestReceived``).
+    """
+    channel._command = method
+    channel._path = path
+    channel._version = version
+
+
+def channel_busy(channel: HTTPChannel) -> bool:
+    """Whether ``channel`` is answering a request (set by ``allContentReceived``, cleared by ``requestDone``)."""
+    return bool(channel._handlingRequest)
 
 
 def clear_exit_signal(reactor: Any, signals: Collection[int]) -> bool:

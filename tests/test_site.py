@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from olladmr.config import parse_config
 from olladmr.edge.site import EdgeLimits, OllaChannel, OllaSite
@@ -135,3 +136,91 @@ def test_request_ids_are_unique_and_honour_a_valid_client_id() -> None:
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nX-Request-ID: abc-1\r\n\r\n")
     ids = [line.split(b": ", 1)[1] for line in transport.value().split(b"\r\n") if line.lower().startswith(b"x-olla-request-id")]
     assert len(ids) == 2 and ids[1] == b"abc-1" and ids[0] != b"abc-1" and b"-" in ids[0]
+
+
+class Later(Resource):
+    """Holds every request open until the test answers it, recording method, path and body."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[Any] = []
+        self.seen: list[tuple[bytes, bytes, bytes]] = []
+
+    def render(self, request: Any) -> int:
+        self.seen.append((request.method, request.path, request.content.read()))
+        self.open.append(request)
+        return NOT_DONE_YET
+
+    def answer(self) -> None:
+        request = self.open.pop(0)
+        request.write(b"done " + request.path)
+        request.finish()
+
+
+def connect_later(**server: Any) -> tuple[OllaChannel, StringTransport, Later]:
+    config = parse_config({"server": server, "endpoints": [{"url": "http://a:1"}]}, "t")
+    resource = Later()
+    site = OllaSite(resource, Clock(), EdgeLimits(config.server))
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    assert isinstance(channel, OllaChannel)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, resource
+
+
+def test_pipelined_requests_wait_their_turn_and_are_answered_in_order() -> None:
+    """Requests sent together are served one at a time, bodies intact, and answered in the order they came."""
+    channel, transport, later = connect_later()
+    channel.dataReceived(
+        b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"POST /two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n"
+        b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert later.seen == [(b"POST", b"/one", b"abc")]  # the others wait for it
+    later.answer()
+    assert later.seen[1:] == [(b"POST", b"/two", b"de")]
+    later.answer()
+    later.answer()
+    assert [p for _, p, _ in later.seen] == [b"/one", b"/two", b"/three"]
+    wire = transport.value()
+    assert wire.index(b"done /one") < wire.index(b"done /two") < wire.index(b"done /three")
+
+
+def test_reading_pauses_while_a_large_pipelined_body_waits() -> None:
+    """More than HOLD bytes of a waiting request stop the reading until the request before it is answered."""
+    channel, transport, later = connect_later()
+    channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+    size = OllaChannel.HOLD + 10_000
+    channel.dataReceived(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    channel.dataReceived(b"x" * (size - 100))
+    assert transport.producerState == "paused" and len(later.seen) == 1
+    later.answer()
+    assert transport.producerState == "producing"
+    channel.dataReceived(b"x" * 100)
+    assert later.seen[1][:2] == (b"POST", b"/big") and len(later.seen[1][2]) == size
+
+
+def test_an_upgrade_request_keeps_its_body_and_the_connection_stays_http() -> None:
+    """``Upgrade: h2c`` (curl --http2 on http://) is ignored: the body is read and later requests are plain HTTP."""
+    channel, transport, later = connect_later()
+    channel.dataReceived(
+        b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 5\r\n\r\n123"
+    )
+    channel.dataReceived(b"45GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert later.seen == [(b"POST", b"/up", b"12345")]
+    later.answer()
+    assert later.seen[1] == (b"GET", b"/after", b"")
+
+
+def test_any_token_method_is_parsed_and_versions_past_1_1_are_refused() -> None:
+    """A method llhttp does not know still reaches the resource; HTTP/2.0 in a request line is a JSON 400."""
+    channel, transport, later = connect_later()
+    channel.dataReceived(b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert later.seen == [(b"BREW", b"/pot", b"")]
+    channel, transport, clock, _ = connect()
+    channel.dataReceived(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")
+    status, error = answer(transport)
+    assert status == 400 and "HTTP/2.0" in error["message"]

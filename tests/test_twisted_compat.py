@@ -30,6 +30,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.web import client
 from twisted.web.client import URI, Agent, HTTPConnectionPool, readBody
+from twisted.web import http
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -40,6 +42,8 @@ from olladmr._twisted_compat import (
     agent_endpoint,
     agent_host_header,
     clear_exit_signal,
+    channel_busy,
+    set_request_line,
     use_quiet_factory,
     write_now,
 )
@@ -365,6 +369,45 @@ def test_write_now_hands_other_transports_to_their_own_write() -> None:
     transport = StringTransport()
     write_now(transport, b"abc")
     assert transport.value() == b"abc"
+
+
+# -- set_request_line / channel_busy  (HTTPChannel._command/_path/_version, _handlingRequest)
+
+
+class _Received(http.Request):
+    """Records what ``requestReceived`` was given instead of processing."""
+
+    got: list[tuple[bytes, bytes, bytes]] = []
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        type(self).got.append((command, path, version))
+
+
+def test_set_request_line_feeds_allheadersreceived_and_allcontentreceived() -> None:
+    """
+    HTTPChannel reads the request line that ``set_request_line`` records:
+    persistence from the version in ``allHeadersReceived``, and all three
+    handed to ``requestReceived`` by ``allContentReceived``, which also
+    marks the channel busy until ``requestDone``.
+    """
+    _Received.got = []
+    channel = HTTPChannel()
+    channel.requestFactory = _Received  # type: ignore[assignment]
+    channel.makeConnection(StringTransport())
+    for version, persistent in ((b"HTTP/1.0", False), (b"HTTP/1.1", True)):
+        request = _Received(channel)
+        channel.requests.append(request)
+        set_request_line(channel, b"BREW", b"/pot?x=1", version)
+        channel.length = 0
+        channel.allHeadersReceived()
+        assert bool(channel.persistent) is persistent
+        assert channel_busy(channel) is False
+        channel.allContentReceived()
+        assert channel_busy(channel) is True
+        assert _Received.got[-1] == (b"BREW", b"/pot?x=1", version)
+        channel.persistent = True
+        channel.requestDone(request)
+        assert channel_busy(channel) is False
 
 
 # -- clear_exit_signal  (ReactorBase._exitSignal)

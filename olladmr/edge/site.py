@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
+from collections import deque
 from itertools import count
 from typing import Any, Protocol, cast
 
+import httptools
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -23,9 +26,10 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
 
-from .._twisted_compat import write_now
+from .._twisted_compat import channel_busy, set_request_line, write_now
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
 from ..proxy.headers import client_request_id
@@ -66,6 +70,64 @@ class _Connection(Protocol):
     def abortConnection(self) -> None: ...
 
 
+_IDLE, _HEAD, _BODY = 0, 1, 2  # where the request being parsed is
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSIONS = frozenset({b"HTTP/1.0", b"HTTP/1.1"})  # as Twisted: later versions have no request line
+_LLHTTP_METHODS: dict[bytes, bool] = {}
+
+
+class _Probe:
+    def on_headers_complete(self) -> None:
+        pass
+
+
+def llhttp_knows(method: bytes) -> bool:
+    """Whether llhttp parses ``method`` (it knows a fixed list; HTTP allows any token)."""
+    known = _LLHTTP_METHODS.get(method)
+    if known is None:
+        try:
+            httptools.HttpRequestParser(_Probe()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
+            known = True
+        except httptools.HttpParserUpgrade:
+            known = True  # CONNECT
+        except httptools.HttpParserError:
+            known = False
+        if len(_LLHTTP_METHODS) < 256:
+            _LLHTTP_METHODS[method] = known
+    return known
+
+
+class _Refused(Exception):
+    """A request olladmr answers with an error instead of serving: raised from a parser callback."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _Stop(Exception):
+    """Stop parsing: the connection is being rejected."""
+
+
+class _Waiting:
+    """A request parsed while the one before it is still being answered (pipelining)."""
+
+    __slots__ = ("method", "path", "version", "headers", "length", "chunks", "size", "complete", "refusal")
+
+    def __init__(self, method: bytes, path: bytes, version: bytes, headers: list[tuple[bytes, bytes]], length: int | None):
+        self.method = method
+        self.path = path
+        self.version = version
+        self.headers = headers
+        self.length = length
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+        self.refusal: _Refused | None = None
+
+
 class OllaChannel(HTTPChannel):
     """
     HTTP/1.1 server connection with olladmr's limits: header block size
@@ -73,15 +135,23 @@ class OllaChannel(HTTPChannel):
     answers (413) without reading what we will not use.  A rejected
     connection answers, half-closes, discards what the client still sends
     and is aborted after a few seconds.
+
+    Requests are parsed by llhttp (``httptools``) rather than Twisted's
+    line-by-line parser; what follows the parse is Twisted's own
+    (``allHeadersReceived``, ``allContentReceived``, ``requestDone``,
+    persistence, ``Expect: 100-continue``, producers, the idle timeout).
+    Pipelined requests are parsed ahead and answered in order, one at a
+    time; reading pauses while more than :attr:`HOLD` bytes of them wait.
     """
 
     _header_timer: IDelayedCall | None = None
     _body_timer: IDelayedCall | None = None
     _rejected = False
-    _header_bytes = 0  # of the request being received; our own count, for our 431 (Twisted's gives a bare 400)
-    _in_body = False  # the request being received has a body still to come
+    _discarding = False  # the last request ended the connection: what follows is ignored, as Twisted does
     _request_line = b""  # of the request being received: its errors speak that route's dialect
     LINGER = 5.0
+    HOLD = 64 * 1024  # bytes of pipelined requests held before reading pauses
+    MAX_HEADERS = 500  # as Twisted's maxHeaders
 
     def _olla(self) -> OllaSite | None:
         site = getattr(self, "site", None)
@@ -89,25 +159,249 @@ class OllaChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._size_caps()
+        self._parser = httptools.HttpRequestParser(self)
+        self._phase = _IDLE
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0  # of the request being parsed: the request line and header lines, as sent
+        self._head_raw = 0  # bytes received while one request's head stayed incomplete
+        self._waiting: deque[_Waiting] = deque()
+        self._held = 0  # bytes of the waiting requests' bodies
+        self._paused = False
+        self._upgrade_body = 0  # body bytes of an Upgrade request, which llhttp leaves to us
+        self._live_body = False  # the body being parsed goes to self.requests[-1] (not to a waiting request)
+        self._ended = 0  # requests parsed to their end on this connection
+        self._method = b""  # the real method of a request llhttp is parsing as GET
 
-    def _size_caps(self) -> None:
-        # Twisted's own caps (a silent close for a line over MAX_LENGTH, a bare
-        # 400 past totalHeadersSize, both 16 KB) must never fire before our 431,
-        # and a partial line must not grow past the limit either.
-        site = self._olla()
-        if site is not None:
-            # (our own check runs first, per line; these only bound a line still being received)
-            self.MAX_LENGTH = self.totalHeadersSize = site.limits.max_header_size + 2
+    # -- receiving
 
     def dataReceived(self, data: bytes) -> None:
-        if self._rejected:
+        if self._rejected or self._discarding:
             return
-        super().dataReceived(data)
+        self.resetTimeout()
+        ended = self._ended
+        try:
+            self._feed(data)
+        except _Stop:
+            return
+        except _Refused as refusal:
+            self._refuse(refusal)
+            return
+        if self._phase == _HEAD and self._ended == ended:
+            # No request ended in these bytes, so all of them (but a stray CRLF) belong to a head
+            # still incomplete: llhttp holds a partial header line whole, so bound it here.
+            self._head_raw += len(data)
+            limits = self._limits()
+            if limits is not None and self._head_raw > limits.max_header_size:
+                self._refuse(self._too_large(limits.max_header_size))
+                return
         self._arm()
 
+    def _substitute_method(self, data: bytes) -> bytes:
+        """
+        A request that starts these bytes with a method llhttp does not know
+        (any token is HTTP) is parsed as GET and given its own method back.
+        (One that starts mid-read, pipelined behind another, gets a 400.)
+        """
+        start = 0
+        while data.startswith(b"\r\n", start):
+            start += 2
+        space = data.find(b" ", start, start + 64)
+        if space > start:
+            method = data[start:space]
+            if _TOKEN.fullmatch(method) and not llhttp_knows(method):
+                self._method = method
+                return data[:start] + b"GET" + data[space:]
+        return data
+
+    def _feed(self, data: bytes) -> None:
+        if self._phase == _IDLE:
+            data = self._substitute_method(data)
+        while data:
+            if self._upgrade_body:
+                body, data = data[: self._upgrade_body], data[self._upgrade_body :]
+                self._upgrade_body -= len(body)
+                self.on_body(body)
+                if not self._upgrade_body:
+                    self._message_done()
+                continue
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                # llhttp hands everything after an Upgrade request's head to the "new
+                # protocol"; olladmr upgrades nothing: read its body and go on parsing HTTP.
+                data = data[upgrade.args[0] :]
+            except httptools.HttpParserCallbackError as error:
+                cause = error.__context__
+                if isinstance(cause, (_Refused, _Stop)):
+                    raise cause from None
+                raise
+            except httptools.HttpParserError as error:
+                reason = str(error).strip() or "malformed request"
+                raise _Refused(400, "invalid_request", f"malformed HTTP request: {reason}") from None
+
+    def _limits(self) -> EdgeLimits | None:
+        site = self._olla()
+        return site.limits if site is not None else None
+
+    def _too_large(self, limit: int) -> _Refused:
+        return _Refused(
+            431,
+            "request_header_fields_too_large",
+            f"the request line and headers exceed {limit} bytes (server.request_limits.max_header_size)",
+        )
+
+    def on_message_begin(self) -> None:
+        if self._rejected:
+            raise _Stop()
+        if not self.persistent:
+            self._discarding = True  # Twisted drops whatever follows a request that closes the connection
+            raise _Stop()
+        self._phase = _HEAD
+        self._url = b""
+        self._fields = []
+        self._header_bytes = 0
+        self._head_raw = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._request_line = b"- " + self._url  # until the method is known: errors pick their dialect by path
+        self._count(len(url) + 10)  # "METHOD " + " HTTP/1.1", near enough for a limit
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value.strip(b" \t")))
+        self._count(len(name) + len(value) + 2)
+        if len(self._fields) > self.MAX_HEADERS:
+            raise _Refused(400, "invalid_request", f"more than {self.MAX_HEADERS} request headers")
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        limits = self._limits()
+        if limits is not None and self._header_bytes > limits.max_header_size:
+            raise self._too_large(limits.max_header_size)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        method = self._method or parser.get_method()
+        self._method = b""
+        version = b"HTTP/" + parser.get_http_version().encode("ascii")
+        if version not in _VERSIONS:
+            raise _Refused(400, "invalid_request", f"unsupported HTTP version {version.decode('ascii')}")
+        self._request_line = method + b" " + self._url
+        length: int | None = 0
+        chunked = False
+        for name, value in self._fields:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)  # llhttp accepted it: digits only, and only one
+            elif lname == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+                chunked = True
+        if chunked:
+            length = None
+        if parser.should_upgrade():
+            if chunked:
+                raise _Refused(400, "invalid_request", "an Upgrade request with a chunked body is not supported")
+            self._upgrade_body = length or 0
+        self._phase = _BODY if length != 0 else _IDLE
+        if channel_busy(self) or self._waiting:
+            self._waiting.append(_Waiting(method, self._url, version, self._fields, length))
+            self._live_body = False
+            return
+        self._live_body = True
+        self._begin(method, self._url, version, self._fields, length)
+
+    def _begin(
+        self, method: bytes, path: bytes, version: bytes, fields: list[tuple[bytes, bytes]], length: int | None
+    ) -> None:
+        """Hand a parsed head to Twisted's request machinery (what HTTPChannel.lineReceived and headerReceived do)."""
+        if INonQueuedRequestFactory.providedBy(self.requestFactory):
+            request = self.requestFactory(self)
+        else:
+            request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        add = request.requestHeaders.addRawHeader
+        for name, value in fields:
+            add(name, value)
+        set_request_line(self, method, path, version)
+        self.length = length
+        self._request_line = method + b" " + path
+        self.allHeadersReceived()
+
+    def on_body(self, body: bytes) -> None:
+        if self._rejected:
+            raise _Stop()
+        if self._live_body:
+            self.requests[-1].handleContentChunk(body)
+            if self._rejected:
+                raise _Stop()
+            return
+        waiting = self._waiting[-1]
+        waiting.chunks.append(body)
+        waiting.size += len(body)
+        self._held += len(body)
+        self._hold_back()
+
+    def _hold_back(self) -> None:
+        """Stop reading while too much of the waiting requests is held (again, if Twisted resumed it meanwhile)."""
+        if self._held > self.HOLD and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def on_message_complete(self) -> None:
+        if self._upgrade_body:
+            return  # its body follows, read by _feed
+        self._message_done()
+
+    def _message_done(self) -> None:
+        self._phase = _IDLE
+        self._ended += 1
+        if self._live_body:
+            self._live_body = False
+            self._cancel("_body_timer")
+            self.allContentReceived()
+            if self._rejected:
+                raise _Stop()
+        elif self._waiting:
+            self._waiting[-1].complete = True
+
+    def _refuse(self, refusal: _Refused) -> None:
+        """Answer ``refusal`` now, or after the requests still being answered (never in the middle of one)."""
+        if channel_busy(self) or self._waiting:
+            head = _Waiting(b"", b"", b"", [], 0)
+            head.refusal = refusal
+            head.complete = True
+            self._waiting.append(head)
+            self._discarding = True  # nothing after a refused request is read
+            return
+        self.reject(refusal.status, refusal.code, refusal.message)
+
     def requestDone(self, request: Any) -> None:
-        super().requestDone(request)  # may start on a pipelined request already received
+        super().requestDone(request)  # Twisted's: the next request may start, or the connection ends
+        if self.transport is None or self._rejected:
+            return
+        while self._waiting and not channel_busy(self) and self.persistent:
+            waiting = self._waiting.popleft()
+            self._held -= waiting.size
+            if waiting.refusal is not None:
+                self._waiting.clear()
+                self.reject(waiting.refusal.status, waiting.refusal.code, waiting.refusal.message)
+                return
+            self._begin(waiting.method, waiting.path, waiting.version, waiting.headers, waiting.length)
+            for chunk in waiting.chunks:
+                if self._rejected:
+                    return
+                self.requests[-1].handleContentChunk(chunk)
+            if self._rejected:
+                return
+            if not waiting.complete:
+                self._live_body = True  # the rest of its body is still to come, straight to it
+                break
+            self.allContentReceived()
+        if self._paused and self._held <= self.HOLD and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._hold_back()  # Twisted's requestDone resumed reading: not while too much waits
         self._arm()
 
     def _arm(self) -> None:
@@ -123,56 +417,14 @@ class OllaChannel(HTTPChannel):
         if site is None:
             return
         limits = site.limits
-        if self._header_bytes > 0:
+        if self._phase == _HEAD:
             if self._header_timer is None and limits.read_header_timeout > 0:
                 self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
-        elif self._in_body and self._body_timer is None and limits.read_timeout > 0:
-            self._body_timer = site.clock.callLater(limits.read_timeout, self._too_slow, "body")
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._rejected:
-            return
-        site = self._olla()
-        if site is not None:
-            limits = site.limits
-            if self._header_bytes == 0:
-                self._size_caps()  # a reload may have changed the limit since the last request
-                self._request_line = line  # parsed only if the request is rejected
-            self._header_bytes += len(line)
-            if self._header_bytes > limits.max_header_size:
-                self.reject(
-                    431,
-                    "request_header_fields_too_large",
-                    f"the request line and headers exceed {limits.max_header_size} bytes "
-                    "(server.request_limits.max_header_size)",
-                )
-                return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        """One header line alone is over the limit (LineReceiver would just close): 431 instead."""
-        site = self._olla()
-        limit = site.limits.max_header_size if site is not None else self.MAX_LENGTH
-        self.reject(
-            431,
-            "request_header_fields_too_large",
-            f"the request line and headers exceed {limit} bytes (server.request_limits.max_header_size)",
-        )
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._rejected:
-            super().rawDataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        self._cancel("_header_timer")
-        self._header_bytes = 0
-        self._in_body = self.length != 0
-        super().allHeadersReceived()
-
-    def allContentReceived(self) -> None:
-        self._cancel("_body_timer")
-        self._in_body = False
-        super().allContentReceived()
+        elif self._phase == _BODY and self._live_body:
+            if self._body_timer is None and limits.read_timeout > 0:
+                self._body_timer = site.clock.callLater(limits.read_timeout, self._too_slow, "body")
+        if self._phase != _HEAD:
+            self._cancel("_header_timer")
 
     def _cancel(self, name: str) -> None:
         timer = getattr(self, name)
