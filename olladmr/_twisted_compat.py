@@ -23,7 +23,7 @@ from twisted.web.client import _HTTP11ClientFactory as _ClientFactory
 from twisted.web.http import HTTPChannel
 
 #: The Twisted releases the contract tests have been run against (setup.py pins below the next major).
-TESTED_TWISTED = ("24.7", "26.10")
+TESTED_TWISTED = ("25.5", "26.10")
 
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
