@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="where to keep stacks.txt (default: a temporary directory)")
     ap.add_argument("--python", default=None)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--no-spy", action="store_true", help="only measure CPU per request (no py-spy attached)")
     args = ap.parse_args()
     py = bench.find_python(args.python)
     tmp = Path(args.out or tempfile.mkdtemp(prefix="olladmr-profile-"))
@@ -55,19 +56,21 @@ def main() -> int:
         target = bench.Target("olladmr", oport, oport, bench.PREFIX, pids=lambda: [odmr.pid])
         bench.run_wrk(target, args.connections, 1, HERE / "wrk_post.lua")  # warm up
         stacks = tmp / "stacks.txt"
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(odmr.pid), "--format", "raw", "--rate", "500",
+        spy = None if args.no_spy else subprocess.Popen(["py-spy", "record", "--pid", str(odmr.pid), "--format", "raw", "--rate", "500",
                                 "--duration", str(int(args.seconds) + 1), "--output", str(stacks), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
+        if spy is not None:
+            time.sleep(0.5)
         t0 = bench.cpu_ticks([odmr.pid])
         r = bench.run_wrk(target, args.connections, args.seconds, HERE / "wrk_post.lua")
         t1 = bench.cpu_ticks([odmr.pid])
-        spy.wait()
         cpu_us = (t1 - t0) / bench.CLK_TCK * 1e6 / max(1, r["requests"])
-        print(f"{r['requests']:.0f} requests, {r['requests'] / args.seconds:,.0f} req/s, CPU {cpu_us:.0f} µs/request "
-              f"(with py-spy attached)")
-        report(stacks, args.top)
-        print(f"stacks: {stacks}")
+        print(f"{r['requests']:.0f} requests, {r['requests'] / args.seconds:,.0f} req/s, CPU {cpu_us:.0f} µs/request"
+              + ("" if spy is None else " (with py-spy attached)"))
+        if spy is not None:
+            spy.wait()
+            report(stacks, args.top)
+            print(f"stacks: {stacks}")
     finally:
         procs.stop_all()
     return 0

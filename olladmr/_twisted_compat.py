@@ -52,6 +52,11 @@ def agent_host_header(agent: Agent, uri: URI) -> bytes:
     return value
 
 
+def plain_tcp(transport: Any) -> bool:
+    """Whether ``transport`` is a plain (not TLS) TCP connection of the reactor's, which :func:`write_now` can send on."""
+    return type(transport) in _PLAIN_TCP
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """
     ``transport.write(data)``, sent at once when ``transport`` is a plain TCP

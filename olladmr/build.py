@@ -42,6 +42,7 @@ from .proxy.proxy import InFlight, Proxy
 from .proxy.upstream import UpstreamClient
 from .reload import ConfigReloader, Reconfiguration
 from .routes import OllaApp
+from .sending import SendQueue
 from .service import Listener, OllaService
 from .workers import WorkerPool
 
@@ -98,7 +99,8 @@ def build(
         worker_index=worker_index,
         workers=workers,
     )
-    upstream = UpstreamClient(reactor, config.proxy)
+    sends = SendQueue(reactor)  # one per process: the listener's and the upstreams' writes of a turn go out together
+    upstream = UpstreamClient(reactor, config.proxy, sends)
     fleet = Fleet(config, reactor)
     aliases = Aliases(config)
     catalogue = Catalogue(fleet, aliases)
@@ -199,7 +201,7 @@ def build(
         dashboard=dashboard,
         reload=reloader.reload,
     )
-    site = OllaSite(app.resource(gate), reactor, limits, access_log)
+    site = OllaSite(app.resource(gate), reactor, limits, access_log, sends)
     service = OllaService(
         reactor=reactor,
         listener=listener,

@@ -29,10 +29,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
 
-from .._twisted_compat import channel_busy, set_request_line, write_now
+from .._twisted_compat import channel_busy, set_request_line
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
 from ..proxy.headers import client_request_id
+from ..sending import SendQueue
 from .gate import CLOSED, Admission
 
 log = Logger()
@@ -445,6 +446,7 @@ class OllaChannel(HTTPChannel):
         self._rejected = True
         self._cancel("_header_timer")
         self._cancel("_body_timer")
+        self._flush()  # an answer to an earlier (pipelined) request still waiting goes first
         site = self._olla()
         rid = site.new_request_id() if site is not None else b"-"
         parts = self._request_line.split(b" ")
@@ -472,7 +474,7 @@ class OllaChannel(HTTPChannel):
         if transport is not None and transport.connected:
             transport.abortConnection()
 
-    # -- writing: at once when the socket has room (see write_now), one send per response head
+    # -- writing: what a turn of the reactor wrote goes out right after it, one send (see olladmr.sending)
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):  # pairs, from older Twisted releases: sanitised as Twisted does
@@ -485,18 +487,35 @@ class OllaChannel(HTTPChannel):
             for value in values:
                 extend((name, b": ", value, b"\r\n"))
         parts.append(b"\r\n")
-        write_now(self.transport, b"".join(parts))
+        self._send(b"".join(parts))
 
     def write(self, data: bytes) -> None:
-        write_now(self.transport, data)
+        self._send(data)
 
     def writeSequence(self, iovec: Any) -> None:
-        write_now(self.transport, b"".join(iovec))
+        self._send(b"".join(iovec))
+
+    def loseConnection(self) -> None:
+        self._flush()  # Twisted closes once its own buffer is empty: ours goes into it first
+        super().loseConnection()
+
+    def _flush(self) -> None:
+        site = self._olla()
+        if site is not None and self.transport is not None:
+            site.sends.flush_one(self.transport)
+
+    def _send(self, data: bytes) -> None:
+        site = self._olla()
+        if site is not None:
+            site.sends.write(self.transport, data)
+        elif self.transport is not None:
+            self.transport.write(data)
 
     def readConnectionLost(self) -> None:
         # Only a transport that sees IHalfCloseableProtocol calls this, and HTTPChannel
         # (with no readConnectionLost of its own) does not declare it: end the connection.
         if self.transport is not None:
+            self._flush()
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -576,10 +595,16 @@ class OllaSite(server.Site):
     noisy = False
 
     def __init__(
-        self, resource: IResource, clock: IReactorTime, limits: EdgeLimits, access_log: AccessObserver | None = None
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        limits: EdgeLimits,
+        access_log: AccessObserver | None = None,
+        sends: SendQueue | None = None,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)
         self.clock = clock
+        self.sends = sends if sends is not None else SendQueue(clock)
         self.limits = limits
         self._access_log = access_log
         self._prefix = os.urandom(4).hex()

@@ -26,6 +26,7 @@ from .. import __version__
 from .._twisted_compat import agent_endpoint, agent_host_header
 from ..config.schema import Config, ProxyConfig
 from ..failures import HEADER_TIMEOUT, UpstreamFailure, classify, was_cancelled
+from ..sending import SendQueue
 from .headers import HeaderPairs
 from .wire import ConnectionPool, request_head, send_on
 
@@ -108,9 +109,9 @@ class UpstreamClient:
     connect timeout) and ``Host`` value the way Twisted does.
     """
 
-    def __init__(self, reactor: Any, proxy: ProxyConfig) -> None:
+    def __init__(self, reactor: Any, proxy: ProxyConfig, sends: SendQueue | None = None) -> None:
         self._reactor = reactor
-        self.pool = ConnectionPool(reactor, proxy.max_idle_connections, proxy.idle_connection_timeout)
+        self.pool = ConnectionPool(reactor, proxy.max_idle_connections, proxy.idle_connection_timeout, sends)
         self._apply(proxy)
 
     def reconfigure(self, config: Config) -> None:

@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .._twisted_compat import write_now
+from ..sending import SendQueue
 
 log = Logger()
 
@@ -207,16 +207,18 @@ class UpstreamConnection(Protocol):
         self._waiting = d
         transport = self.transport
         assert transport is not None
+        send = self._pool.sends.write
         if body is None:
-            write_now(transport, head)
+            send(transport, head)
         elif isinstance(body, bytes):
-            write_now(transport, head + body if len(body) <= 65536 else head)
-            if len(body) > 65536:
-                write_now(transport, body)
+            if len(body) <= 65536:
+                send(transport, head + body)
+            else:
+                transport.writeSequence([head, body])  # nothing is queued for a connection between requests
         else:
             self._sent = False
             self._producer = body
-            transport.write(head)
+            transport.write(head)  # the producer writes to the transport itself: no queue in between
             transport.registerProducer(body, True)  # type: ignore[attr-defined]
             body.startProducing(transport).addCallbacks(self._body_sent, self._body_failed)
         return d
@@ -333,6 +335,7 @@ class UpstreamConnection(Protocol):
         if reusable:
             self._pool.release(self)
         elif self.transport is not None:
+            self._pool.sends.flush_one(self.transport)  # (an upstream that answered before it read the request)
             self.transport.loseConnection()
 
     # -- ending
@@ -395,8 +398,9 @@ class ConnectionPool:
     timer sweeps them all).
     """
 
-    def __init__(self, clock: IReactorTime, max_idle: int, idle_timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, max_idle: int, idle_timeout: float, sends: SendQueue | None = None) -> None:
         self._clock = clock
+        self.sends = sends if sends is not None else SendQueue(clock)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: dict[Hashable, list[UpstreamConnection]] = {}
