@@ -378,6 +378,7 @@ class OllaChannel(HTTPChannel):
         self.reject(refusal.status, refusal.code, refusal.message)
 
     def requestDone(self, request: Any) -> None:
+        self._send_head()
         super().requestDone(request)  # Twisted's: the next request may start, or the connection ends
         if self.transport is None or self._rejected:
             return
@@ -474,7 +475,9 @@ class OllaChannel(HTTPChannel):
         if transport is not None and transport.connected:
             transport.abortConnection()
 
-    # -- writing: what a turn of the reactor wrote goes out right after it, one send (see olladmr.sending)
+    # -- writing: through the SendQueue (see olladmr.sending); a response's head goes with its first bytes
+
+    _head = b""  # a response head waiting for the body bytes Twisted writes right after it
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):  # pairs, from older Twisted releases: sanitised as Twisted does
@@ -487,19 +490,34 @@ class OllaChannel(HTTPChannel):
             for value in values:
                 extend((name, b": ", value, b"\r\n"))
         parts.append(b"\r\n")
-        self._send(b"".join(parts))
+        # Request.write writes the body (or chunk) next, in the same call; a head written
+        # alone (an empty body, a HEAD request) goes out from requestDone, or before a close.
+        self._head = b"".join(parts)
 
     def write(self, data: bytes) -> None:
+        head = self._head
+        if head:
+            self._head = b""
+            if len(data) > 65536:
+                self._send(head)  # (not copied into one buffer with a large chunk)
+            else:
+                data = head + data
         self._send(data)
 
     def writeSequence(self, iovec: Any) -> None:
-        self._send(b"".join(iovec))
+        self.write(b"".join(iovec))
 
     def loseConnection(self) -> None:
         self._flush()  # Twisted closes once its own buffer is empty: ours goes into it first
         super().loseConnection()
 
+    def _send_head(self) -> None:
+        head, self._head = self._head, b""
+        if head:
+            self._send(head)
+
     def _flush(self) -> None:
+        self._send_head()
         site = self._olla()
         if site is not None and self.transport is not None:
             site.sends.flush_one(self.transport)
