@@ -21,7 +21,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from olladmr.proxy.record import CLIENT_DISCONNECTED, OK, READ_TIMEOUT, REQUEST_TIMEOUT, UPSTREAM_TRUNCATED
-from olladmr.proxy.relay import ResponseRelay, StreamWatch, UsageTail, parse_usage
+from olladmr.proxy.relay import ResponseRelay, StreamWatch, UsageTail, parse_usage, usage_window
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True, database=None)
 """Hypothesis settings: deterministic (derandomised, no example database), no deadline."""
@@ -418,8 +418,21 @@ def test_usage_tail_finds_usage_split_anywhere_and_stays_bounded(padding: int, d
         seen += body[a:b]
         kept: bytes = tail._tail  # the window itself: the only way to check its size
         assert len(kept) <= UsageTail.SIZE
-        assert kept == seen[-UsageTail.SIZE :]
+        assert kept == usage_window(seen[-UsageTail.SIZE :])  # the last SIZE bytes, from their first "usage" key
+        assert parse_usage(kept) == parse_usage(seen[-UsageTail.SIZE :])
     assert tail.usage() == USAGE
+
+
+def test_usage_window_keeps_only_what_a_usage_key_could_be_in() -> None:
+    """No key: the last 6 bytes (a key may be split across reads); otherwise from the first key on."""
+    assert usage_window(b"data: " + b"x" * 500) == b"x" * 6
+    assert usage_window(b'xx"usag') == b'x"usag'
+    assert usage_window(b'zzz"usage":null,"usage":{"a":1}') == b'"usage":null,"usage":{"a":1}'
+    assert usage_window(b'"us') == b'"us'
+    held = UsageTail()
+    for _ in range(200):
+        held.feed(b'data: {"choices":[{"delta":{"content":" token"}}]}\n\n')
+    assert len(held._tail) == 6  # a held stream without usage keeps next to nothing
 
 
 def test_parse_usage_ignores_a_usage_key_not_followed_by_an_object() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections import deque
 from itertools import count
 from typing import Any, Protocol, cast
 
@@ -75,6 +74,7 @@ _IDLE, _HEAD, _BODY = 0, 1, 2  # where the request being parsed is
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSIONS = frozenset({b"HTTP/1.0", b"HTTP/1.1"})  # as Twisted: later versions have no request line
 _LLHTTP_METHODS: dict[bytes, bool] = {}
+_COMMON_METHODS = (b"POST ", b"GET ", b"HEAD ", b"OPTIONS ", b"DELETE ", b"PUT ")
 
 
 class _Probe:
@@ -145,11 +145,11 @@ class OllaChannel(HTTPChannel):
     time; reading pauses while more than :attr:`HOLD` bytes of them wait.
     """
 
-    _header_timer: IDelayedCall | None = None
-    _body_timer: IDelayedCall | None = None
-    _rejected = False
-    _discarding = False  # the last request ended the connection: what follows is ignored, as Twisted does
-    _request_line = b""  # of the request being received: its errors speak that route's dialect
+    __slots__ = (
+        "_header_timer", "_body_timer", "_rejected", "_discarding", "_request_line", "_parser", "_phase", "_url",
+        "_fields", "_header_bytes", "_head_raw", "_waiting", "_held", "_paused", "_upgrade_body", "_live_body",
+        "_ended", "_method", "_head",
+    )
     LINGER = 5.0
     HOLD = 64 * 1024  # bytes of pipelined requests held before reading pauses
     MAX_HEADERS = 500  # as Twisted's maxHeaders
@@ -158,15 +158,22 @@ class OllaChannel(HTTPChannel):
         site = getattr(self, "site", None)
         return site if isinstance(site, OllaSite) else None
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
+    def __init__(self) -> None:
+        super().__init__()
+        # (slots, not instance-dict entries: a held stream's connection costs less memory)
+        self._header_timer: IDelayedCall | None = None
+        self._body_timer: IDelayedCall | None = None
+        self._rejected = False
+        self._discarding = False  # the last request ended the connection: what follows is ignored, as Twisted does
+        self._request_line = b""  # of the request being received: its errors speak that route's dialect
+        self._head = b""  # a response head waiting for the body bytes Twisted writes right after it
         self._parser = httptools.HttpRequestParser(self)
         self._phase = _IDLE
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0  # of the request being parsed: the request line and header lines, as sent
         self._head_raw = 0  # bytes received while one request's head stayed incomplete
-        self._waiting: deque[_Waiting] = deque()
+        self._waiting: list[_Waiting] = []  # (a list: a deque costs 600 bytes on every connection)
         self._held = 0  # bytes of the waiting requests' bodies
         self._paused = False
         self._upgrade_body = 0  # body bytes of an Upgrade request, which llhttp leaves to us
@@ -204,6 +211,8 @@ class OllaChannel(HTTPChannel):
         (any token is HTTP) is parsed as GET and given its own method back.
         (One that starts mid-read, pipelined behind another, gets a 400.)
         """
+        if data.startswith(_COMMON_METHODS):
+            return data
         start = 0
         while data.startswith(b"\r\n", start):
             start += 2
@@ -311,6 +320,7 @@ class OllaChannel(HTTPChannel):
             return
         self._live_body = True
         self._begin(method, self._url, version, self._fields, length)
+        self._fields = []
 
     def _begin(
         self, method: bytes, path: bytes, version: bytes, fields: list[tuple[bytes, bytes]], length: int | None
@@ -383,7 +393,7 @@ class OllaChannel(HTTPChannel):
         if self.transport is None or self._rejected:
             return
         while self._waiting and not channel_busy(self) and self.persistent:
-            waiting = self._waiting.popleft()
+            waiting = self._waiting.pop(0)
             self._held -= waiting.size
             if waiting.refusal is not None:
                 self._waiting.clear()
@@ -476,8 +486,6 @@ class OllaChannel(HTTPChannel):
             transport.abortConnection()
 
     # -- writing: through the SendQueue (see olladmr.sending); a response's head goes with its first bytes
-
-    _head = b""  # a response head waiting for the body bytes Twisted writes right after it
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):  # pairs, from older Twisted releases: sanitised as Twisted does

@@ -97,6 +97,11 @@ class ExchangeHost(TypingProtocol):
 class Exchange:
     """Owns one client request through the proxy: routing, attempts, failover, relay, and its record."""
 
+    __slots__ = (
+        "host", "request", "call", "config", "phase", "remaining", "decision", "failures",
+        "_pending", "_relay", "_slot", "_deadline", "_placement", "record",
+    )
+
     def __init__(self, host: ExchangeHost, request: Request, call: ProxyCall) -> None:
         self.host = host
         self.request = request

@@ -23,7 +23,7 @@ REJECTED = "rejected"
 _NO_HEADERS: dict[bytes, bytes] = {}
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyCall:
     """
     What the routes layer (and the gate before it) decided about a request
@@ -49,7 +49,7 @@ class ProxyCall:
     affinity_reported: bool = False  # answer X-Olla-Sticky-Session (disabled) even without a key
 
 
-@dataclass
+@dataclass(slots=True)
 class ExchangeRecord:
     """What happened to one proxied request; handed to observers when it ends."""
 

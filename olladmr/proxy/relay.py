@@ -102,8 +102,9 @@ class StreamWatch:
 
 class UsageTail:
     """
-    Keeps the last few KB of a response body (and, for streams that report
-    part of their usage up front, the first few KB) to read the upstream's
+    Keeps what of the last few KB of a response body could hold a usage
+    object (and, for streams that report part of their usage up front, the
+    first few KB) to read the upstream's
     ``usage`` from at the end: the final SSE chunk or the JSON body, plus
     an Anthropic ``message_start``.  The relayed bytes are untouched.
 
@@ -126,7 +127,7 @@ class UsageTail:
             self._head += data[: self.HEAD - len(self._head)]
             self._head_wanted = len(self._head) < self.HEAD
         tail = self._tail + data if len(data) < self.SIZE else data
-        self._tail = tail[-self.SIZE :] if len(tail) > self.SIZE else tail
+        self._tail = usage_window(tail[-self.SIZE :] if len(tail) > self.SIZE else tail)
 
     def usage(self) -> dict[str, object] | None:
         """The usage the body reported (head and tail merged, the tail's values winning), normalised."""
@@ -135,6 +136,24 @@ class UsageTail:
         if first is not None:
             found = {**first, **(found or {})}
         return normalise_usage(found) if found is not None else None
+
+
+_MARKER = b'"usage"'
+
+
+def usage_window(window: bytes) -> bytes:
+    """
+    What of ``window`` :func:`parse_usage` can ever read: from its first
+    ``"usage"`` key on, or (with none) just the bytes a key split across
+    reads could start in.  A stream that reports no usage until its last
+    chunk (the usual case) keeps a few bytes, not kilobytes, while it lasts.
+    """
+    at = window.find(_MARKER)
+    if at > 0:
+        return window[at:]
+    if at < 0 and len(window) >= len(_MARKER):
+        return window[1 - len(_MARKER) :]
+    return window
 
 
 def normalise_usage(usage: dict[str, object]) -> dict[str, object]:

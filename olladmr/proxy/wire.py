@@ -121,11 +121,15 @@ class _BodyTransport:
 class UpstreamResponse:
     """One upstream response: status, end-to-end headers, framing length, and its body for one protocol."""
 
+    __slots__ = (
+        "code", "phrase", "headers", "length", "previousResponse", "_connection", "_protocol", "_buffered", "_ended",
+        "transport",
+    )
     version = (b"HTTP", 1, 1)
     request = None
-    previousResponse = None
 
     def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, headers: Headers, length: Any) -> None:
+        self.previousResponse: IResponse | None = None
         self.code = code
         self.phrase = phrase
         self.headers = headers
@@ -172,6 +176,11 @@ class UpstreamConnection(Protocol):
     time), llhttp's parser state, and whether the connection may be kept
     for the next request.
     """
+
+    __slots__ = (
+        "_pool", "key", "_parser", "_waiting", "_response", "_headers", "_phrase", "_sent", "_producer",
+        "_head_only", "_until_close", "_error", "_abandoned", "_head_bytes", "busy", "lost", "idle_since",
+    )
 
     def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
         self._pool = pool
@@ -382,6 +391,11 @@ class UpstreamConnection(Protocol):
 
 class _ConnectionFactory(Factory):
     noisy = False
+
+    __slots__ = (
+        "_pool", "key", "_parser", "_waiting", "_response", "_headers", "_phrase", "_sent", "_producer",
+        "_head_only", "_until_close", "_error", "_abandoned", "_head_bytes", "busy", "lost", "idle_since",
+    )
 
     def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
         self._pool = pool
