@@ -115,7 +115,7 @@ def build(
     elif inherit is not None and environ.get(MULTIPROCESS_ENV):
         shared_dir = environ[MULTIPROCESS_ENV]
     if shared_dir is not None:
-        share_across_processes(shared_dir)
+        share_across_processes(shared_dir, reactor)
     metrics = Metrics(fleet, reactor, inflight.__len__, directory.__len__, sessions.stats, shared_dir=shared_dir)
     affinity = ResponseAffinity(
         directory,

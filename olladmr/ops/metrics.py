@@ -50,15 +50,61 @@ SHARED = frozenset({
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def share_across_processes(directory: str) -> None:
+def share_across_processes(directory: str, clock: IReactorTime) -> None:
     """
     From now on, this process's metric values live in ``prometheus_client``'s
     per-process files in ``directory`` (multiprocess mode; workers inherit
-    the directory through the environment).  Call it before any
-    :class:`Metrics` is built; it is for a process that serves one daemon.
+    the directory through the environment), written once per reactor turn
+    (:func:`batched_values`).  Call it before any :class:`Metrics` is built;
+    it is for a process that serves one daemon.
     """
     os.environ[MULTIPROCESS_ENV] = directory
-    values.ValueClass = values.MultiProcessValue()
+    values.ValueClass = batched_values(values.MultiProcessValue(), clock)
+
+
+def batched_values(mmaped: Any, clock: IReactorTime) -> Any:
+    """
+    ``prometheus_client``'s mmap-backed value class, with the increments a
+    reactor turn makes added up and written at its end: one locked write
+    (and ``getpid``) per value per turn instead of one per increment, which
+    cost a worker about 20 µs per request.  A scrape (in any process) sees
+    every earlier turn's increments; the turn it runs in sees its own too.
+    """
+    dirty: list[Any] = []
+    scheduled: list[Any] = []
+
+    def flush() -> None:
+        scheduled.clear()
+        owed = list(dirty)
+        dirty.clear()
+        for value in owed:
+            value.write_owed()
+
+    class BatchedValue(mmaped):
+        """A metric value in this process's mmap file; owns the increments not yet written to it."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._owed = 0.0
+            self._dirty = False
+
+        def inc(self, amount: float) -> None:
+            self._owed += amount
+            if not self._dirty:
+                self._dirty = True
+                dirty.append(self)
+                if not scheduled:
+                    scheduled.append(clock.callLater(0, flush))
+
+        def write_owed(self) -> None:
+            owed, self._owed, self._dirty = self._owed, 0.0, False
+            if owed:
+                super().inc(owed)
+
+        def get(self) -> float:
+            return float(super().get()) + self._owed
+
+    return BatchedValue
 
 
 class _Exposition:
