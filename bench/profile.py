@@ -65,7 +65,8 @@ def main() -> int:
         r = bench.run_wrk(target, args.connections, args.seconds, HERE / "wrk_post.lua")
         t1 = bench.cpu_ticks([odmr.pid])
         cpu_us = (t1 - t0) / bench.CLK_TCK * 1e6 / max(1, r["requests"])
-        print(f"{r['requests']:.0f} requests, {r['requests'] / args.seconds:,.0f} req/s, CPU {cpu_us:.0f} µs/request"
+        print(f"{r['requests']:.0f} requests, {r['requests'] / args.seconds:,.0f} req/s, CPU {cpu_us:.0f} µs/request, "
+              f"latency p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f} µs"
               + ("" if spy is None else " (with py-spy attached)"))
         if spy is not None:
             spy.wait()

@@ -554,6 +554,7 @@ class Exchange:
         if pending is not None:
             pending.cancel()
         self._release()
+        self._relay = None  # (it holds our _relay_done: no reference cycle left for the collector to find)
         self.record.outcome = outcome
         self.record.ended = self.host.clock.seconds()
         self.host.finished(self)
