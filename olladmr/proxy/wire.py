@@ -390,12 +390,9 @@ class UpstreamConnection(Protocol):
 
 
 class _ConnectionFactory(Factory):
-    noisy = False
+    """Builds the connections of one origin for the pool (quietly: no log line per connection)."""
 
-    __slots__ = (
-        "_pool", "key", "_parser", "_waiting", "_response", "_headers", "_phrase", "_sent", "_producer",
-        "_head_only", "_until_close", "_error", "_abandoned", "_head_bytes", "busy", "lost", "idle_since",
-    )
+    noisy = False
 
     def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
         self._pool = pool
