@@ -224,3 +224,104 @@ def test_any_token_method_is_parsed_and_versions_past_1_1_are_refused() -> None:
     channel.dataReceived(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")
     status, error = answer(transport)
     assert status == 400 and "HTTP/2.0" in error["message"]
+
+
+class FirstLater(Later):
+    """Holds the first request open; answers every later one at once (as a local route does)."""
+
+    def render(self, request: Any) -> Any:
+        if not self.seen:
+            return super().render(request)
+        self.seen.append((request.method, request.path, request.content.read()))
+        return b"now"
+
+
+def later_channel(resource: Resource, **server: Any) -> tuple[OllaChannel, StringTransport, Clock]:
+    config = parse_config({"server": server, "endpoints": [{"url": "http://a:1"}]}, "t")
+    clock = Clock()
+    site = OllaSite(resource, clock, EdgeLimits(config.server))
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    assert isinstance(channel, OllaChannel)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def test_many_bodiless_pipelined_requests_pause_the_reading_too() -> None:
+    """Waiting heads count against HOLD like bodies do: a flood of GETs cannot grow memory without bound."""
+    channel, transport, later = connect_later()
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b"GET /q HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 2000 + b"\r\n\r\n"
+    for _ in range(OllaChannel.HOLD // len(head) + 2):
+        channel.dataReceived(head)
+    assert transport.producerState == "paused" and len(later.seen) == 1
+
+
+def test_a_long_pipeline_answered_at_once_does_not_recurse() -> None:
+    """Hundreds of pipelined requests behind a slow one, each answered at once: all served, in order, no RecursionError."""
+    resource = FirstLater()
+    channel, transport, _ = later_channel(resource)
+    channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+    assert len(resource.seen) == 1
+    resource.answer()
+    assert len(resource.seen) == 401 and transport.value().count(b"HTTP/1.1 200") == 401
+
+
+def test_a_slow_pipelined_head_never_gets_a_408_inside_the_answer_before_it() -> None:
+    """The header clock of a request behind one still being answered starts when its turn comes."""
+    channel, transport, clock = later_channel(later := Later(), read_header_timeout="2s")
+    channel.dataReceived(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHo")
+    clock.advance(5)
+    assert b"408" not in transport.value()  # the first answer is still being written
+    later.answer()
+    assert b"408" not in transport.value()
+    clock.advance(2.1)
+    wire = transport.value()
+    assert wire.index(b"done /stream") < wire.index(b"HTTP/1.1 408")
+
+
+def test_expect_100_continue_is_not_sent_after_a_413() -> None:
+    channel, transport, _, _ = connect(request_limits={"max_body_size": "1KB"})
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413") and b"100 Continue" not in transport.value()
+    channel, transport, _, resource = connect()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    channel.dataReceived(b"ok")
+    assert resource.seen == [(b"POST", 2)]
+
+
+def test_trailer_fields_never_become_request_headers() -> None:
+    """A chunked body's trailers are dropped, pipelined or not (they would let a client smuggle headers past checks)."""
+    seen: list[Any] = []
+
+    class Headers_(Later):
+        def render(self, request: Any) -> Any:
+            seen.append(request.requestHeaders.getRawHeaders(b"authorization"))
+            return super().render(request)
+
+    channel, transport, clock = later_channel(resource := Headers_())
+    chunked = (b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"2\r\nab\r\n0\r\nAuthorization: Bearer smuggled\r\n\r\n")
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + chunked)
+    resource.answer()
+    channel.dataReceived(chunked)
+    resource.answer()
+    assert seen == [None, None, None] and resource.seen[1] == (b"POST", b"/c", b"ab")
+
+
+def test_a_broken_body_behind_a_slow_request_gets_its_400_after_it() -> None:
+    channel, transport, later = connect_later()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert b"400" not in transport.value()
+    later.answer()
+    wire = transport.value()
+    assert wire.index(b"done /a") < wire.index(b"HTTP/1.1 400") and len(later.seen) == 1
+
+
+def test_transfer_codings_other_than_chunked_are_refused() -> None:
+    channel, transport, _, resource = connect()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    status, error = answer(transport)
+    assert status == 400 and "Transfer-Encoding" in error["message"] and resource.seen == []

@@ -136,3 +136,56 @@ def test_idle_connections_expire_and_the_pool_keeps_at_most_max_idle() -> None:
     assert second.transport.disconnecting  # over max_idle: closed at once
     clock.advance(11)
     assert first.transport.disconnecting and pool.take("k") is None
+
+
+def test_trailer_fields_of_an_upstream_answer_are_dropped() -> None:
+    """Trailers after a chunked body are not kept (llhttp has no cap on them; Agent drops them too)."""
+    connection, _, pool, _ = connected()
+    trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(2000))
+    got, body = answered(connection, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + trailers + b"\r\n")
+    assert body.data == b"ok" and body.reason.check(ResponseDone)
+    assert connection._headers == [] and got[0].headers.getRawHeaders(b"x-t1") is None
+
+
+def test_an_answer_before_the_whole_body_went_up_stops_and_unregisters_the_producer() -> None:
+    """An upstream that answers (413, say) while a spooled body is still being sent: the producer is stopped
+    and unregistered, so the transport can close, and the connection is not reused."""
+    import io
+
+    from twisted.web.client import FileBodyProducer
+
+    connection, transport, pool, clock = connected()
+    producer = FileBodyProducer(io.BytesIO(b"x" * 10_000_000), cooperator=_NeverRun())
+    got: list[Any] = []
+    connection.send(b"POST / HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n", producer, False).addBoth(got.append)
+    assert transport.producer is producer
+    body = Body()
+    connection.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    got[0].deliverBody(body)
+    assert got[0].code == 413 and body.reason.check(ResponseDone)
+    assert transport.producer is None and transport.disconnecting and pool.take("k") is None
+
+
+class _NeverRun:
+    """A cooperator whose tasks never run (the body stays unsent), with the stop Twisted's producer needs."""
+
+    def cooperate(self, iterator: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        class Task:
+            def __init__(self) -> None:
+                self.done: Deferred[None] = Deferred()
+
+            def whenDone(self) -> Deferred[None]:
+                return self.done
+
+            def stop(self) -> None:
+                pass
+
+            def pause(self) -> None:
+                pass
+
+            def resume(self) -> None:
+                pass
+
+        return Task()

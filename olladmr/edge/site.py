@@ -148,7 +148,7 @@ class OllaChannel(HTTPChannel):
     __slots__ = (
         "_header_timer", "_body_timer", "_rejected", "_discarding", "_request_line", "_parser", "_phase", "_url",
         "_fields", "_header_bytes", "_head_raw", "_waiting", "_held", "_paused", "_upgrade_body", "_live_body",
-        "_ended", "_method", "_head",
+        "_ended", "_method", "_head", "_starting",
     )
     LINGER = 5.0
     HOLD = 64 * 1024  # bytes of pipelined requests held before reading pauses
@@ -180,6 +180,7 @@ class OllaChannel(HTTPChannel):
         self._live_body = False  # the body being parsed goes to self.requests[-1] (not to a waiting request)
         self._ended = 0  # requests parsed to their end on this connection
         self._method = b""  # the real method of a request llhttp is parsing as GET
+        self._starting = False  # requestDone is starting the waiting requests
 
     # -- receiving
 
@@ -280,6 +281,8 @@ class OllaChannel(HTTPChannel):
         self._count(len(url) + 10)  # "METHOD " + " HTTP/1.1", near enough for a limit
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase != _HEAD:
+            return  # a chunked body's trailer fields: dropped, as Twisted's chunked decoder drops them
         self._fields.append((name, value.strip(b" \t")))
         self._count(len(name) + len(value) + 2)
         if len(self._fields) > self.MAX_HEADERS:
@@ -305,7 +308,9 @@ class OllaChannel(HTTPChannel):
             lname = name.lower()
             if lname == b"content-length":
                 length = int(value)  # llhttp accepted it: digits only, and only one
-            elif lname == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+            elif lname == b"transfer-encoding":
+                if value.lower() != b"chunked":  # as Twisted: no other transfer coding is undone here
+                    raise _Refused(400, "invalid_request", "unsupported Transfer-Encoding (only chunked is accepted)")
                 chunked = True
         if chunked:
             length = None
@@ -314,13 +319,17 @@ class OllaChannel(HTTPChannel):
                 raise _Refused(400, "invalid_request", "an Upgrade request with a chunked body is not supported")
             self._upgrade_body = length or 0
         self._phase = _BODY if length != 0 else _IDLE
+        fields, self._fields = self._fields, []
         if channel_busy(self) or self._waiting:
-            self._waiting.append(_Waiting(method, self._url, version, self._fields, length))
+            waiting = _Waiting(method, self._url, version, fields, length)
+            waiting.size = self._header_bytes + 256  # what the record itself costs, near enough
+            self._waiting.append(waiting)
+            self._held += waiting.size
             self._live_body = False
+            self._hold_back()
             return
         self._live_body = True
-        self._begin(method, self._url, version, self._fields, length)
-        self._fields = []
+        self._begin(method, self._url, version, fields, length)
 
     def _begin(
         self, method: bytes, path: bytes, version: bytes, fields: list[tuple[bytes, bytes]], length: int | None
@@ -332,12 +341,18 @@ class OllaChannel(HTTPChannel):
             request = self.requestFactory(self, len(self.requests))
         self.requests.append(request)
         add = request.requestHeaders.addRawHeader
+        expect = False
         for name, value in fields:
+            if name.lower() == b"expect" and value.lower() == b"100-continue":
+                expect = True  # answered below, in order with what this connection still has to send
+                continue
             add(name, value)
         set_request_line(self, method, path, version)
         self.length = length
         self._request_line = method + b" " + path
         self.allHeadersReceived()
+        if expect and version == b"HTTP/1.1" and length != 0 and not self._rejected:
+            self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._rejected:
@@ -379,6 +394,9 @@ class OllaChannel(HTTPChannel):
     def _refuse(self, refusal: _Refused) -> None:
         """Answer ``refusal`` now, or after the requests still being answered (never in the middle of one)."""
         if channel_busy(self) or self._waiting:
+            if self._waiting and not self._waiting[-1].complete:
+                broken = self._waiting.pop()  # the refusal is that request's answer: its body will never end
+                self._held -= broken.size
             head = _Waiting(b"", b"", b"", [], 0)
             head.refusal = refusal
             head.complete = True
@@ -390,9 +408,22 @@ class OllaChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         self._send_head()
         super().requestDone(request)  # Twisted's: the next request may start, or the connection ends
-        if self.transport is None or self._rejected:
-            return
-        while self._waiting and not channel_busy(self) and self.persistent:
+        if self.transport is None or self._rejected or self._starting:
+            return  # (a waiting request answered at once, inside the loop below: the loop goes on)
+        self._starting = True
+        try:
+            self._start_waiting()
+        finally:
+            self._starting = False
+        if self._paused and self._held <= self.HOLD and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._hold_back()  # Twisted's requestDone resumed reading: not while too much waits
+        self._arm()
+
+    def _start_waiting(self) -> None:
+        """Start the waiting (pipelined) requests in order, for as long as each is answered at once."""
+        while self._waiting and not channel_busy(self) and self.persistent and not self._rejected:
             waiting = self._waiting.pop(0)
             self._held -= waiting.size
             if waiting.refusal is not None:
@@ -408,13 +439,8 @@ class OllaChannel(HTTPChannel):
                 return
             if not waiting.complete:
                 self._live_body = True  # the rest of its body is still to come, straight to it
-                break
+                return
             self.allContentReceived()
-        if self._paused and self._held <= self.HOLD and self.transport is not None:
-            self._paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
-        self._hold_back()  # Twisted's requestDone resumed reading: not while too much waits
-        self._arm()
 
     def _arm(self) -> None:
         """
@@ -429,7 +455,8 @@ class OllaChannel(HTTPChannel):
         if site is None:
             return
         limits = site.limits
-        if self._phase == _HEAD:
+        if self._phase == _HEAD and not channel_busy(self) and not self._waiting:
+            # (a head behind requests still being answered gets its clock when its turn comes)
             if self._header_timer is None and limits.read_header_timeout > 0:
                 self._header_timer = site.clock.callLater(limits.read_header_timeout, self._too_slow, "headers")
         elif self._phase == _BODY and self._live_body:
@@ -448,7 +475,7 @@ class OllaChannel(HTTPChannel):
     def _too_slow(self, what: str) -> None:
         setattr(self, "_header_timer" if what == "headers" else "_body_timer", None)
         setting = "server.read_header_timeout" if what == "headers" else "server.read_timeout"
-        self.reject(408, "request_timeout", f"the request {what} did not arrive in time ({setting})")
+        self._refuse(_Refused(408, "request_timeout", f"the request {what} did not arrive in time ({setting})"))
 
     def reject(self, status: int, code: str, message: str) -> None:
         """Answer ``status`` now with an OpenAI-shaped error and end the connection politely."""

@@ -276,7 +276,8 @@ class UpstreamConnection(Protocol):
         self._phrase += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._response is None:  # (a chunked body's trailer fields are dropped, as Agent drops them)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if not self.busy:
@@ -330,9 +331,12 @@ class UpstreamConnection(Protocol):
         response = self._response
         self._response = None
         reusable = keep_alive and self._sent and not self._abandoned and not self.lost and self._producer is None
-        if self._producer is not None:  # the upstream answered before the whole body went up
-            self._producer.stopProducing()
+        producing = self._producer
+        if producing is not None:  # the upstream answered before the whole body went up
             self._producer = None
+            producing.stopProducing()
+            if self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
         if response is not None:
             paused = response.transport.paused
             response.body_end(_DONE)
