@@ -96,6 +96,10 @@ def batched_values(mmaped: Any, clock: IReactorTime) -> Any:
                 if not scheduled:
                     scheduled.append(clock.callLater(0, flush))
 
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            self._owed = 0.0  # a set replaces what was counted before it in this turn
+            super().set(value, timestamp)
+
         def write_owed(self) -> None:
             owed, self._owed, self._dirty = self._owed, 0.0, False
             if owed:

@@ -359,6 +359,7 @@ class UpstreamConnection(Protocol):
         self._abort()
 
     def _abort(self) -> None:
+        self._pool.forget(self)  # not handed out again while the abort completes
         if self.transport is not None and not self.lost:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -443,7 +444,7 @@ class ConnectionPool:
 
     def release(self, connection: UpstreamConnection) -> None:
         idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= self.max_idle or self.max_idle <= 0:
+        if len(idle) >= self.max_idle or self.max_idle <= 0 or self._closing:
             connection.expire()
             return
         connection.idle_since = self._clock.seconds()
