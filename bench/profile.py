@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--python", default=None)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--no-spy", action="store_true", help="only measure CPU per request (no py-spy attached)")
+    ap.add_argument("--stream", action="store_true",
+                    help="streaming requests (bench/sse_upstream.py, 2 events each) instead of nginx's fixed JSON")
     args = ap.parse_args()
     py = bench.find_python(args.python)
     tmp = Path(args.out or tempfile.mkdtemp(prefix="olladmr-profile-"))
@@ -47,13 +49,22 @@ def main() -> int:
         nginx = procs.start("nginx-static", ["nginx", "-p", str(tmp), "-e", str(tmp / "static.error.log"),
                                              "-c", str(bench.write_static_nginx(tmp, static_port))])
         bench.wait_until("nginx", lambda: bench.hget(static_port, "GET", bench.MODELS_PATH)[0] == 200, 10, nginx, procs, "nginx-static")
+        sse_port = static_port
+        if args.stream:
+            sse = procs.start("sse-upstream", [sys.executable, str(HERE / "sse_upstream.py"), "--port", "0",
+                                               "--models", bench.STREAM_MODEL], stdout=subprocess.PIPE)
+            assert sse.stdout is not None
+            sse_port = int(sse.stdout.readline().split()[1])
         oport = bench.free_port()
         env = dict(os.environ, PYTHONPATH=str(bench.ROOT))
         odmr = procs.start("olladmr", [py, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
                                        "-n", "--pidfile=", "olladmr", "--config",
-                                       str(bench.write_olladmr_config(tmp, oport, static_port, static_port))], env=env, cwd=bench.ROOT)
+                                       str(bench.write_olladmr_config(tmp, oport, static_port, sse_port))], env=env, cwd=bench.ROOT)
         bench.wait_until("olladmr", lambda: bench.hget(oport, "GET", bench.PREFIX + bench.MODELS_PATH)[0] == 200, 30, odmr, procs, "olladmr")
         target = bench.Target("olladmr", oport, oport, bench.PREFIX, pids=lambda: [odmr.pid])
+        if args.stream:
+            bench.CHAT_BODY = bench.STREAM_BODY.decode()  # what run_wrk posts
+            target = _StreamTarget("olladmr", oport, oport, bench.PREFIX, pids=lambda: [odmr.pid])
         bench.run_wrk(target, args.connections, 1, HERE / "wrk_post.lua")  # warm up
         stacks = tmp / "stacks.txt"
         spy = None if args.no_spy else subprocess.Popen(["py-spy", "record", "--pid", str(odmr.pid), "--format", "raw", "--rate", "500",
@@ -75,6 +86,11 @@ def main() -> int:
     finally:
         procs.stop_all()
     return 0
+
+
+class _StreamTarget(bench.Target):
+    def chat_url(self) -> str:
+        return f"http://127.0.0.1:{self.chat_port}{self.stream_path(n=2, iv_ms=0)}"
 
 
 def report(stacks: Path, top: int) -> None:

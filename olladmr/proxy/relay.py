@@ -76,14 +76,24 @@ class StreamWatch:
         self._keep = max(len(m) for m in dialect.done + dialect.finished + dialect.errors) + 8
 
     def feed(self, data: bytes) -> None:
-        window = self._tail + data
+        # (plain loops: this runs for every chunk of every stream)
+        window = self._tail + data if self._tail else data
         dialect = self.dialect
-        if not self.done and any(m in window for m in dialect.done):
-            self.done = True
-        if not self.finished and dialect.finished and any(m in window for m in dialect.finished):
-            self.finished = True
-        if not self.error and any(m in window for m in dialect.errors):
-            self.error = True
+        if not self.done:
+            for marker in dialect.done:
+                if marker in window:
+                    self.done = True
+                    break
+        if not self.finished:
+            for marker in dialect.finished:
+                if marker in window:
+                    self.finished = True
+                    break
+        if not self.error:
+            for marker in dialect.errors:
+                if marker in window:
+                    self.error = True
+                    break
         self._tail = window[-self._keep :]
 
     @property
