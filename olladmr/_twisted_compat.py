@@ -86,6 +86,30 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def accept_one_at_a_time(port: Any) -> bool:
+    """
+    Make a listening TCP ``port`` accept at most one connection each time
+    the socket is readable (nginx's ``multi_accept off``), so that processes
+    sharing one listening socket take turns: Twisted's ``Port.doRead``
+    accepts up to ``numberAccepts`` (100, growing) at once, and one worker
+    woken first would take a whole burst of keep-alive connections while
+    the others idle.  Returns whether ``port`` is such a port.
+    """
+    if not isinstance(port, tcp.Port):
+        return False
+    read = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        try:
+            return read()
+        finally:
+            port.numberAccepts = 1
+
+    port.doRead = doRead  # type: ignore[method-assign]
+    return True
+
+
 def set_request_line(channel: HTTPChannel, method: bytes, path: bytes, version: bytes) -> None:
     """
     Record a parsed request line where ``HTTPChannel`` keeps it between its

@@ -91,7 +91,7 @@ def build(
 ) -> Daemon:
     """Construct the whole daemon for ``config`` (nothing starts until the service does)."""
     log_control = log_control or LogControl(config.logging.level, config.logging.format)
-    listener = Listener(reactor, listen or config.server.listen, inherit=inherit)
+    listener = Listener(reactor, listen or config.server.listen, inherit=inherit, shared=workers > 1)
     lifecycle = Lifecycle(
         reactor,
         config,

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__
-from ._twisted_compat import clear_exit_signal
+from ._twisted_compat import accept_one_at_a_time, clear_exit_signal
 from .edge.gate import Gate
 from .edge.site import OllaSite
 from .fleet.health import HealthMonitor
@@ -67,10 +67,13 @@ def with_backlog(description: str) -> str:
 class Listener:
     """Owns the listening port: binding (or adopting an inherited socket), pausing, resuming, closing."""
 
-    def __init__(self, reactor: Any, description: str, *, inherit: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, reactor: Any, description: str, *, inherit: tuple[int, int] | None = None, shared: bool = False
+    ) -> None:
         self._reactor = reactor
         self.description = description
         self.inherit = inherit
+        self.shared = shared or inherit is not None  # other processes accept on the same socket (--workers)
         self.port: IListeningPort | None = None
 
     def bind(self, site: OllaSite) -> None:
@@ -80,6 +83,7 @@ class Listener:
         if self.inherit is not None:
             fd, family = self.inherit
             self.port = adopt(self._reactor, fd, family, site)
+            accept_one_at_a_time(self.port)
             self.pause()
             return
         try:
@@ -94,6 +98,8 @@ class Listener:
         if isinstance(outcome, Failure):
             raise ListenError(f"olladmr: cannot listen on {self.description}: {outcome.getErrorMessage()}")
         self.port = outcome
+        if self.shared:
+            accept_one_at_a_time(self.port)  # processes sharing the socket take turns
         self.pause()
 
     def pause(self) -> None:

@@ -42,6 +42,7 @@ from olladmr._twisted_compat import (
     agent_endpoint,
     agent_host_header,
     clear_exit_signal,
+    accept_one_at_a_time,
     channel_busy,
     set_request_line,
     use_quiet_factory,
@@ -369,6 +370,40 @@ def test_write_now_hands_other_transports_to_their_own_write() -> None:
     transport = StringTransport()
     write_now(transport, b"abc")
     assert transport.value() == b"abc"
+
+
+# -- accept_one_at_a_time  (tcp.Port.numberAccepts, Port.doRead)
+
+
+def test_accept_one_at_a_time_takes_one_connection_per_readable_event() -> None:
+    """Twisted's accept loop takes every queued connection at once; bounded, each doRead takes one."""
+    import socket as socketlib
+
+    built: list[object] = []
+
+    class Counting(Factory):
+        def buildProtocol(self, addr: object) -> Protocol:
+            built.append(addr)
+            return Protocol()
+
+    for bounded, expected in ((False, 3), (True, 1)):
+        built.clear()
+        port = reactor.listenTCP(0, Counting(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        port.stopReading()  # the test calls doRead itself
+        clients = [socketlib.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(3)]
+        try:
+            if bounded:
+                assert accept_one_at_a_time(port) is True
+            port.doRead()
+            assert len(built) == expected
+            if bounded:
+                port.doRead()
+                assert len(built) == 2 and port.numberAccepts == 1
+        finally:
+            for client in clients:
+                client.close()
+            port.connectionLost(None)
+    assert accept_one_at_a_time(StringTransport()) is False
 
 
 # -- set_request_line / channel_busy  (HTTPChannel._command/_path/_version, _handlingRequest)
