@@ -30,15 +30,19 @@ class Echo(Resource):
         return b"ok"
 
 
-def connect(**server: Any) -> tuple[OllaChannel, StringTransport, Clock, Echo]:
-    clock = Clock()
+def channel_for(resource: Resource, **server: Any) -> tuple[OllaChannel, StringTransport, Clock]:
     config = parse_config({"server": server, "endpoints": [{"url": "http://a:1"}]}, "t")
-    resource = Echo()
+    clock = Clock()
     site = OllaSite(resource, clock, EdgeLimits(config.server))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
     assert isinstance(channel, OllaChannel)
     transport = StringTransport()
     channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def connect(**server: Any) -> tuple[OllaChannel, StringTransport, Clock, Echo]:
+    channel, transport, clock = channel_for(resource := Echo(), **server)
     return channel, transport, clock, resource
 
 
@@ -160,13 +164,7 @@ class Later(Resource):
 
 
 def connect_later(**server: Any) -> tuple[OllaChannel, StringTransport, Later]:
-    config = parse_config({"server": server, "endpoints": [{"url": "http://a:1"}]}, "t")
-    resource = Later()
-    site = OllaSite(resource, Clock(), EdgeLimits(config.server))
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-    assert isinstance(channel, OllaChannel)
-    transport = StringTransport()
-    channel.makeConnection(transport)
+    channel, transport, _ = channel_for(resource := Later(), **server)
     return channel, transport, resource
 
 
@@ -236,17 +234,6 @@ class FirstLater(Later):
         return b"now"
 
 
-def later_channel(resource: Resource, **server: Any) -> tuple[OllaChannel, StringTransport, Clock]:
-    config = parse_config({"server": server, "endpoints": [{"url": "http://a:1"}]}, "t")
-    clock = Clock()
-    site = OllaSite(resource, clock, EdgeLimits(config.server))
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-    assert isinstance(channel, OllaChannel)
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport, clock
-
-
 def test_many_bodiless_pipelined_requests_pause_the_reading_too() -> None:
     """Waiting heads count against HOLD like bodies do: a flood of GETs cannot grow memory without bound."""
     channel, transport, later = connect_later()
@@ -260,7 +247,7 @@ def test_many_bodiless_pipelined_requests_pause_the_reading_too() -> None:
 def test_a_long_pipeline_answered_at_once_does_not_recurse() -> None:
     """Hundreds of pipelined requests behind a slow one, each answered at once: all served, in order, no RecursionError."""
     resource = FirstLater()
-    channel, transport, _ = later_channel(resource)
+    channel, transport, _ = channel_for(resource)
     channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
     assert len(resource.seen) == 1
     resource.answer()
@@ -269,7 +256,7 @@ def test_a_long_pipeline_answered_at_once_does_not_recurse() -> None:
 
 def test_a_slow_pipelined_head_never_gets_a_408_inside_the_answer_before_it() -> None:
     """The header clock of a request behind one still being answered starts when its turn comes."""
-    channel, transport, clock = later_channel(later := Later(), read_header_timeout="2s")
+    channel, transport, clock = channel_for(later := Later(), read_header_timeout="2s")
     channel.dataReceived(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHo")
     clock.advance(5)
     assert b"408" not in transport.value()  # the first answer is still being written
@@ -300,7 +287,7 @@ def test_trailer_fields_never_become_request_headers() -> None:
             seen.append(request.requestHeaders.getRawHeaders(b"authorization"))
             return super().render(request)
 
-    channel, transport, clock = later_channel(resource := Headers_())
+    channel, transport, clock = channel_for(resource := Headers_())
     chunked = (b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"2\r\nab\r\n0\r\nAuthorization: Bearer smuggled\r\n\r\n")
     channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + chunked)
