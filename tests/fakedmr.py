@@ -1327,17 +1327,25 @@ class FakeDMR:
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:12434``."""
+        """Base URL, e.g. ``http://127.0.0.1:12434`` (``https://localhost:...`` when serving TLS)."""
+        if getattr(self, "_tls", None) is not None:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, port: int = 0) -> int:
+    async def start(self, port: int = 0, tls: Any = None) -> int:
         """Listen on 127.0.0.1:``port`` (0 picks a free port); return the port.
 
         ``await fake.start(fake.port)`` after ``stop()`` restarts on the same port.
+        With ``tls`` (a Twisted context factory) it serves HTTPS, and :attr:`url`
+        is ``https://localhost:<port>``.
         """
         if self._listening is not None:
             raise RuntimeError(f"{self!r} is already listening")
-        self._listening = self._reactor.listenTCP(port, self._site, interface="127.0.0.1")
+        self._tls = tls
+        if tls is not None:
+            self._listening = self._reactor.listenSSL(port, self._site, tls, interface="127.0.0.1")
+        else:
+            self._listening = self._reactor.listenTCP(port, self._site, interface="127.0.0.1")
         self.port = self._listening.getHost().port
         return self.port
 
