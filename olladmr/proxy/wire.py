@@ -439,9 +439,6 @@ class ConnectionPool:
             connection.expire()
         return None
 
-    def has_idle(self, key: Hashable) -> bool:
-        return bool(self._idle.get(key))
-
     def release(self, connection: UpstreamConnection) -> None:
         idle = self._idle.setdefault(connection.key, [])
         if len(idle) >= self.max_idle or self.max_idle <= 0 or self._closing:
@@ -528,7 +525,7 @@ def send_on(
             return
         sent = connection.send(head, body, head_only)
         current[:] = [sent]
-        sent.addCallbacks(result.callback, _pass_on(result))
+        sent.addCallbacks(result.callback, failed)
 
     def failed(failure: Failure) -> None:
         if not result.called:
@@ -538,12 +535,4 @@ def send_on(
     current.append(connecting)
     connecting.addCallbacks(connected, failed)
     return result, False
-
-
-def _pass_on(result: Deferred[UpstreamResponse]) -> Any:
-    def errback(failure: Failure) -> None:
-        if not result.called:
-            result.errback(failure)
-
-    return errback
 
