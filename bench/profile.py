@@ -68,7 +68,7 @@ def main() -> int:
         bench.run_wrk(target, args.connections, 1, HERE / "wrk_post.lua")  # warm up
         stacks = tmp / "stacks.txt"
         spy = None if args.no_spy else subprocess.Popen(["py-spy", "record", "--pid", str(odmr.pid), "--format", "raw", "--rate", "500",
-                                "--duration", str(int(args.seconds) + 1), "--output", str(stacks), "--nonblocking"],
+                                "--duration", str(int(args.seconds) + 1), "--output", str(stacks)] + ([] if os.environ.get("SPY_BLOCKING") else ["--nonblocking"]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if spy is not None:
             time.sleep(0.5)

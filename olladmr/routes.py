@@ -232,7 +232,6 @@ class IndexedRoutes(Resource):
 
     def render(self, request: OllaRequest) -> Any:
         headers = request.responseHeaders
-        headers.removeHeader(b"server")  # no version advertising
         try:
             admission = self._gate.admit(request)
             request.admission = admission

@@ -160,6 +160,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
         if problem is not None:
             raise SystemExit(problem)
     from .build import build
+    from .ops.metrics import values_for_one_thread
 
     workers = int(options.get("workers") or 1)
     description = listen or config.server.listen
@@ -170,6 +171,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
     if options.get("inherit-fd") is not None:
         inherit = (int(options["inherit-fd"]), int(options["inherit-family"]))
     reactor.callWhenRunning(settle_gc)
+    values_for_one_thread()  # metrics are the reactor thread's alone: no lock per increment (--workers: mmap values)
     return build(
         config,
         reactor=reactor,

@@ -14,8 +14,10 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from itertools import count
 from typing import Any, Protocol, cast
+from urllib.parse import unquote_to_bytes as unquote
 
 import httptools
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,7 +25,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
@@ -148,7 +150,7 @@ class OllaChannel(HTTPChannel):
     __slots__ = (
         "_header_timer", "_body_timer", "_rejected", "_discarding", "_request_line", "_parser", "_phase", "_url",
         "_fields", "_header_bytes", "_head_raw", "_waiting", "_held", "_paused", "_upgrade_body", "_live_body",
-        "_ended", "_method", "_head", "_starting",
+        "_ended", "_method", "_head", "_starting", "_peer", "_host", "_secure",
     )
     LINGER = 5.0
     HOLD = 64 * 1024  # bytes of pipelined requests held before reading pauses
@@ -181,6 +183,29 @@ class OllaChannel(HTTPChannel):
         self._ended = 0  # requests parsed to their end on this connection
         self._method = b""  # the real method of a request llhttp is parsing as GET
         self._starting = False  # requestDone is starting the waiting requests
+        self._peer: Any = None  # the connection's addresses, asked of the transport once (getsockname is a syscall)
+        self._host: Any = None
+        self._secure: bool | None = None  # whether the transport is TLS (an interface adaptation: asked once)
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None and self.transport is not None:
+            peer = self._peer = self.transport.getPeer()
+        return peer
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None and self.transport is not None:
+            host = self._host = self.transport.getHost()
+        return host
+
+    def isSecure(self) -> bool:
+        secure = self._secure
+        if secure is None:
+            secure = super().isSecure()
+            if self.transport is not None:
+                self._secure = secure
+        return secure
 
     # -- receiving
 
@@ -577,6 +602,17 @@ class OllaChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+_DATE: list[Any] = [0, b""]  # (second, its HTTP date)
+
+
+def http_date() -> bytes:
+    """Now as an HTTP ``Date`` value, formatted at most once a second (what Twisted formats per request)."""
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[0], _DATE[1] = now, datetimeToString(now)
+    return cast(bytes, _DATE[1])
+
+
 class OllaRequest(server.Request):
     """
     A request that carries ``request_id``, ``arrived``, ``body_too_large``,
@@ -634,8 +670,26 @@ class OllaRequest(server.Request):
         if rid is None and self._olla_site is not None:
             rid = self._olla_site.new_request_id()
         self.request_id = (rid or b"-").decode("ascii")
-        self.responseHeaders.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
-        super().process()
+        site = self._olla_site
+        root = site.resource if site is not None else None
+        if root is None or not getattr(root, "isLeaf", False) or self.path == b"*":
+            self.responseHeaders.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
+            super().process()
+            return
+        # What twisted.web's Request.process does for a leaf root, less the work olladmr
+        # undoes or never needs: no Server header (no version advertising), a Date
+        # formatted once a second, no resource traversal, no encoder (the root has none).
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"date", [http_date()])
+        headers.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
+        self.site = site
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        self.sitepath = []
+        try:
+            self.render(root)
+        except BaseException:
+            self.processingFailed(Failure())
 
 
 class OllaSite(server.Site):

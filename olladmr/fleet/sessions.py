@@ -65,8 +65,11 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # (built once, not per call)
+
+
 def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(value).encode("utf-8")
 
 
 def conversation_prefix(route: str, body: Mapping[str, Any], prefix_bytes: int) -> bytes | None:
@@ -159,6 +162,8 @@ def session_key(
 
 def rendezvous(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointState]:
     """``endpoints`` in the key's highest-random-weight order (the same on every instance)."""
+    if len(endpoints) < 2:
+        return list(endpoints)
     prefix = key.encode("ascii") + b"\0"
 
     def weight(ep: EndpointState) -> bytes:
@@ -170,6 +175,8 @@ def rendezvous(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointSta
 def _by_tier(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointState]:
     """``endpoints`` by priority tier, highest first, each tier in the key's rendezvous order."""
     tiers = sorted({ep.config.priority for ep in endpoints}, reverse=True)
+    if len(tiers) < 2:
+        return rendezvous(key, endpoints)
     return [ep for tier in tiers for ep in rendezvous(key, [e for e in endpoints if e.config.priority == tier])]
 
 
