@@ -685,7 +685,7 @@ class OllaRequest(server.Request):
         self.site = site
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))
-        self.sitepath = []
+        self.sitepath: list[bytes] = []
         try:
             self.render(root)
         except BaseException:
