@@ -13,6 +13,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from olladmr.config import parse_config
 from olladmr.edge.site import EdgeLimits, OllaChannel, OllaSite
+from olladmr.proxy.headers import ResponseHeaders
 
 
 class Echo(Resource):
@@ -312,3 +313,52 @@ def test_transfer_codings_other_than_chunked_are_refused() -> None:
     channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
     status, error = answer(transport)
     assert status == 400 and "Transfer-Encoding" in error["message"] and resource.seen == []
+
+
+class _Upstreamish(Resource):
+    """Answers as the proxy does: upstream header lines passed through, olladmr's own headers set over them."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        headers = request.responseHeaders
+        assert isinstance(headers, ResponseHeaders)
+        headers.setRawHeaders(b"vary", [b"Origin"])  # as the gate sets for CORS, before the upstream answers
+        headers.take_upstream([
+            (b"Content-Type", b"application/json"),
+            (b"X-Mixed-Case", b"kept as sent"),
+            (b"Connection", b"keep-alive, X-Private"),
+            (b"X-Private", b"hop-by-hop: named by Connection"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Set-Cookie", b"s=1"),
+            (b"X-Olla-Endpoint", b"spoof"),
+            (b"Date", b"Tue, 01 Dec 2026 00:00:00 GMT"),
+            (b"Vary", b"Accept-Encoding"),
+            (b"X-Twice", b"1"),
+            (b"X-Twice", b"2"),
+            (b"Cache-Control", b"max-age=60"),
+        ])
+        headers.setRawHeaders(b"x-olla-endpoint", [b"a"])
+        headers.setRawHeaders(b"cache-control", [b"no-cache"])  # olladmr's own wins over the upstream's
+        headers.setRawHeaders(b"content-length", [b"2"])
+        return b"{}"
+
+
+def test_upstream_header_lines_pass_through_as_sent_under_olladmrs_own() -> None:
+    """End-to-end upstream headers keep their spelling and order; hop-by-hop, cookies, spoofs and shadowed names go."""
+    channel, transport, _ = channel_for(_Upstreamish())
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    channel.site.sends.flush()  # type: ignore[attr-defined]
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")[1:]
+    names = [line.split(b":")[0].lower() for line in lines]
+    assert body == b"{}"
+    assert b"X-Mixed-Case: kept as sent" in lines
+    assert [line for line in lines if line.startswith(b"X-Twice")] == [b"X-Twice: 1", b"X-Twice: 2"]
+    assert b"connection" not in names  # (the upstream's: its connection is not the client's)
+    assert b"x-private" not in names and b"keep-alive" not in names and b"set-cookie" not in names
+    assert [line for line in lines if line.lower().startswith(b"x-olla-endpoint")] == [b"X-Olla-Endpoint: a"]
+    assert [line for line in lines if line.lower().startswith(b"cache-control")] == [b"Cache-Control: no-cache"]
+    assert [line for line in lines if line.lower().startswith(b"date")] == [b"Date: Tue, 01 Dec 2026 00:00:00 GMT"]
+    assert [line for line in lines if line.lower().startswith(b"vary")] == [b"Vary: Accept-Encoding"]
+    assert names.count(b"content-type") == 1

@@ -33,7 +33,7 @@ from twisted.web.resource import IResource
 from .._twisted_compat import channel_busy, set_request_line
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
-from ..proxy.headers import client_request_id
+from ..proxy.headers import ResponseHeaders, client_request_id
 from ..sending import SendQueue
 from .gate import CLOSED, Admission
 
@@ -546,9 +546,20 @@ class OllaChannel(HTTPChannel):
                 headers.addRawHeader(name, value)
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
         extend = parts.extend
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                extend((name, b": ", value, b"\r\n"))
+        passthrough = getattr(headers, "passthrough", None)
+        if passthrough:
+            own = set()
+            for name, values in headers.getAllRawHeaders():
+                own.add(name.lower())
+                for value in values:
+                    extend((name, b": ", value, b"\r\n"))
+            for name, value in passthrough:  # the upstream's lines, as it sent them (see ResponseHeaders)
+                if name.lower() not in own:
+                    extend((name, b": ", value, b"\r\n"))
+        else:
+            for name, values in headers.getAllRawHeaders():
+                for value in values:
+                    extend((name, b": ", value, b"\r\n"))
         parts.append(b"\r\n")
         # Request.write writes the body (or chunk) next, in the same call; a head written
         # alone (an empty body, a HEAD request) goes out from requestDone, or before a close.
@@ -627,6 +638,7 @@ class OllaRequest(server.Request):
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
+        self.responseHeaders = ResponseHeaders()
         site = getattr(channel, "site", None)
         self._olla_site: OllaSite | None = site if isinstance(site, OllaSite) else None
         self.arrived = self._olla_site.clock.seconds() if self._olla_site else 0.0

@@ -47,7 +47,7 @@ from ..fleet.balancer import Balancer
 from ..fleet.routing import RoutingDecision, route
 from ..fleet.sessions import GENERATION_ROUTES, Placement, SessionRouter
 from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout
-from .headers import add_response_headers, copy_response_headers, upstream_request_headers
+from .headers import ResponseHeaders, add_response_headers, copy_response_headers, upstream_request_headers
 from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
 from .affinity import ResponseAffinity
 from .relay import ANTHROPIC_STREAM, OPENAI_STREAM, RESPONSES_STREAM, ResponseIdSniffer, ResponseRelay, StreamWatch, UsageTail
@@ -361,7 +361,9 @@ class Exchange:
         if self.phase is Phase.DONE:
             response.deliverBody(_Discard())
             return
-        size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
+        size = getattr(response, "head_size", None)
+        if size is None:
+            size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
         if size > MAX_UPSTREAM_HEADER_BYTES:
             response.deliverBody(_Discard())
             self._release()
@@ -435,7 +437,11 @@ class Exchange:
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         out.removeHeader(b"server")
-        copy_response_headers(response.headers, out)
+        pairs = getattr(response, "pairs", None)
+        if pairs is not None and isinstance(out, ResponseHeaders):
+            out.take_upstream(pairs)  # passed through as the upstream sent them, no Headers round-trip
+        else:
+            copy_response_headers(response.headers, out)
         if response.length is not UNKNOWN_LENGTH:
             # Twisted's client takes Content-Length out of the headers; give it back.
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
@@ -464,8 +470,12 @@ class Exchange:
                 setter(b"x-olla-session-id", [session.session_id])
         elif self.call.affinity_reported and (session is None or response.code < 300):
             setter(b"x-olla-sticky-session", [b"disabled"])
-        content_type = response.headers.getRawHeaders(b"content-type")
-        if content_type and content_type[0].lower().startswith(_SSE):
+        if pairs is not None:
+            first = response.header(b"content-type")  # type: ignore[attr-defined]  # (our wire's response)
+        else:
+            values = response.headers.getRawHeaders(b"content-type")
+            first = values[0] if values else None
+        if first and first.lower().startswith(_SSE):
             setter(b"cache-control", [b"no-cache"])
             setter(b"x-accel-buffering", [b"no"])
             return True

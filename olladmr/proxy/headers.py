@@ -105,6 +105,11 @@ def header_values(pairs: Iterable[tuple[bytes, bytes]], name: bytes) -> list[byt
     return [value for key, value in pairs if key == name]
 
 
+def _dropped(lname: bytes, named: frozenset[bytes]) -> bool:
+    """Whether a response header stays with the proxy: hop-by-hop, one of ours (``X-Olla-*``), a cookie."""
+    return _is_hop(lname, named) or lname.startswith(b"x-olla-") or lname in _RESPONSE_DROPPED
+
+
 def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:
     """
     Copy the upstream's end-to-end response headers onto ``outgoing``.
@@ -117,9 +122,43 @@ def copy_response_headers(upstream: Headers, outgoing: Headers) -> None:
     put = outgoing.setRawHeaders
     for name, values in upstream.getAllRawHeaders():
         lname = name.lower()
-        if _is_hop(lname, named) or lname.startswith(b"x-olla-") or lname in _RESPONSE_DROPPED:
-            continue
-        put(lname, list(values))
+        if not _dropped(lname, named):
+            put(lname, list(values))
+
+
+#: Upstream response headers olladmr also sets or merges: copied into the response's ``Headers``, never passed through.
+_MANAGED_RESPONSE = frozenset({b"date", b"vary"})
+
+
+class ResponseHeaders(Headers):
+    """
+    A response's headers: olladmr's own (the ``Headers``), then the
+    upstream's end-to-end header lines as it sent them (``passthrough``),
+    each unless olladmr's own have that name, so what olladmr sets wins as
+    it would with ``setRawHeaders``.  The server writes both in one head.
+    """
+
+    passthrough: Sequence[tuple[bytes, bytes]] = ()
+
+    def take_upstream(self, pairs: HeaderPairs) -> None:
+        """The upstream's response headers (as parsed: no CR, LF or NUL), less what stays with the proxy."""
+        named: frozenset[bytes] = frozenset()
+        for name, value in pairs:
+            if len(name) == 10 and name.lower() == b"connection":
+                named = named | {t.strip().lower() for t in value.split(b",") if t.strip()}
+        through: HeaderPairs = []
+        managed: dict[bytes, list[bytes]] = {}
+        for name, value in pairs:
+            lname = name.lower()
+            if _dropped(lname, named):
+                continue
+            if lname in _MANAGED_RESPONSE:
+                managed.setdefault(lname, []).append(value)
+            else:
+                through.append((name, value))
+        for lname, values in managed.items():
+            self.setRawHeaders(lname, values)
+        self.passthrough = through
 
 
 def merge_vary(existing: Sequence[bytes] | None, token: bytes) -> bytes:

@@ -34,6 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ..sending import SendQueue
+from .headers import HeaderPairs
 
 log = Logger()
 
@@ -122,23 +123,45 @@ class UpstreamResponse:
     """One upstream response: status, end-to-end headers, framing length, and its body for one protocol."""
 
     __slots__ = (
-        "code", "phrase", "headers", "length", "previousResponse", "_connection", "_protocol", "_buffered", "_ended",
-        "transport",
+        "code", "phrase", "pairs", "head_size", "_headers", "length", "previousResponse", "_connection", "_protocol",
+        "_buffered", "_ended", "transport",
     )
     version = (b"HTTP", 1, 1)
     request = None
 
-    def __init__(self, connection: UpstreamConnection, code: int, phrase: bytes, headers: Headers, length: Any) -> None:
+    def __init__(
+        self, connection: UpstreamConnection, code: int, phrase: bytes, pairs: HeaderPairs, length: Any, head_size: int
+    ) -> None:
         self.previousResponse: IResponse | None = None
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        self.pairs = pairs  # the end-to-end headers as sent (framing taken out), names as the upstream spelled them
+        self.head_size = head_size  # of every header line's name and value
+        self._headers: Headers | None = None
         self.length = length
         self._connection = connection
         self._protocol: Any = None
         self._buffered: list[bytes] = []
         self._ended: Failure | None = None
         self.transport = _BodyTransport(connection)
+
+    @property
+    def headers(self) -> Headers:
+        """``pairs`` as Twisted ``Headers`` (built when first asked: the proxy path reads ``pairs``)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers()
+            add = headers.addRawHeader
+            for name, value in self.pairs:
+                add(name.lower(), value)
+        return headers
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case), if any."""
+        for key, value in self.pairs:
+            if len(key) == len(name) and key.lower() == name:
+                return value
+        return None
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -287,11 +310,13 @@ class UpstreamConnection(Protocol):
             self._headers = []
             self._phrase = b""
             return
-        headers = Headers()
+        pairs: HeaderPairs = []
         length: Any = UNKNOWN_LENGTH
         chunked = False
-        add = headers.addRawHeader
+        size = 0
+        keep = pairs.append
         for name, value in self._headers:
+            size += len(name) + len(value)
             lname = name.lower()
             if lname in _FRAMING:
                 if lname == b"content-length":
@@ -302,14 +327,14 @@ class UpstreamConnection(Protocol):
                 elif b"chunked" in value.lower():
                     chunked = True
                 continue
-            add(lname, value)
+            keep((name, value))
         self._headers = []
         if chunked:
             length = UNKNOWN_LENGTH
         if code in _NO_BODY:
             length = 0
         self._until_close = length is UNKNOWN_LENGTH and not chunked and not self._head_only
-        response = UpstreamResponse(self, code, self._phrase, headers, length)
+        response = UpstreamResponse(self, code, self._phrase, pairs, length, size)
         self._response = response
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
