@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.client import _HTTP11ClientFactory as _ClientFactory
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 #: The Twisted releases the contract tests have been run against (setup.py pins below the next major).
 TESTED_TWISTED = ("25.5", "26.10")
@@ -120,6 +121,27 @@ def set_request_line(channel: HTTPChannel, method: bytes, path: bytes, version: 
     channel._command = method
     channel._path = path
     channel._version = version
+
+
+def put_header(headers: Headers, name: bytes, value: bytes) -> None:
+    """
+    ``headers.setRawHeaders(name, [value])`` for a lower-case ``name`` olladmr
+    spells itself, without the per-call name encoding and value scan
+    (about a dozen per proxied response).  A value with a CR, LF or NUL
+    goes through ``setRawHeaders`` and its sanitising.
+    """
+    key = _STORED.get(name)
+    if key is None or b"\r" in value or b"\n" in value or b"\0" in value:
+        headers.setRawHeaders(name, [value])
+        if key is None and len(_STORED) < 256:
+            probe = Headers()
+            probe.setRawHeaders(name, [b""])
+            _STORED[name] = next(iter(probe._rawHeaders))  # the key Headers keeps the name under
+        return
+    headers._rawHeaders[key] = [value]
+
+
+_STORED: dict[bytes, bytes] = {}
 
 
 def channel_busy(channel: HTTPChannel) -> bool:

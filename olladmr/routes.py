@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 from urllib.parse import unquote_to_bytes
@@ -180,8 +181,11 @@ def _parse_body(request: OllaRequest, wanted: frozenset[str] = _MODEL_ONLY) -> d
     return body
 
 
+_CONTROL = re.compile("[\x00-\x1f]")
+
+
 def _check_model_name(model: str) -> None:
-    if len(model) > 512 or any(ord(c) < 0x20 for c in model):
+    if len(model) > 512 or _CONTROL.search(model) is not None:
         raise bad_request("\"model\" is not a valid model name", "invalid_model")
     try:
         model.encode("utf-8")

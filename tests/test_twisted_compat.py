@@ -520,3 +520,24 @@ def test_twistd_re_raises_the_recorded_signal() -> None:
 def test_twistd_exits_cleanly_once_the_signal_is_cleared() -> None:
     """Clearing ``_exitSignal`` during shutdown leaves twistd's runner with no signal to re-raise (exit status 0)."""
     assert _run_like_twistd(clear=True) is None
+
+
+def test_put_header_is_set_raw_headers_for_safe_values() -> None:
+    """put_header stores what setRawHeaders would, read back by every public accessor; unsafe values are sanitised."""
+    from twisted.web.http_headers import Headers
+
+    from olladmr._twisted_compat import put_header
+
+    ours, theirs = Headers(), Headers()
+    for name, value in ((b"x-olla-endpoint", b"gpu-1"), (b"content-length", b"12"), (b"x-olla-endpoint", b"gpu-2")):
+        put_header(ours, name, value)
+        theirs.setRawHeaders(name, [value])
+    assert list(ours.getAllRawHeaders()) == list(theirs.getAllRawHeaders())
+    assert ours.getRawHeaders(b"X-Olla-Endpoint") == [b"gpu-2"] and ours.hasHeader(b"content-length")
+    assert ours == theirs
+    put_header(ours, b"x-olla-model", b"evil\r\nset-cookie: a=b")
+    theirs.setRawHeaders(b"x-olla-model", [b"evil\r\nset-cookie: a=b"])
+    assert ours.getRawHeaders(b"x-olla-model") == theirs.getRawHeaders(b"x-olla-model")
+    assert b"\r" not in ours.getRawHeaders(b"x-olla-model")[0] and b"\n" not in ours.getRawHeaders(b"x-olla-model")[0]
+    put_header(ours, b"x-nul", b"a\0b")
+    assert ours.getRawHeaders(b"x-nul") == [b"a\0b"] or b"\0" not in ours.getRawHeaders(b"x-nul")[0]

@@ -30,7 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
 
-from .._twisted_compat import channel_busy, set_request_line
+from .._twisted_compat import channel_busy, put_header, set_request_line
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
 from ..proxy.headers import ResponseHeaders, client_request_id
@@ -150,19 +150,25 @@ class OllaChannel(HTTPChannel):
     __slots__ = (
         "_header_timer", "_body_timer", "_rejected", "_discarding", "_request_line", "_parser", "_phase", "_url",
         "_fields", "_header_bytes", "_head_raw", "_waiting", "_held", "_paused", "_upgrade_body", "_live_body",
-        "_ended", "_method", "_head", "_starting", "_peer", "_host", "_secure",
+        "_ended", "_method", "_head", "_starting", "_peer", "_host", "_secure", "_osite",
     )
+    _osite: OllaSite | None
     LINGER = 5.0
     HOLD = 64 * 1024  # bytes of pipelined requests held before reading pauses
     MAX_HEADERS = 500  # as Twisted's maxHeaders
 
     def _olla(self) -> OllaSite | None:
-        site = getattr(self, "site", None)
-        return site if isinstance(site, OllaSite) else None
+        site = self._osite
+        if site is None:
+            found = getattr(self, "site", None)  # (set by Site.buildProtocol once the channel is built)
+            if isinstance(found, OllaSite):
+                site = self._osite = found
+        return site
 
     def __init__(self) -> None:
         super().__init__()
         # (slots, not instance-dict entries: a held stream's connection costs less memory)
+        self._osite = None  # our site, once known (see _olla)
         self._header_timer: IDelayedCall | None = None
         self._body_timer: IDelayedCall | None = None
         self._rejected = False
@@ -644,6 +650,9 @@ class OllaRequest(server.Request):
         self.arrived = self._olla_site.clock.seconds() if self._olla_site else 0.0
         self._body_seen = 0
 
+    def parseCookies(self) -> None:
+        """Nothing: olladmr reads no cookies (Twisted parses them for every request)."""
+
     def _limit(self) -> int:
         return self._olla_site.limits.max_body_size if self._olla_site else 50 * 1024**2
 
@@ -692,8 +701,8 @@ class OllaRequest(server.Request):
         # undoes or never needs: no Server header (no version advertising), a Date
         # formatted once a second, no resource traversal, no encoder (the root has none).
         headers = self.responseHeaders
-        headers.setRawHeaders(b"date", [http_date()])
-        headers.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
+        put_header(headers, b"date", http_date())
+        put_header(headers, b"x-olla-request-id", rid or b"-")
         self.site = site
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
+from .._twisted_compat import put_header
 from ..bodies import read_body
 from ..config.schema import Config
 from ..errors import ANTHROPIC, OPENAI, ClientError, bad_gateway, gateway_timeout, unavailable, write_error
@@ -444,40 +445,39 @@ class Exchange:
             copy_response_headers(response.headers, out)
         if response.length is not UNKNOWN_LENGTH:
             # Twisted's client takes Content-Length out of the headers; give it back.
-            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+            put_header(out, b"content-length", b"%d" % response.length)
         if self.call.response_headers:
             add_response_headers(out, self.call.response_headers)
         request.defaultContentType = None
-        setter = out.setRawHeaders
-        setter(b"x-olla-endpoint", [endpoint.name.encode()])
-        setter(b"x-olla-backend-type", [BACKEND_TYPE])
+        put_header(out, b"x-olla-endpoint", endpoint.name.encode())
+        put_header(out, b"x-olla-backend-type", BACKEND_TYPE)
         real = self.decision.names.get(endpoint.name) if self.decision is not None else None
         if real is not None:
-            setter(b"x-olla-model", [real.encode("utf-8", "replace")])
-            setter(b"x-olla-model-alias", [(self.call.model or "").encode("utf-8", "replace")])
+            put_header(out, b"x-olla-model", real.encode("utf-8", "replace"))
+            put_header(out, b"x-olla-model-alias", (self.call.model or "").encode("utf-8", "replace"))
         elif self.call.model is not None:
-            setter(b"x-olla-model", [self.call.model.encode("utf-8", "replace")])
-        setter(b"x-olla-response-time", [b"%dms" % round((now - self.call.arrived) * 1000)])
+            put_header(out, b"x-olla-model", self.call.model.encode("utf-8", "replace"))
+        put_header(out, b"x-olla-response-time", b"%dms" % round((now - self.call.arrived) * 1000))
         if self.decision is not None:
             for name, value in self.decision.headers().items():
-                setter(name, [value])
+                put_header(out, name, value)
         session = self.call.session
         if session is not None and self._placement is not None and response.code < 300:
             verdict = self.host.sessions.served(session, self._placement, endpoint)
-            setter(b"x-olla-sticky-session", [verdict.encode()])
-            setter(b"x-olla-sticky-key-source", [session.source.encode()])
+            put_header(out, b"x-olla-sticky-session", verdict.encode())
+            put_header(out, b"x-olla-sticky-key-source", session.source.encode())
             if session.session_id is not None:
-                setter(b"x-olla-session-id", [session.session_id])
+                put_header(out, b"x-olla-session-id", session.session_id)
         elif self.call.affinity_reported and (session is None or response.code < 300):
-            setter(b"x-olla-sticky-session", [b"disabled"])
+            put_header(out, b"x-olla-sticky-session", b"disabled")
         if pairs is not None:
             first = response.header(b"content-type")  # type: ignore[attr-defined]  # (our wire's response)
         else:
             values = response.headers.getRawHeaders(b"content-type")
             first = values[0] if values else None
         if first and first.lower().startswith(_SSE):
-            setter(b"cache-control", [b"no-cache"])
-            setter(b"x-accel-buffering", [b"no"])
+            put_header(out, b"cache-control", b"no-cache")
+            put_header(out, b"x-accel-buffering", b"no")
             return True
         return False
 
