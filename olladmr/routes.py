@@ -247,6 +247,8 @@ class IndexedRoutes(Resource):
             spec = POST_ROUTES.get(request.path)
             if spec is None or request.method != b"POST":
                 _check_routable(request)
+                if isinstance(request, OllaRequest):
+                    request.resource_path()  # Klein reads prepath and postpath
                 return self._klein.render(request)
             return self._app.post(request, spec).render(request)
         except HTTPException as exc:  # werkzeug refusing the URL or Host while binding

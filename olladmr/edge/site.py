@@ -650,6 +650,11 @@ class OllaRequest(server.Request):
         self.arrived = self._olla_site.clock.seconds() if self._olla_site else 0.0
         self._body_seen = 0
 
+    def resource_path(self) -> None:
+        """Set ``prepath`` and ``postpath`` as Twisted's resource traversal starts them (for Klein)."""
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+
     def parseCookies(self) -> None:
         """Nothing: olladmr reads no cookies (Twisted parses them for every request)."""
 
@@ -699,13 +704,14 @@ class OllaRequest(server.Request):
             return
         # What twisted.web's Request.process does for a leaf root, less the work olladmr
         # undoes or never needs: no Server header (no version advertising), a Date
-        # formatted once a second, no resource traversal, no encoder (the root has none).
+        # formatted once a second, no resource traversal (the path is split for the routes
+        # that read it: resource_path), no encoder (the root has none).
         headers = self.responseHeaders
         put_header(headers, b"date", http_date())
         put_header(headers, b"x-olla-request-id", rid or b"-")
         self.site = site
         self.prepath = []
-        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        self.postpath = []  # (the root is a leaf; routes that need it, Klein's, call resource_path)
         self.sitepath: list[bytes] = []
         try:
             self.render(root)
