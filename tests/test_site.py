@@ -362,3 +362,19 @@ def test_upstream_header_lines_pass_through_as_sent_under_olladmrs_own() -> None
     assert [line for line in lines if line.lower().startswith(b"date")] == [b"Date: Tue, 01 Dec 2026 00:00:00 GMT"]
     assert [line for line in lines if line.lower().startswith(b"vary")] == [b"Vary: Accept-Encoding"]
     assert names.count(b"content-type") == 1
+
+
+def test_response_headers_accessors_see_the_upstream_lines_under_olladmrs_own() -> None:
+    headers = ResponseHeaders()
+    headers.setRawHeaders(b"cache-control", [b"no-cache"])
+    headers.take_upstream([(b"Cache-Control", b"max-age=1"), (b"X-Up", b"1"), (b"x-up", b"2"), (b"Content-Type", b"a/b"),
+                           (b"Connection", b"x-gone"), (b"X-Gone", b"hop")])
+    assert headers.getRawHeaders(b"cache-control") == [b"no-cache"]  # olladmr's own wins
+    assert headers.getRawHeaders(b"X-UP") == [b"1", b"2"] and headers.getRawHeaders("x-up") == ["1", "2"]
+    assert headers.getRawHeaders(b"x-gone") is None and headers.getRawHeaders(b"x-none", [b"d"]) == [b"d"]
+    assert headers.hasHeader(b"content-type") and not headers.hasHeader(b"connection")
+    copied = headers.copy()
+    headers.removeHeader(b"x-up")
+    assert not headers.hasHeader(b"x-up") and copied.getRawHeaders(b"x-up") == [b"1", b"2"]
+    assert [(name.lower(), list(values)) for name, values in headers.getAllRawHeaders()] == [
+        (b"cache-control", [b"no-cache"]), (b"content-type", [b"a/b"])]

@@ -66,6 +66,20 @@ def test_a_keep_alive_answer_goes_back_to_the_pool_and_framing_headers_become_le
     assert pool.take("k") is connection and not transport.disconnecting
 
 
+def test_the_response_keeps_its_header_lines_as_sent_and_counts_their_size() -> None:
+    """pairs: end-to-end lines in order and spelling (framing out); head_size: their names and values, as the limit reads."""
+    connection, _, _, _ = connected()
+    got, _ = answered(
+        connection,
+        b"HTTP/1.1 200 OK\r\nX-Mixed: a\r\nContent-Length: 2\r\nx-mixed: b\r\n\r\nok",
+    )
+    [response] = got
+    assert response.pairs == [(b"X-Mixed", b"a"), (b"x-mixed", b"b")]
+    assert response.head_size == len(b"X-Mixed") + 1 + len(b"x-mixed") + 1
+    assert response.header(b"x-mixed") == b"a" and response.header(b"content-length") is None
+    assert response.headers.getRawHeaders(b"x-mixed") == [b"a", b"b"]
+
+
 def test_chunked_bodies_are_decoded_and_an_interim_100_is_skipped() -> None:
     connection, _, pool, _ = connected()
     got, body = answered(

@@ -552,20 +552,9 @@ class OllaChannel(HTTPChannel):
                 headers.addRawHeader(name, value)
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
         extend = parts.extend
-        passthrough = getattr(headers, "passthrough", None)
-        if passthrough:
-            own = set()
-            for name, values in headers.getAllRawHeaders():
-                own.add(name.lower())
-                for value in values:
-                    extend((name, b": ", value, b"\r\n"))
-            for name, value in passthrough:  # the upstream's lines, as it sent them (see ResponseHeaders)
-                if name.lower() not in own:
-                    extend((name, b": ", value, b"\r\n"))
-        else:
-            for name, values in headers.getAllRawHeaders():
-                for value in values:
-                    extend((name, b": ", value, b"\r\n"))
+        for name, values in headers.getAllRawHeaders():  # (a ResponseHeaders: the upstream's lines too)
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
         parts.append(b"\r\n")
         # Request.write writes the body (or chunk) next, in the same call; a head written
         # alone (an empty body, a HEAD request) goes out from requestDone, or before a close.
@@ -698,7 +687,7 @@ class OllaRequest(server.Request):
         self.request_id = (rid or b"-").decode("ascii")
         site = self._olla_site
         root = site.resource if site is not None else None
-        if root is None or not getattr(root, "isLeaf", False) or self.path == b"*":
+        if root is None or not getattr(root, "isLeaf", False) or hasattr(root, "getEncoder") or self.path == b"*":
             self.responseHeaders.setRawHeaders(b"x-olla-request-id", [rid or b"-"])
             super().process()
             return

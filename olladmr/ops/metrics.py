@@ -283,14 +283,14 @@ class ModelStats:
 class _Bundle:
     """The metric children one kind of exchange (endpoint, model, route, status class, outcome) updates."""
 
-    __slots__ = (
-        "requests", "outcome", "duration", "ttfb", "upstream_bytes", "prompt_tokens", "completion_tokens",
-        "tokens_per_second",
-    )
+    __slots__ = ("requests", "outcome", "duration", "ttfb", "upstream_bytes")
 
-    def __init__(self, *children: Any) -> None:
-        (self.requests, self.outcome, self.duration, self.ttfb, self.upstream_bytes, self.prompt_tokens,
-         self.completion_tokens, self.tokens_per_second) = children
+    def __init__(self, requests: Any, outcome: Any, duration: Any) -> None:
+        self.requests = requests
+        self.outcome = outcome
+        self.duration = duration
+        self.ttfb: Any = None  # (made when first observed)
+        self.upstream_bytes: Any = None
 
 
 class Metrics:
@@ -386,21 +386,17 @@ class Metrics:
     # -- ExchangeObserver
 
     def _bundle(self, endpoint: str, model: str, route: str, status: int, outcome: str) -> _Bundle:
-        key = (endpoint, model, route, status // 100, outcome)
+        status_label = status_class(status)
+        key = (endpoint, model, route, status_label, outcome)
         bundle = self._bundles.get(key)
         if bundle is None:
             if len(self._bundles) > 4096:  # (label sets are bounded; this only caps the memo)
                 self._bundles.clear()
             child = self._child
             bundle = self._bundles[key] = _Bundle(
-                child(self.requests, endpoint, model, route, status_class(status)),
+                child(self.requests, endpoint, model, route, status_label),
                 child(self.outcomes, outcome),
                 child(self.duration, route),
-                child(self.ttfb, route),
-                child(self.upstream_bytes, endpoint),
-                child(self.tokens, model, "prompt"),
-                child(self.tokens, model, "completion"),
-                child(self.tokens_per_second, model),
             )
         return bundle
 
@@ -408,9 +404,10 @@ class Metrics:
         model = self.model_label(record.model)
         endpoint = record.endpoint or "none"
         status = record.status
+        route = record.route
         ok = record.outcome == OK and 0 < status < 500
         self.total += 1
-        bundle = self._bundle(endpoint, model, record.route, status, record.outcome)
+        bundle = self._bundle(endpoint, model, route, status, record.outcome)
         if ok:
             self.succeeded += 1
             self.succeeded_total.inc()
@@ -418,26 +415,33 @@ class Metrics:
         bundle.outcome.inc()
         total = max(0.0, record.ended - record.arrived)
         bundle.duration.observe(total)
+        # The children below exist once something was counted in them (a series only appears with a value).
+        child = self._child
         if record.headers_at is not None:
-            bundle.ttfb.observe(max(0.0, record.headers_at - record.arrived))
+            ttfb = bundle.ttfb
+            if ttfb is None:
+                ttfb = bundle.ttfb = child(self.ttfb, route)
+            ttfb.observe(max(0.0, record.headers_at - record.arrived))
         if record.bytes_sent and record.endpoint:
-            bundle.upstream_bytes.inc(record.bytes_sent)
+            sent = bundle.upstream_bytes
+            if sent is None:
+                sent = bundle.upstream_bytes = child(self.upstream_bytes, endpoint)
+            sent.inc(record.bytes_sent)
         if record.failovers:
             self.failovers.inc(record.failovers)
         usage = record.usage
         completion = 0
         rate = None
         if usage:
-            prompt = usage.get("prompt_tokens")
-            if isinstance(prompt, int) and prompt >= 0:
-                bundle.prompt_tokens.inc(prompt)
-            value = usage.get("completion_tokens")
-            if isinstance(value, int) and value >= 0:
-                bundle.completion_tokens.inc(value)
-                completion = value
+            for kind in ("prompt_tokens", "completion_tokens"):
+                value = usage.get(kind)
+                if isinstance(value, int) and value >= 0:
+                    child(self.tokens, model, kind.split("_")[0]).inc(value)
+                    if kind == "completion_tokens":
+                        completion = value
             rate = record.tokens_per_second
             if rate is not None:
-                bundle.tokens_per_second.observe(rate)
+                child(self.tokens_per_second, model).observe(rate)
         self.completion_tokens_total += completion
         ttft = None if record.first_byte_at is None else max(0.0, record.first_byte_at - record.arrived)
         self.model_stats.add(model, total, ok, ttft=ttft, tokens=completion, rate=rate)

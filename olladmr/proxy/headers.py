@@ -9,7 +9,7 @@ upstreams cannot set ``X-Olla-*`` headers or cookies on our clients.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -132,13 +132,18 @@ _MANAGED_RESPONSE = frozenset({b"date", b"vary"})
 
 class ResponseHeaders(Headers):
     """
-    A response's headers: olladmr's own (the ``Headers``), then the
-    upstream's end-to-end header lines as it sent them (``passthrough``),
-    each unless olladmr's own have that name, so what olladmr sets wins as
-    it would with ``setRawHeaders``.  The server writes both in one head.
+    A response's headers: olladmr's own (what ``Headers`` stores) and the
+    upstream's end-to-end header lines as it sent them (``passthrough``).
+    Every accessor sees both, olladmr's own first and winning: an upstream
+    line is hidden where olladmr set the same name, as ``setRawHeaders``
+    would have replaced it; ``removeHeader`` removes both.
     """
 
-    passthrough: Sequence[tuple[bytes, bytes]] = ()
+    __slots__ = ("passthrough",)
+
+    def __init__(self, rawHeaders: Any = None) -> None:
+        super().__init__(rawHeaders)
+        self.passthrough: HeaderPairs = []
 
     def take_upstream(self, pairs: HeaderPairs) -> None:
         """The upstream's response headers (as parsed: no CR, LF or NUL), less what stays with the proxy."""
@@ -159,6 +164,47 @@ class ResponseHeaders(Headers):
         for lname, values in managed.items():
             self.setRawHeaders(lname, values)
         self.passthrough = through
+
+    def _through(self, name: bytes | str) -> list[bytes]:
+        key = (name.encode("ascii", "replace") if isinstance(name, str) else name).lower()
+        return [value for line, value in self.passthrough if line.lower() == key]
+
+    def getRawHeaders(self, name: Any, default: Any = None) -> Any:
+        values = super().getRawHeaders(name)
+        if values is not None or not self.passthrough:
+            return default if values is None else values
+        found = self._through(name)
+        if not found:
+            return default
+        return [value.decode("utf-8") for value in found] if isinstance(name, str) else found
+
+    def hasHeader(self, name: Any) -> bool:
+        return super().hasHeader(name) or bool(self.passthrough and self._through(name))
+
+    def removeHeader(self, name: Any) -> None:
+        super().removeHeader(name)
+        if self.passthrough:
+            key = (name.encode("ascii", "replace") if isinstance(name, str) else name).lower()
+            self.passthrough = [(line, value) for line, value in self.passthrough if line.lower() != key]
+
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, Sequence[bytes]]]:
+        if not self.passthrough:
+            yield from super().getAllRawHeaders()
+            return
+        own = set()
+        for name, values in super().getAllRawHeaders():
+            own.add(name.lower())
+            yield name, values
+        for name, value in self.passthrough:  # the upstream's lines, as it sent them
+            if name.lower() not in own:
+                yield name, [value]
+
+    def copy(self) -> ResponseHeaders:
+        copied = ResponseHeaders()
+        for name, values in super().getAllRawHeaders():
+            copied.setRawHeaders(name, list(values))
+        copied.passthrough = list(self.passthrough)
+        return copied
 
 
 def merge_vary(existing: Sequence[bytes] | None, token: bytes) -> bytes:

@@ -136,7 +136,7 @@ class UpstreamResponse:
         self.code = code
         self.phrase = phrase
         self.pairs = pairs  # the end-to-end headers as sent (framing taken out), names as the upstream spelled them
-        self.head_size = head_size  # of every header line's name and value
+        self.head_size = head_size  # of the end-to-end header lines' names and values
         self._headers: Headers | None = None
         self.length = length
         self._connection = connection
@@ -316,7 +316,6 @@ class UpstreamConnection(Protocol):
         size = 0
         keep = pairs.append
         for name, value in self._headers:
-            size += len(name) + len(value)
             lname = name.lower()
             if lname in _FRAMING:
                 if lname == b"content-length":
@@ -327,6 +326,7 @@ class UpstreamConnection(Protocol):
                 elif b"chunked" in value.lower():
                     chunked = True
                 continue
+            size += len(name) + len(value)
             keep((name, value))
         self._headers = []
         if chunked:
