@@ -45,6 +45,8 @@ class CircuitBreaker:
 
     def allows(self) -> bool:
         """Whether a request may be sent now (half-open admits one trial)."""
+        if self._opened_at is None:
+            return True  # closed (the common case, asked several times per request)
         state = self.state
         if state == CLOSED:
             return True
