@@ -77,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=20)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--python", default=sys.executable, type=os.path.abspath)  # (the daemon runs in another directory)
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.upstream:
