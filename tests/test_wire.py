@@ -118,6 +118,17 @@ def test_a_cut_body_fails_and_headers_that_never_end_are_a_bad_response() -> Non
     assert got[0].check(ResponseNeverReceived) and "larger than" in str(got[0].value.reasons[0].value)
 
 
+@pytest.mark.parametrize("line", [
+    b"X-A: a\x00b", b"X-A: a\rb", b"X-A: a\nX-B: c", b"X-A: a\r\n folded", b"X A: a", b"X-A: a\x01b", b"X-A: a\x7fb",
+])
+def test_a_header_line_that_could_smuggle_a_line_break_is_never_a_response(line: bytes) -> None:
+    """The passthrough writes upstream header lines as parsed: llhttp (strict) must refuse CR, LF, NUL and controls."""
+    connection, transport, _, _ = connected()
+    got, _ = answered(connection, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nContent-Length: 0\r\n\r\n")
+    connection.connectionLost(Failure(ConnectionError("aborted")))
+    assert len(got) == 1 and isinstance(got[0], Failure) and transport.disconnecting
+
+
 def test_bytes_on_an_idle_connection_or_after_the_answer_drop_it() -> None:
     connection, transport, pool, _ = connected()
     got, body = answered(connection, b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n\r\n")
