@@ -127,11 +127,11 @@ def put_header(headers: Headers, name: bytes, value: bytes) -> None:
     """
     ``headers.setRawHeaders(name, [value])`` for a lower-case ``name`` olladmr
     spells itself, without the per-call name encoding and value scan
-    (about a dozen per proxied response).  A value with a CR, LF or NUL
-    goes through ``setRawHeaders`` and its sanitising.
+    (about a dozen per proxied response).  A value with a CR or LF goes
+    through ``setRawHeaders`` and its sanitising (line breaks become spaces).
     """
     key = _STORED.get(name)
-    if key is None or b"\r" in value or b"\n" in value or b"\0" in value:
+    if key is None or b"\r" in value or b"\n" in value:
         headers.setRawHeaders(name, [value])
         if key is None and len(_STORED) < 256:
             probe = Headers()

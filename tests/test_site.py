@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -378,3 +379,14 @@ def test_response_headers_accessors_see_the_upstream_lines_under_olladmrs_own() 
     assert not headers.hasHeader(b"x-up") and copied.getRawHeaders(b"x-up") == [b"1", b"2"]
     assert [(name.lower(), list(values)) for name, values in headers.getAllRawHeaders()] == [
         (b"cache-control", [b"no-cache"]), (b"content-type", [b"a/b"])]
+
+
+def test_an_empty_own_header_shadows_the_upstream_line_everywhere() -> None:
+    headers = ResponseHeaders()
+    headers.take_upstream([(b"X-A", b"up")])
+    headers.setRawHeaders(b"x-a", [])
+    plain = Headers()
+    plain.setRawHeaders(b"x-a", [])
+    assert headers.getRawHeaders(b"x-a") == plain.getRawHeaders(b"x-a")  # as Twisted answers: not the upstream's
+    assert headers.hasHeader(b"x-a") == plain.hasHeader(b"x-a")
+    assert [values for name, values in headers.getAllRawHeaders() if name.lower() == b"x-a"] == [[]]

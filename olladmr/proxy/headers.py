@@ -170,9 +170,8 @@ class ResponseHeaders(Headers):
         return [value for line, value in self.passthrough if line.lower() == key]
 
     def getRawHeaders(self, name: Any, default: Any = None) -> Any:
-        values = super().getRawHeaders(name)
-        if values is not None or not self.passthrough:
-            return default if values is None else values
+        if not self.passthrough or super().hasHeader(name):
+            return super().getRawHeaders(name, default)
         found = self._through(name)
         if not found:
             return default
