@@ -9,9 +9,11 @@ upstreams cannot set ``X-Olla-*`` headers or cookies on our clients.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, AnyStr, Iterable, Iterator, Sequence, TypeVar, overload
 
 from twisted.web.http_headers import Headers
+
+_T = TypeVar("_T")
 
 #: Headers as they go upstream: (lower-case name, value) pairs, in order.
 HeaderPairs = list[tuple[bytes, bytes]]
@@ -169,6 +171,12 @@ class ResponseHeaders(Headers):
         key = (name.encode("ascii", "replace") if isinstance(name, str) else name).lower()
         return [value for line, value in self.passthrough if line.lower() == key]
 
+    @overload
+    def getRawHeaders(self, name: AnyStr) -> Sequence[AnyStr] | None: ...
+
+    @overload
+    def getRawHeaders(self, name: AnyStr, default: _T) -> Sequence[AnyStr] | _T: ...
+
     def getRawHeaders(self, name: Any, default: Any = None) -> Any:
         if not self.passthrough or super().hasHeader(name):
             return super().getRawHeaders(name, default)
@@ -197,6 +205,9 @@ class ResponseHeaders(Headers):
         for name, value in self.passthrough:  # the upstream's lines, as it sent them
             if name.lower() not in own:
                 yield name, [value]
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, passthrough={self.passthrough!r})"
 
     def copy(self) -> ResponseHeaders:
         copied = ResponseHeaders()
