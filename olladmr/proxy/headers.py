@@ -42,12 +42,12 @@ _RESPONSE_DROPPED = frozenset({b"set-cookie"})
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """The header names listed in ``Connection`` (lower-cased)."""
-    values = headers.getRawHeaders(b"connection")
-    if not values:
-        return frozenset()
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
-    )
+    return _listed(headers.getRawHeaders(b"connection") or ())
+
+
+def _listed(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The header names listed in ``Connection`` values (lower-cased)."""
+    return frozenset(token.strip().lower() for value in values for token in value.split(b",") if token.strip())
 
 
 def _is_hop(name: bytes, named: frozenset[bytes]) -> bool:
@@ -149,10 +149,7 @@ class ResponseHeaders(Headers):
 
     def take_upstream(self, pairs: HeaderPairs) -> None:
         """The upstream's response headers (as parsed: no CR, LF or NUL), less what stays with the proxy."""
-        named: frozenset[bytes] = frozenset()
-        for name, value in pairs:
-            if len(name) == 10 and name.lower() == b"connection":
-                named = named | {t.strip().lower() for t in value.split(b",") if t.strip()}
+        named = _listed(value for name, value in pairs if len(name) == 10 and name.lower() == b"connection")
         through: HeaderPairs = []
         managed: dict[bytes, list[bytes]] = {}
         for name, value in pairs:
@@ -167,8 +164,12 @@ class ResponseHeaders(Headers):
             self.setRawHeaders(lname, values)
         self.passthrough = through
 
+    @staticmethod
+    def _key(name: bytes | str) -> bytes:
+        return (name.encode("ascii", "replace") if isinstance(name, str) else name).lower()
+
     def _through(self, name: bytes | str) -> list[bytes]:
-        key = (name.encode("ascii", "replace") if isinstance(name, str) else name).lower()
+        key = self._key(name)
         return [value for line, value in self.passthrough if line.lower() == key]
 
     @overload
@@ -191,7 +192,7 @@ class ResponseHeaders(Headers):
     def removeHeader(self, name: Any) -> None:
         super().removeHeader(name)
         if self.passthrough:
-            key = (name.encode("ascii", "replace") if isinstance(name, str) else name).lower()
+            key = self._key(name)
             self.passthrough = [(line, value) for line, value in self.passthrough if line.lower() != key]
 
     def getAllRawHeaders(self) -> Iterator[tuple[bytes, Sequence[bytes]]]:
