@@ -217,8 +217,8 @@ def test_outbound_auth_types(tmp_path: Path) -> None:
     """Olla's three auth types become one header on every upstream request; credentials never show in repr."""
     keyfile = tmp_path / "key"
     keyfile.write_text("  k-123\n")
-    bearer = _endpoint(auth={"type": "bearer", "token": "tok"})
-    assert bearer.encoded_headers == ((b"authorization", b"Bearer tok"),)
+    bearer = _endpoint(auth={"type": "bearer", "token": "s3cr3t"})
+    assert bearer.encoded_headers == ((b"authorization", b"Bearer s3cr3t"),)
     assert _endpoint({"T": "from-env"}, auth={"token_env": "T"}).encoded_headers == ((b"authorization", b"Bearer from-env"),)
     api_key = _endpoint(auth={"type": "api_key", "key_file": str(keyfile)})
     assert api_key.encoded_headers == ((b"x-api-key", b"k-123"),)
@@ -227,7 +227,7 @@ def test_outbound_auth_types(tmp_path: Path) -> None:
     basic = _endpoint({"PW": "p@ss"}, auth={"type": "basic", "username": "olla", "password": "${PW}"})
     assert basic.encoded_headers == ((b"authorization", b"Basic " + base64.b64encode(b"olla:p@ss")),)
     for ep in (bearer, api_key, custom, basic):
-        assert b"tok" not in repr(ep).encode() and "k-123" not in repr(ep) and "p@ss" not in repr(ep)
+        assert b"s3cr3t" not in repr(ep).encode() and "k-123" not in repr(ep) and "p@ss" not in repr(ep)
 
 
 def test_env_placeholders_in_headers_and_credentials() -> None:

@@ -151,7 +151,7 @@ async def test_a_large_body_is_routed_by_its_members_and_forwarded_byte_for_byte
                        "model": "ai/smollm2"}).encode()
     response, _ = await daemon.request("POST", "/olla/dmr/engines/v1/chat/completions", chat,
                                        {"content-type": "application/json"})
-    assert response.code == 200 and response.headers.getRawHeaders(b"x-olla-sticky-key-source") == [b"prefix"]
+    assert response.code == 200 and response.headers.getRawHeaders(b"x-olla-sticky-key-source") == [b"prefix_hash"]
     for broken, code in ((raw[:-1], "invalid_json"), (b"[" + raw + b"]", "invalid_json"),
                          (raw.replace(b'"ai/smollm2"', b"17"), "invalid_model")):
         response, body = await daemon.request(

@@ -48,7 +48,7 @@ def make_config(
     """A config with ``proxy.affinity`` = ``affinity`` and one endpoint per (name, priority)."""
     return parse_config(
         {
-            "proxy": {"affinity": affinity or {}},
+            "proxy": {"affinity": {"placement": "hash", **(affinity or {})}},
             "endpoints": [
                 {"name": name, "url": f"http://{name}:1", "priority": priority, **endpoint_settings}
                 for name, priority in endpoints
@@ -1069,7 +1069,7 @@ def test_stats_count_what_happened() -> None:
     assert (verdict, placement.order[0]) == (MISS, y)
     assert router.stats() == {
         "enabled": True,
-        "key_sources": ["session_header", "prefix", "auth"],
+        "key_sources": ["session_header", "prefix_hash", "auth_header"],  # (Olla's names)
         "sessions": 2,
         "max_sessions": 2,
         "idle_ttl_seconds": 60.0,
@@ -1081,6 +1081,10 @@ def test_stats_count_what_happened() -> None:
         "evictions": 1,
         "cold_route_avoided": 1,
         "cold_route_taken": 0,
+        "placement": "hash",
+        "placements": {"prefix": 0, "session": 5, "spill": 0, "cold": 0, "balance": 0},
+        "prompt_tokens_matched": 0,
+        "prompt_tokens_unmatched": 0,
     }
     assert router.place(s1, eps, MODEL).verdict == MISS  # s1 was the least recently used: evicted
 
@@ -1089,7 +1093,7 @@ def test_stats_of_a_fresh_router() -> None:
     """A fresh router reports its settings and zero counters."""
     _, router, _, _ = setup({"enabled": False})
     stats = router.stats()
-    assert stats["enabled"] is False and stats["key_sources"] == ["session_header", "prefix"]
+    assert stats["enabled"] is False and stats["key_sources"] == ["session_header", "prefix_hash"]
     assert (stats["max_sessions"], stats["idle_ttl_seconds"], stats["load_factor"]) == (100_000, 1800.0, 1.25)
     assert all(stats[k] == 0 for k in ("sessions", "hits", "misses", "repins", "spills", "evictions"))
 

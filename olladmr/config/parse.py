@@ -32,6 +32,7 @@ from ..names import normalise_model
 from .reader import ConfigError, Section, count, fmt_seconds, parse_duration, parse_size, show_value
 from .schema import (
     AFFINITY_KEY_SOURCES,
+    PLACEMENTS,
     BALANCERS,
     DEFAULT_CORS_HEADERS,
     DEFAULT_CORS_METHODS,
@@ -326,6 +327,8 @@ def _parse_endpoint(parent: Section, item: object, path: str, environ: Mapping[s
         queue_size=sec.integer("queue_size", 64, minimum=0),
         queue_timeout=sec.duration("queue_timeout", 30.0),
         forward_client_auth=sec.boolean("forward_client_auth", False),
+        slots=sec.integer("slots", 4, minimum=1),
+        cache_tokens=sec.integer("cache_tokens", 0, minimum=0),
         auth_header=None if auth is None else auth[1],
         auth_header_name="authorization" if auth is None else auth[0],
     )
@@ -581,6 +584,10 @@ def parse_affinity(proxy: Section) -> AffinityConfig:
         max_sessions=sec.integer("max_sessions", defaults.max_sessions, minimum=1),
         idle_ttl=sec.duration("idle_ttl", defaults.idle_ttl, minimum=1.0),
         load_factor=_finite(sec, "load_factor", sec.number("load_factor", defaults.load_factor, minimum=1.0)),
+        placement=sec.choice("placement", defaults.placement, PLACEMENTS),
+        block_chars=sec.integer("block_chars", defaults.block_chars, minimum=16, maximum=65536),
+        cache_tokens=sec.integer("cache_tokens", defaults.cache_tokens, minimum=1),
+        request_tokens=sec.integer("request_tokens", defaults.request_tokens, minimum=0),
     )
     return _check_sources(sec, config, names)
 

@@ -23,6 +23,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 LOG_FORMATS = ("text", "json")
 #: The places ``proxy.affinity.key_sources`` may name for a request's session key.
 AFFINITY_KEY_SOURCES = ("session_header", "prefix", "auth", "ip")
+PLACEMENTS = ("cost", "hash")
 MAX_AFFINITY_PREFIX_BYTES = 1024**2
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -66,6 +67,8 @@ class EndpointConfig:
     queue_size: int = 64
     queue_timeout: float = 30.0
     forward_client_auth: bool = False
+    slots: int = 4  # requests the engine runs at once (llama.cpp's parallel slots; DMR starts 4)
+    cache_tokens: int = 0  # the KV/prompt cache placement assumes there; 0: proxy.affinity.cache_tokens
     auth_header: bytes | None = field(default=None, repr=False)  # outbound credentials: never shown
     auth_header_name: str = "authorization"  # X-Api-Key (or as configured) for auth type api_key
 
@@ -199,6 +202,12 @@ class AffinityConfig:
     max_sessions: int = 100_000
     idle_ttl: float = 1800.0  # a session unused this long is forgotten
     load_factor: float = 1.25
+    #: "cost": a generation request goes where its prompt's cached blocks and the engine's queue make it
+    #: cheapest (proxy.affinity's prefix index); "hash": the conversation key's rendezvous and pins alone.
+    placement: str = "cost"
+    block_chars: int = 256  # characters of canonical prompt text per hashed block
+    cache_tokens: int = 131072  # what each endpoint's engine is taken to cache, unless the endpoint says
+    request_tokens: int = 64  # a request's fixed cost besides its prompt, in prompt tokens (scheduling, sampling)
 
 
 @dataclass(frozen=True)

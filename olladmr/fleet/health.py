@@ -78,9 +78,10 @@ def parse_ps(body: bytes) -> dict[str, bool] | None:
     for entry in document:
         if not isinstance(entry, dict) or not isinstance(entry.get("model_name"), str):
             return None
-        if entry.get("mode", "completion") not in ("completion", None):
-            continue  # an embedding or reranking runner does not serve chat
-        loaded[normalise_model(entry["model_name"])] = bool(entry.get("loading", False))
+        mode = entry.get("mode") or "completion"
+        key = normalise_model(entry["model_name"])
+        # an embedding or reranking runner does not serve chat: it is known by its mode too
+        loaded[key if mode == "completion" else f"{mode} {key}"] = bool(entry.get("loading", False))
     return loaded
 
 
@@ -360,6 +361,8 @@ class HealthMonitor(Service):
         if old == status:
             return
         ep.status = status
+        if old in (HEALTHY, BUSY) and status not in (HEALTHY, BUSY):
+            ep.cache_lost()  # it may come back restarted, with an empty cache
         if old == OFFLINE and status in (HEALTHY, BUSY):
             # Back online: let one trial request through now instead of
             # waiting out a cool-down that connection failures started.

@@ -39,10 +39,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ..config.schema import AffinityConfig, Config
+from .prefix import CHARS_PER_TOKEN, PrefixIndex, PromptBlocks, prompt_blocks
 from .state import EndpointState
 
 SESSION_HEADER = b"x-olla-session-id"
 HIT, MISS, REPIN, SPILL, DISABLED = "hit", "miss", "repin", "spill", "disabled"
+#: Why a request went where it went (``X-Olla-Placement``): its cached prefix, its explicit session, a detour
+#: from its prefix's endpoint for load, a model load nobody could avoid, or load alone (nothing cached anywhere).
+PREFIX, SESSION, COLD, BALANCE = "prefix", "session", "cold", "balance"
+REASONS = (PREFIX, SESSION, SPILL, COLD, BALANCE)
+#: Olla's names for the key sources, as its ``X-Olla-Sticky-Key-Source`` reports them.
+OLLA_SOURCE_NAMES = {"session_header": "session_header", "prefix": "prefix_hash", "auth": "auth_header", "ip": "ip"}
+#: A cold load, in prompt characters: seconds to minutes, worth more than any prefill placement can save.
+COLD_CHARS = 4_000_000
 #: Routes that generate with a chat runner: their prompts build a KV cache worth returning to (the others carry a
 #: key only from the header), and /engines/ps's completion runners say where their model is loaded.
 GENERATION_ROUTES = frozenset({"chat/completions", "completions", "messages", "responses"})
@@ -55,6 +64,7 @@ class SessionKey:
     key: str
     source: str
     session_id: bytes | None = None
+    blocks: PromptBlocks | None = None  # the prompt's blocks, when it is placed by expected cost
 
 
 def _digest(*parts: bytes) -> str:
@@ -147,6 +157,10 @@ def session_key(
                 return SessionKey(_digest(scope, b"s", value), source, value)
         elif route not in GENERATION_ROUTES:
             continue  # embeddings, rerank, score, images: only an explicit session id
+        elif source == "prefix" and settings.placement == "cost":
+            blocks = prompt_blocks(route, body, model_key, settings.block_chars)
+            if blocks is not None and blocks.digests:
+                return SessionKey(blocks.head.hex(), source, blocks=blocks)
         elif source == "prefix":
             prefix = conversation_prefix(route, body, settings.prefix_bytes)
             if prefix is not None:
@@ -256,6 +270,8 @@ class Placement:
     verdict: str
     pinned: str | None
     home: str | None = None
+    reason: str = SESSION
+    matched: dict[str, int] | None = None  # by prompt cost: characters of the prompt each endpoint holds
 
 
 class SessionRouter:
@@ -264,17 +280,25 @@ class SessionRouter:
     def __init__(self, clock: IReactorTime, config: Config) -> None:
         self.settings = config.proxy.affinity
         self.pins = PinTable(clock, self.settings.max_sessions, self.settings.idle_ttl)
+        self.index = PrefixIndex(self.settings.cache_tokens, self.settings.block_chars)
         self.counts = {HIT: 0, MISS: 0, REPIN: 0, SPILL: 0}
+        self.reasons = dict.fromkeys(REASONS, 0)
+        self.matched_chars = 0  # prompt characters placed where they were cached (estimated)
+        self.unmatched_chars = 0  # prompt characters placed where they had to be computed
         self.cold_avoided = 0
         self.cold_taken = 0
 
     def reconfigure(self, config: Config) -> None:
-        """Adopt reloaded settings; pins to endpoints that remain are kept."""
+        """Adopt reloaded settings; pins and cache estimates of endpoints that remain are kept."""
         self.settings = config.proxy.affinity
         self.pins.max_sessions = self.settings.max_sessions
         self.pins.idle_ttl = self.settings.idle_ttl
-        self.pins.keep_only({ep.name for ep in config.endpoints})
+        names = {ep.name for ep in config.endpoints}
+        self.pins.keep_only(names)
         self.pins.trim()
+        self.index.default_cache_tokens = self.settings.cache_tokens
+        self.index.block_chars = self.settings.block_chars
+        self.index.keep_only(names)
 
     @property
     def enabled(self) -> bool:
@@ -296,7 +320,9 @@ class SessionRouter:
         """The order to try ``candidates`` in for ``session`` (first choice first) and the verdict."""
         routable = [ep for ep in candidates if ep.routable]
         if not routable:
-            return Placement(list(candidates), MISS, None)
+            return Placement(list(candidates), MISS, None, reason=BALANCE if session.blocks is not None else SESSION)
+        if session.blocks is not None and model_key is not None:
+            return self._place_prompt(session.blocks, routable, model_key)
         generation = model_key is not None and (route is None or route in GENERATION_ROUTES)
         pinned = self.pins.get(session.key)
         if len(routable) == 1:  # one place to go: the verdict is all there is to work out
@@ -346,6 +372,91 @@ class SessionRouter:
             tier = [chosen, *[ep for ep in tier if ep is not chosen]]
         return Placement(tier + others, verdict, pinned, home.name)
 
+    # -- placement by expected cost
+
+    def overhead_chars(self) -> int:
+        """A request's fixed cost besides its prompt, in prompt characters."""
+        return self.settings.request_tokens * CHARS_PER_TOKEN
+
+    def uncached(self, ep: EndpointState, model_key: str, blocks: PromptBlocks) -> int:
+        """The characters of the prompt ``ep`` would have to compute."""
+        return blocks.chars - self.index.matched_chars(ep, model_key, blocks)
+
+    def cost(self, ep: EndpointState, model_key: str, uncached: int) -> float:
+        """
+        What sending a prompt with ``uncached`` characters to compute to
+        ``ep`` is expected to cost before its first token, in prompt
+        characters: the prefill work already waiting there, its own prefill
+        and fixed cost, a wait for a slot when every slot is taken, and a
+        cold load when the model is not loaded there.
+        """
+        overhead = self.overhead_chars()
+        cost: float = ep.prefill_pending + uncached + overhead
+        excess = ep.in_flight - ep.capacity + 1
+        if excess > 0:
+            cost += excess * 4 * (overhead + ep.prefill_pending / max(1, ep.prefilling))
+        loaded = ep.model_loaded(model_key)
+        if loaded is False:
+            cost += COLD_CHARS // 2 if ep.model_loading(model_key) else COLD_CHARS
+        return cost
+
+    def _place_prompt(self, blocks: PromptBlocks, routable: list[EndpointState], model_key: str) -> Placement:
+        """
+        Where a prompt is cheapest to serve (see :meth:`cost`), with two
+        rules on top: a prompt whose longest cached prefix is at one endpoint
+        stays there while that endpoint has a free slot (no needless moves),
+        and a prompt cached nowhere starts where rendezvous hashing of its
+        first block says -- the same endpoint on every olladmr instance --
+        unless the load there outweighs what its next requests will reuse.
+        """
+        top = max(ep.config.priority for ep in routable)
+        head = blocks.head.hex()
+        tier = rendezvous(head, [ep for ep in routable if ep.config.priority == top])
+        others = _by_tier(head, [ep for ep in routable if ep.config.priority != top])
+        matched = {ep.name: self.index.matched_chars(ep, model_key, blocks) for ep in routable}
+        costs = {ep.name: self.cost(ep, model_key, blocks.chars - matched[ep.name]) for ep in tier}
+        ranked = sorted(tier, key=lambda ep: costs[ep.name])  # stable: rendezvous order breaks ties
+        best = ranked[0]
+        longest = max(matched[ep.name] for ep in tier)
+        if longest == 0:
+            home = tier[0]
+            if costs[home.name] <= costs[best.name] + blocks.chars:
+                best = home
+            verdict, reason = MISS, BALANCE
+        else:
+            holders = [ep for ep in tier if matched[ep.name] == longest]
+            if len(holders) == 1 and holders[0].in_flight < holders[0].capacity:
+                best = holders[0]  # a free slot and the warmest cache: never a needless move
+            elif any(costs[ep.name] <= costs[best.name] for ep in holders):
+                best = min(holders, key=lambda ep: costs[ep.name])
+            verdict, reason = (HIT, PREFIX) if matched[best.name] == longest else (SPILL, SPILL)
+        if best.model_loaded(model_key) is False:
+            reason = COLD
+            if any(ep.model_loaded(model_key) is True for ep in tier):
+                self.cold_taken += 1
+        elif any(ep.model_loaded(model_key) is False for ep in tier):
+            self.cold_avoided += 1
+        order = [best, *[ep for ep in ranked if ep is not best], *others]
+        return Placement(order, verdict, None, tier[0].name, reason, matched)
+
+    def sending(self, ep: EndpointState, model_key: str, blocks: PromptBlocks) -> int:
+        """
+        A prompt is being sent to ``ep``: its engine will hold its blocks, and
+        its prefill joins the work waiting there; returns that work (give it
+        back with :meth:`prefilled` once the first token is back).
+        """
+        work = self.uncached(ep, model_key, blocks) + self.overhead_chars()
+        self.index.record(ep, model_key, blocks)
+        ep.prefill_pending += work
+        ep.prefilling += 1
+        return work
+
+    @staticmethod
+    def prefilled(ep: EndpointState, work: int) -> None:
+        """The first token of a prompt sent with :meth:`sending` came back (or the attempt ended)."""
+        ep.prefill_pending = max(0, ep.prefill_pending - work)
+        ep.prefilling = max(0, ep.prefilling - 1)
+
     def _prefer_loaded(self, tier: list[EndpointState], model_key: str) -> list[EndpointState]:
         """
         ``tier`` (in the key's order) with the endpoints that can answer
@@ -373,18 +484,29 @@ class SessionRouter:
             return tier  # some endpoint cannot say what it holds: the key's order alone
         return [ep for _, _, ep in sorted(zip(counts, range(len(tier)), tier))]
 
-    def prefer_loaded(self, pool: list[EndpointState], model_key: str) -> list[EndpointState]:
+    def prefer_loaded(self, pool: list[EndpointState], runner: str) -> list[EndpointState]:
         """
-        For a request without a key: the endpoints of ``pool`` that have the
-        model loaded and are within the load bound, when there are some and
-        others would have to load it; else ``pool`` (the balancer decides).
+        For a request without a key: the endpoints of ``pool`` that have its
+        runner (``runner``: see :func:`~olladmr.fleet.state.runner_key`)
+        loaded and a free slot, when there are some and others would have to
+        load it; else ``pool`` (the balancer decides).  A cold load is never
+        taken while an endpoint with the model loaded has capacity.
         """
-        bound = self._bound(pool)
-        loaded = [ep for ep in pool if ep.model_loaded(model_key) is True and ep.in_flight <= bound]
-        if loaded and len(loaded) < len(pool):
-            if any(ep.model_loaded(model_key) is False for ep in pool):
+        loaded = [ep for ep in pool if ep.model_loaded(runner) is True]
+        ready = [ep for ep in loaded if ep.in_flight < ep.capacity]
+        cold = any(ep.model_loaded(runner) is False for ep in pool)
+        if ready and len(ready) < len(pool):
+            if cold:
                 self.cold_avoided += 1
-            return loaded
+            return ready
+        if cold and not loaded:
+            loading = [ep for ep in pool if ep.model_loading(runner)]
+            if not loading:
+                self.cold_taken += 1  # loaded nowhere: some endpoint has to load it
+            elif len(loading) < len(pool):
+                return loading  # share the load under way
+        elif cold and len(loaded) < len(pool):
+            self.cold_taken += 1  # the loaded ones are all busy: over capacity, a load pays
         return pool
 
     def _bound(self, tier: Sequence[EndpointState]) -> float:
@@ -427,6 +549,18 @@ class SessionRouter:
         session is pinned to its home); returns the verdict to report.
         """
         verdict = placement.verdict
+        if placement.matched is not None:  # placed by prompt cost: the prefix index is its memory
+            if endpoint is not placement.order[0] and verdict != MISS:
+                verdict = REPIN  # the first choice failed: the prompt moves to where it was served
+            self.counts[verdict] += 1
+            self.reasons[placement.reason] += 1
+            matched = placement.matched.get(endpoint.name, 0)
+            self.matched_chars += matched
+            if session.blocks is not None:
+                self.unmatched_chars += max(0, session.blocks.chars - matched)
+            self.pins.pin(session.key, endpoint.name)  # (for the count of prompt families placed)
+            return verdict
+        self.reasons[SESSION] += 1
         if verdict == SPILL:
             if placement.pinned is None and placement.home is not None:
                 # A new session's spill is a detour too: it is pinned where placement put it, which is where
@@ -443,7 +577,7 @@ class SessionRouter:
         """``/internal/stats/sticky``."""
         return {
             "enabled": self.settings.enabled,
-            "key_sources": list(self.settings.key_sources),
+            "key_sources": [OLLA_SOURCE_NAMES[source] for source in self.settings.key_sources],
             "sessions": len(self.pins),
             "max_sessions": self.settings.max_sessions,
             "idle_ttl_seconds": self.settings.idle_ttl,
@@ -455,4 +589,8 @@ class SessionRouter:
             "evictions": self.pins.evictions,
             "cold_route_avoided": self.cold_avoided,
             "cold_route_taken": self.cold_taken,
+            "placement": self.settings.placement,
+            "placements": dict(self.reasons),
+            "prompt_tokens_matched": self.matched_chars // CHARS_PER_TOKEN,
+            "prompt_tokens_unmatched": self.unmatched_chars // CHARS_PER_TOKEN,
         }

@@ -30,6 +30,17 @@ ROUTABLE_STATUSES = frozenset({HEALTHY, BUSY})
 log = Logger()
 
 
+#: DMR's runner mode for the routes that do not generate text (``backendModeForRequest``); the rest: completion.
+RUNNER_MODES = {"embeddings": "embedding", "rerank": "reranking", "score": "reranking",
+                "images/generations": "image-generation"}
+
+
+def runner_key(route: str, model_key: str) -> str:
+    """The key ``/engines/ps`` knows the runner serving ``route`` for ``model_key`` by (its mode, unless completion)."""
+    mode = RUNNER_MODES.get(route)
+    return model_key if mode is None else f"{mode} {model_key}"
+
+
 class QueueFull(Exception):
     """The endpoint's wait queue is full."""
 
@@ -69,6 +80,10 @@ class EndpointState:
         self._routed: set[str] = set()  # models sent here while not loaded: a load is under way (until ps or an answer)
         self._waiters: deque[tuple[Deferred[None], IDelayedCall]] = deque()
         self.removed = False
+        self._restarts = 0  # times the engine may have lost its KV cache (it went down)
+        self._unloads: dict[str, int] = {}  # model key -> times /engines/ps showed it unloaded after it was loaded
+        self.prefill_pending = 0  # prompt characters sent here whose first token has not come back yet
+        self.prefilling = 0  # requests sent here whose first token has not come back yet
 
     # -- configuration
 
@@ -140,6 +155,10 @@ class EndpointState:
 
     def set_loaded(self, loaded: dict[str, bool] | None) -> None:
         """What ``/engines/ps`` said is loaded (model key -> still loading), or ``None`` when it cannot say."""
+        if loaded is not None:
+            before = {k for k, loading in (self.loaded or {}).items() if not loading} | self._served
+            for key in before - loaded.keys():  # unloaded since: its KV cache went with it
+                self._unloads[key] = self._unloads.get(key, 0) + 1
         self.loaded = loaded
         self._served.clear()
         self._routed.clear()
@@ -154,11 +173,27 @@ class EndpointState:
         self._served.add(key)
         self._routed.discard(key)
 
+    # -- what the engine has cached, and how busy its compute is
+
+    def cache_lost(self) -> None:
+        """The endpoint went down: whatever its engine had cached is taken as gone."""
+        self._restarts += 1
+
+    def cache_epoch(self, key: str) -> tuple[int, int]:
+        """Changes whenever this endpoint's cache for ``key`` may have been lost (a restart, an unload)."""
+        return self._restarts, self._unloads.get(key, 0)
+
+    @property
+    def capacity(self) -> int:
+        """How many requests the engine runs at once: ``max_concurrent``, else its configured ``slots``."""
+        return self.config.max_concurrent or self.config.slots
+
     def loaded_models(self) -> list[str] | None:
         """The loaded models' keys, for status pages (``None``: unknown)."""
         if self.loaded is None and not self._served:
             return None
-        return sorted({k for k, loading in (self.loaded or {}).items() if not loading} | self._served)
+        ready = {k for k, loading in (self.loaded or {}).items() if not loading} | self._served
+        return sorted(k for k in ready if " " not in k)  # chat runners (the others are keyed "mode model")
 
     def listed_name(self, key: str) -> str | None:
         """The model id this endpoint lists for routing key ``key`` (as it spells it), if it lists it."""

@@ -46,8 +46,9 @@ from ..errors import ANTHROPIC, OPENAI, ClientError, bad_gateway, gateway_timeou
 from ..failures import HEADER_TIMEOUT, UpstreamFailure
 from ..fleet.balancer import Balancer
 from ..fleet.routing import RoutingDecision, route
-from ..fleet.sessions import GENERATION_ROUTES, Placement, SessionRouter
-from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout
+from ..fleet.prefix import CHARS_PER_TOKEN
+from ..fleet.sessions import OLLA_SOURCE_NAMES, Placement, SessionRouter
+from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout, runner_key
 from .headers import ResponseHeaders, add_response_headers, copy_response_headers, upstream_request_headers
 from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
 from .affinity import ResponseAffinity
@@ -100,7 +101,7 @@ class Exchange:
 
     __slots__ = (
         "host", "request", "call", "config", "phase", "remaining", "decision", "failures",
-        "_pending", "_relay", "_slot", "_deadline", "_placement", "record",
+        "_pending", "_relay", "_slot", "_deadline", "_placement", "_prefill", "record",
     )
 
     def __init__(self, host: ExchangeHost, request: Request, call: ProxyCall) -> None:
@@ -117,6 +118,7 @@ class Exchange:
         self._slot: EndpointState | None = None
         self._deadline: IDelayedCall | None = None
         self._placement: Placement | None = None
+        self._prefill: tuple[EndpointState, int] | None = None  # the prefill work this attempt added there
         client = request.getClientAddress()
         self.record = ExchangeRecord(
             request_id=call.request_id,
@@ -238,8 +240,8 @@ class Exchange:
         else:
             pool = [ep for ep in choices if ep.has_free_slot] or choices
             key = self.call.model_key
-            if key is not None and len(pool) > 1 and self.host.sessions.enabled and self.call.route in GENERATION_ROUTES:
-                pool = self.host.sessions.prefer_loaded(pool, key)
+            if key is not None and len(pool) > 1 and self.host.sessions.enabled:
+                pool = self.host.sessions.prefer_loaded(pool, runner_key(self.call.route, key))
             endpoint = self.host.balancer.pick(pool)
         self.remaining.remove(endpoint)
         try:
@@ -293,8 +295,12 @@ class Exchange:
         request = self.request
         config = endpoint.config
         endpoint.record_attempt()
-        if self.call.model_key is not None and self.call.route in GENERATION_ROUTES:
-            endpoint.note_routed(self.call.model_key)  # a load starts there now, unless the model is loaded
+        if self.call.model_key is not None:
+            endpoint.note_routed(runner_key(self.call.route, self.call.model_key))  # a load starts, unless loaded
+        session = self.call.session
+        if session is not None and session.blocks is not None and self.call.model_key is not None:
+            self._prefilled()  # (a retry on a fresh connection: count its work once)
+            self._prefill = (endpoint, self.host.sessions.sending(endpoint, self.call.model_key, session.blocks))
         self.record.attempts += 1
         self.record.endpoint = endpoint.name
         client = request.getClientAddress()
@@ -323,8 +329,15 @@ class Exchange:
         self._pending = d
         d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
 
+    def _prefilled(self) -> None:
+        """The first token came back (or the attempt ended): its prefill no longer waits on the endpoint."""
+        if self._prefill is not None:
+            self.host.sessions.prefilled(*self._prefill)
+            self._prefill = None
+
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
+        self._prefilled()
         if self.phase is Phase.DONE or failure.check(CancelledError):
             # We cancelled it (the client left, or a deadline): whatever Twisted
             # reports says nothing about the endpoint.
@@ -400,6 +413,7 @@ class Exchange:
         if self.phase is Phase.DONE:
             return
         if LOADING_MARKER in body:
+            self._prefilled()
             self._release()
             self.record.failovers += 1
             log.info("{endpoint} is loading the model; trying another endpoint", endpoint=endpoint.name)
@@ -463,13 +477,21 @@ class Exchange:
                 put_header(out, name, value)
         session = self.call.session
         if session is not None and self._placement is not None and response.code < 300:
-            verdict = self.host.sessions.served(session, self._placement, endpoint)
+            placement = self._placement
+            verdict = self.host.sessions.served(session, placement, endpoint)
             put_header(out, b"x-olla-sticky-session", verdict.encode())
-            put_header(out, b"x-olla-sticky-key-source", session.source.encode())
+            put_header(out, b"x-olla-sticky-key-source", OLLA_SOURCE_NAMES[session.source].encode())
+            put_header(out, b"x-olla-placement", placement.reason.encode())
+            if placement.matched is not None and session.blocks is not None:
+                put_header(out, b"x-olla-prefix-match", b"%d/%d" % (
+                    placement.matched.get(endpoint.name, 0) // CHARS_PER_TOKEN, session.blocks.chars // CHARS_PER_TOKEN))
             if session.session_id is not None:
                 put_header(out, b"x-olla-session-id", session.session_id)
         elif self.call.affinity_reported and (session is None or response.code < 300):
             put_header(out, b"x-olla-sticky-session", b"disabled")
+            key = self.call.model_key
+            cold = key is not None and endpoint.model_loaded(runner_key(self.call.route, key)) is False
+            put_header(out, b"x-olla-placement", b"cold" if cold else b"balance")
         if pairs is not None:
             first = response.header(b"content-type")  # type: ignore[attr-defined]  # (our wire's response)
         else:
@@ -483,8 +505,8 @@ class Exchange:
 
     def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
-        if response.code < 300 and self.call.model_key is not None and self.call.route in GENERATION_ROUTES:
-            endpoint.note_served(self.call.model_key)  # a chat runner is loaded there now
+        if response.code < 300 and self.call.model_key is not None:
+            endpoint.note_served(runner_key(self.call.route, self.call.model_key))  # its runner is loaded there now
         is_sse = self._start_response(response, endpoint)
         api = self.call.api
         relay = ResponseRelay(
@@ -496,6 +518,7 @@ class Exchange:
             endpoint.name,
             UsageTail(head=api == "anthropic") if response.code < 300 and self.call.model is not None else None,
             ResponseIdSniffer() if self.call.capture_response and response.code == 200 else None,
+            self._prefilled if self._prefill is not None else None,
         )
         self.record.streamed = is_sse
         self._relay = relay
@@ -563,6 +586,7 @@ class Exchange:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
+        self._prefilled()
         self._release()
         self._relay = None  # (it holds our _relay_done: no reference cycle left for the collector to find)
         self.record.outcome = outcome

@@ -258,8 +258,10 @@ class ResponseRelay(Protocol):
         endpoint: str,
         usage: UsageTail | None = None,
         sniffer: ResponseIdSniffer | None = None,
+        on_first_byte: Callable[[], None] | None = None,
     ) -> None:
         self.request = request
+        self._on_first_byte = on_first_byte
         self.sniffer = sniffer
         self._clock = clock
         self._read_timeout = read_timeout
@@ -281,6 +283,8 @@ class ResponseRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.bytes == 0:
             self.first_byte_at = self._clock.seconds()
+            if self._on_first_byte is not None:
+                self._on_first_byte()
         self.bytes += len(data)
         if self._timer is not None:
             self._timer.reset(self._read_timeout)
