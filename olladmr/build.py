@@ -186,6 +186,7 @@ def build(
         in_flight=inflight.__len__,
         balancer=lambda: proxy.balancer.name,
         reloads=reloader.counts,
+        prefix_cache=sessions.cache_estimate,
     )
     process = ProcessStats(lifecycle)
     dashboard = Dashboard(reactor, lifecycle, status=status, metrics=metrics, events=events, sticky=sessions.stats)

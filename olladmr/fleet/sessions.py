@@ -451,6 +451,14 @@ class SessionRouter:
         ep.prefilling += 1
         return work
 
+    def cache_estimate(self, ep: EndpointState) -> dict[str, int]:
+        """What olladmr believes ``ep`` has cached, for the status page and the dashboard (in tokens)."""
+        per_block = self.settings.block_chars // CHARS_PER_TOKEN
+        return {
+            "tokens": self.index.held(ep) * per_block,
+            "capacity_tokens": self.index.capacity(ep) * per_block,
+        }
+
     @staticmethod
     def prefilled(ep: EndpointState, work: int) -> None:
         """The first token of a prompt sent with :meth:`sending` came back (or the attempt ended)."""

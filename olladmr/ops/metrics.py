@@ -213,6 +213,21 @@ class _StickyCollector:
         yield cold
         yield CounterMetricFamily("olladmr_sticky_evictions", "session pins evicted (idle or full)",
                                   value=stats["evictions"])
+        reasons = CounterMetricFamily(
+            "olladmr_placements", "keyed requests by why they went where they went", labels=["reason"]
+        )
+        for reason, count in stats["placements"].items():
+            reasons.add_metric([reason], count)
+        yield reasons
+        prompt = CounterMetricFamily(
+            "olladmr_prompt_tokens_placed",
+            "prompt tokens of cost-placed requests, found cached where they went (matched) or not (unmatched); "
+            "estimated at 4 characters a token",
+            labels=["cache"],
+        )
+        prompt.add_metric(["matched"], stats["prompt_tokens_matched"])
+        prompt.add_metric(["unmatched"], stats["prompt_tokens_unmatched"])
+        yield prompt
         yield GaugeMetricFamily("olladmr_sticky_sessions_active", "sessions pinned now", value=stats["sessions"])
 
 

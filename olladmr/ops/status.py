@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..fleet.catalogue import Catalogue
+from ..fleet.prefix import CHARS_PER_TOKEN
 from ..fleet.state import EndpointState, Fleet
 from .lifecycle import Lifecycle
 from .metrics import Metrics
@@ -34,6 +35,9 @@ def endpoint_status(ep: EndpointState) -> dict[str, Any]:
         "active_connections": ep.in_flight,
         "queued": ep.queued,
         "max_concurrent": ep.config.max_concurrent,
+        "slots": ep.capacity,
+        "prefilling": ep.prefilling,
+        "prefill_queue_tokens": ep.prefill_pending // CHARS_PER_TOKEN,
         "request_count": ep.request_count,
         "failure_count": ep.failure_count,
         "last_check": ep.last_check,
@@ -58,7 +62,9 @@ class StatusReport:
         in_flight: Callable[[], int],
         balancer: Callable[[], str],
         reloads: Callable[[], tuple[int, int]],
+        prefix_cache: Callable[[EndpointState], dict[str, int]] | None = None,
     ) -> None:
+        self._prefix_cache = prefix_cache
         self._fleet = fleet
         self._catalogue = catalogue
         self._metrics = metrics
@@ -81,7 +87,12 @@ class StatusReport:
         eps = list(self._fleet)
         return {
             "endpoints": [
-                {**endpoint_status(ep), "traffic": self._metrics.endpoint_stats.summary(ep.name)} for ep in eps
+                {
+                    **endpoint_status(ep),
+                    "traffic": self._metrics.endpoint_stats.summary(ep.name),
+                    "prefix_cache": self._prefix_cache(ep) if self._prefix_cache is not None else None,
+                }
+                for ep in eps
             ],
             "total_count": len(eps),
             "healthy_count": sum(1 for ep in eps if ep.status == "healthy"),

@@ -153,6 +153,11 @@
     return latency ? ms(latency.p50) + " / " + ms(latency.p95) : "–";
   }
 
+  function tokens(count) {
+    if (count === null || count === undefined) return "–";
+    return count >= 10000 ? Math.round(count / 1000) + "k" : String(count);
+  }
+
   function percent(rate) {
     return rate === null || rate === undefined ? "–" : (rate * 100).toFixed(rate && rate < 0.1 ? 1 : 0) + "%";
   }
@@ -208,6 +213,9 @@
       cell(tr, ago(ep.last_check, now));
       cell(tr, (ep.models || []).join(", ") || "none");
       cell(tr, ep.loaded_models === null || ep.loaded_models === undefined ? "unknown" : ep.loaded_models.join(", ") || "none");
+      cell(tr, (ep.prefilling ?? 0) + " / " + tokens(ep.prefill_queue_tokens), "num prefill");
+      const cache = ep.prefix_cache;
+      cell(tr, cache ? tokens(cache.tokens) + " / " + tokens(cache.capacity_tokens) : "–", "num cache");
       return tr;
     });
     body.replaceChildren(...rows);
