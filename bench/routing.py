@@ -3,40 +3,46 @@
 Routers side by side on agent-style traffic: prefix caching against queueing (issue 19).
 
     .venv/bin/python bench/routing.py [--scenario tenants-small,...] [--routers olladmr,rr,lc,sglang,olla]
-                                      [--scale 0.25] [--seed N | --seeds 1,2,3] [--json FILE]
+                                      [--extra-olladmr NAME=YAML] [--scale 0.25] [--seed N | --seeds 1,2,3]
+                                      [--json FILE]
 
 Every process runs on 127.0.0.1 on free ports, each in its own process group, and is stopped when
-the run ends, fails or is interrupted; every wait and loop is bounded by a count and a deadline.
-For each scenario and each router, a fresh fleet (fake DMRs in one process: the ``serve`` command of
-``tests/fakedmr.py``, or the stand-in ``bench/routing_fakes.py`` while that does not exist; or, for
-``real``, real DMRs from ``../shared/tools/realdmr/dmr`` whose engines are unloaded between runs)
-and a fresh router are started, the trace is replayed by N concurrent simulated users (asyncio,
-keep-alive connections, SSE read incrementally, each conversation's turns strictly in sequence),
-then everything is stopped.
+the run ends, fails or is interrupted (Ctrl-C, SIGTERM); every wait and loop is bounded by a count
+and a deadline.  For each scenario, seed and router, a fresh fleet and a fresh router are started,
+the trace is replayed, then both are stopped.  The fleet: fake DMRs in one process
+(``tests/fakedmr.py serve``, one port per endpoint, the model loaded on every endpoint by a one-word
+request before the router starts), or, for ``real``, real DMRs from ``../shared/tools/realdmr/dmr``
+(started once per scenario with their state in the run's directory; before each run every engine
+is unloaded, then ``ai/small`` is preloaded through ``_configure`` with ``--threads 1``).
 
 Routers: ``olladmr`` (defaults), ``rr`` / ``lc`` (olladmr, affinity off, round-robin /
-least-connections), ``sglang`` (SGLang's router, ``cache_aware``), ``olla`` (Olla, sticky
-sessions on), ``olladmr2`` (two olladmr daemons on one fleet, each conversation alternating
-between them turn by turn), and variants given with ``--extra-olladmr NAME=YAML`` (``NAME2``: two
-instances of it).  A peer whose binary is missing is skipped with a note.
+least-connections), ``sglang`` (SGLang's router, ``cache_aware``; in front of real DMRs through
+``bench/routing_shim.py``, which answers the ``/engines/health`` the router needs and splices the
+rest), ``olla`` (Olla, sticky sessions on, ``prefix_hash``), ``olladmr2`` (two olladmr daemons on
+one fleet, each conversation alternating between them turn by turn), and variants given with
+``--extra-olladmr NAME=YAML`` (``NAME2``: two instances of it).  A peer whose binary is missing is
+skipped with a note.  Peers run as ``/tmp/peers/NOTES.md`` describes (``$ROUTING_PEERS`` moves it).
 
-Traces (seeded; see bench/routing_trace.py): "tenants" — T tenants, each with its own system
-prompt of H words; C conversations × K turns (turn 1 a unique task, each later turn the answer
-read from the stream plus a tool result as a new user message), conversations assigned to tenants
+Traces (seeded; bench/routing_trace.py): "tenants" — T tenants, each with its own system prompt
+of H words; C conversations × K turns (turn 1 a unique task, each later turn the answer read from
+the stream plus a tool result as a new user message), conversations assigned to tenants
 round-robin (or a share from tenant 0, "skewed"); "sessions" — every conversation has its own
-system prompt.
+system prompt.  N simulated users (asyncio, a keep-alive connection each, SSE read incrementally)
+each take the next conversation and run its turns strictly in sequence, waiting a seeded uniform
+[0, --think-ms) before each turn.
 
 Metrics (per router, pooled over seeds): TTFT = request written → arrival of the first SSE
 ``data:`` event whose ``choices[0].delta.content`` is non-empty (``time.monotonic``), mean / p50 /
 p95 (nearest rank) over all turns and over turns ≥ 2; words prefilled = Σ over the fakes of the
 ``cache_miss_tokens`` delta of ``/fake/stats`` (real engines: Σ ``timings.prompt_n`` of each
-stream's final chunk, cross-checked with ``llamacpp:prompt_tokens_total`` of ``/metrics``),
-against the ideal (each distinct prompt prefix computed once, counted from the prompts actually
-sent; ``routing_trace.PrefixLedger``); share of requests per endpoint (the fakes' request
-counters, or ``X-Olla-Endpoint``); the fakes' max queue per endpoint (requests waiting for a slot
-or the prefill gate) and summed queue wait; cold loads; failed requests (no retries: a failed turn
-ends its conversation, its remaining turns are counted as skipped); CPU seconds of the client,
-the fleet and the router.
+stream's final chunk, cross-checked with the "prompt eval time" lines of the engines' llama-server
+logs), against the ideal (each distinct prompt prefix computed once, counted from the prompts
+actually sent; ``routing_trace.PrefixLedger``); requests per endpoint (the fakes' request
+counters; real engines: slots launched, from their logs); the fakes' max queue per endpoint
+(requests waiting at once for a slot or a prefill turn) and summed queue wait; cold loads; failed
+requests (no retries by the client: a failed turn ends its conversation, its remaining turns are
+counted as skipped); CPU seconds of the client, the fleet, the router and everything else on the
+machine (``other``: not part of the run).
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ import argparse
 import asyncio
 import atexit
 import copy
+import functools
 import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -119,6 +127,13 @@ def scenarios() -> dict[str, Scenario]:
         "two-instances": Scenario(
             "two-instances", small, 12, 3, gpukv, routers=("olladmr", "olladmr2"),
             about="tenants-small; `olladmr2` = two daemons on the same fleet, turns alternating between them"),
+        "real-fake": Scenario(
+            "real-fake", TraceSpec(kind="tenants", tenants=4, head=1250, task=300, tool=100, conversations=16, turns=4,
+                                   unit="char"), 4, 2, ["--preset", "real"],
+            routers=("olladmr", "lc", "sglang", "olla"), seeds=(1, 2, 3, 4), max_tokens=24,
+            about="the real scenario's trace on fakes `--preset real` (calibrated on the bundle's ai/small: 1 char = "
+                  "1 token, batched prefills, 4 slots, busy prefixes not shared, answers recomputed), to compare "
+                  "with `real`"),
         "real": Scenario(
             "real", TraceSpec(kind="tenants", tenants=4, head=1250, task=300, tool=100, conversations=16, turns=4,
                               unit="char"), 4, 2, routers=("olladmr", "lc", "sglang", "olla"), real=True,
@@ -202,6 +217,14 @@ def group_cpu(pgid: int) -> float:
     return total / CLK_TCK
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy since boot (every core: user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 _taken: set[int] = set()
 
 
@@ -246,18 +269,9 @@ def log_tail(proc: Any, n: int = 1500) -> str:
 # -- fleets
 
 
-def fake_cli(choice: str) -> tuple[list[str], str]:
+def fake_cli() -> tuple[list[str], str]:
     tests = os.path.join(ROOT, "tests", "fakedmr.py")
-    has_serve = False
-    try:
-        with open(tests, encoding="utf-8") as f:
-            has_serve = '"serve"' in f.read()
-    except OSError:
-        pass
-    if choice == "tests" or (choice == "auto" and has_serve):
-        return [os.path.join(VENV, "python"), tests, "serve"], "tests/fakedmr.py serve"
-    return [os.path.join(VENV, "python"), os.path.join(HERE, "routing_fakes.py"), "serve"], \
-        "bench/routing_fakes.py serve (stand-in)"
+    return [os.path.join(VENV, "python"), tests, "serve"], "tests/fakedmr.py serve"
 
 
 class FakeFleet:
@@ -284,9 +298,16 @@ class FakeFleet:
                 return any(line.startswith(b"READY") for line in f.read().splitlines())
 
         await wait_for("fake fleet", ready, 30, self.proc, interval=0.05)
+        await self.reset()
 
     async def reset(self) -> None:
-        pass
+        """Load the model on every endpoint (a one-word request each), as on a fleet that has been serving."""
+        for port in self.ports:
+            status, body = await request_json(
+                "127.0.0.1", port, "POST", "/engines/v1/chat/completions",
+                {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "~"}]}, timeout=30)
+            if status != 200:
+                raise RuntimeError(f"warm-up request to fake {port}: HTTP {status} {str(body)[:200]}")
 
     async def stats(self) -> list[dict[str, Any]]:
         out = []
@@ -324,17 +345,20 @@ class RealFleet:
     async def start(self) -> None:
         for port in self.ports:
             self.started.append(port)
-            self.procs.cleanups.append((f"stop.sh {port}", lambda port=port: self._stop_sync(port)))
-            proc = await asyncio.create_subprocess_exec(
-                "bash", os.path.join(REALDMR, "start.sh"), str(port), env=self.env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), 180)
-            except asyncio.TimeoutError:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"start.sh {port}: no answer within 180 s")
-            if proc.returncode != 0:
-                raise RuntimeError(f"start.sh {port} failed: {err.decode(errors='replace')[-800:]}")
+            self.procs.cleanups.append((f"stop.sh {port}", functools.partial(self._stop_sync, port)))
+            await self._start(port)
+
+    async def _start(self, port: int) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "bash", os.path.join(REALDMR, "start.sh"), str(port), env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 180)
+        except asyncio.TimeoutError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"start.sh {port}: no answer within 180 s")
+        if proc.returncode != 0:
+            raise RuntimeError(f"start.sh {port} failed: {err.decode(errors='replace')[-800:]}")
 
     async def reset(self) -> None:
         """Unload every engine (empties its caches), then preload ai/small with the run's threads."""
@@ -344,7 +368,13 @@ class RealFleet:
             async def unloaded(port: int = port) -> bool:
                 _, ps = await get_json("127.0.0.1", port, "/engines/ps")
                 return isinstance(ps, list) and not ps
-            await wait_for(f"unload on {port}", unloaded, 30)
+            try:
+                await wait_for(f"unload on {port}", unloaded, 20)
+            except RuntimeError:  # a request DMR never answered holds the runner: restart that DMR
+                print(f"note: DMR {port} did not unload (a request still hangs in it); restarting it",
+                      file=sys.stderr, flush=True)
+                await asyncio.get_running_loop().run_in_executor(None, self._stop_sync, port)
+                await self._start(port)
             flags = ["--threads", str(self.threads)] if self.threads > 0 else []
             await request_json("127.0.0.1", port, "POST", "/engines/_configure",
                                {"model": MODEL, "runtime-flags": flags, "keep_alive": "-1"}, timeout=30)
@@ -360,10 +390,24 @@ class RealFleet:
                                timeout=60)
 
     async def stats(self) -> list[dict[str, Any]]:
+        """Per engine, from its llama-server log (DMR appends every run of the engine to one file):
+        ``requests`` = slots launched, ``prompt_tokens`` = Σ tokens of the "prompt eval time" lines."""
         out = []
         for port in self.ports:
-            status, text = await get_json("127.0.0.1", port, "/metrics")
-            out.append(parse_llamacpp_metrics(text if isinstance(text, str) else ""))
+            path = os.path.join(self.statedir, f"realdmr-{port}", "logs", "inference-llama.cpp-server.log")
+            requests = tokens = 0
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if "launch_slot_" in line:
+                            requests += 1
+                        elif "prompt eval time" in line:
+                            m = re.search(r"/\s*(\d+) tokens", line)
+                            if m:
+                                tokens += int(m.group(1))
+            except OSError:
+                pass
+            out.append({"requests": requests, "prompt_tokens": tokens})
         return out
 
     def cpu(self) -> float:
@@ -381,22 +425,15 @@ class RealFleet:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     async def stop(self) -> None:
-        pass  # stopped by the Procs cleanups at the very end (the fleet serves every router of the scenario)
+        pass  # the fleet serves every router of the scenario: close() at its end
 
-
-def parse_llamacpp_metrics(text: str) -> dict[str, Any]:
-    """Sums of llama.cpp's counters in DMR's /metrics (every running engine)."""
-    out: dict[str, Any] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"([a-zA-Z_:]+)(\{[^}]*\})?\s+([0-9.eE+-]+)", line)
-        if not m:
-            continue
-        name = m.group(1).split(":")[-1]
-        if name in ("prompt_tokens_total", "tokens_predicted_total", "n_decode_total", "prompt_seconds_total"):
-            out[name] = out.get(name, 0.0) + float(m.group(3))
-    return out
+    def close(self) -> None:
+        """stop.sh every engine now (the Procs cleanups do it at exit if this is never reached)."""
+        names = {f"stop.sh {port}" for port in self.started}
+        self.procs.cleanups = [(n, fn) for n, fn in self.procs.cleanups if n not in names]
+        for port in self.started:
+            self._stop_sync(port)
+        self.started = []
 
 
 # -- routers
@@ -423,6 +460,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def router_specs(extras: list[str], src: str | None) -> dict[str, RouterSpec]:
+    src = os.path.abspath(src or ROOT)  # on PYTHONPATH: its olladmr package and twisted/plugins
     off = {"affinity": {"enabled": False}}
     specs = {
         "olladmr": RouterSpec("olladmr", "olladmr", {}, src=src, label="olladmr (default)"),
@@ -445,7 +483,7 @@ def router_specs(extras: list[str], src: str | None) -> dict[str, RouterSpec]:
         overlay = yaml.safe_load(text) or {}
         if not isinstance(overlay, dict):
             raise SystemExit(f"--extra-olladmr {name}: the YAML must be a mapping")
-        own_src = overlay.pop("src", None) or src
+        own_src = os.path.abspath(overlay.pop("src", None) or src)
         specs[name] = RouterSpec(name, "olladmr", overlay, src=own_src, label=f"olladmr `{name}`")
         specs[name + "2"] = RouterSpec(name + "2", "olladmr", overlay, instances=2, src=own_src,
                                        label=f"olladmr `{name}` × 2 instances")
@@ -477,6 +515,7 @@ class Router:
         self.workdir = workdir
         self.ports: list[int] = []
         self.path = OLLADMR_CHAT
+        self.model = MODEL  # what clients put in "model"
         self.proc_list: list[Any] = []
 
     async def start(self) -> None:
@@ -499,7 +538,7 @@ class Router:
 
     async def _olladmr(self, index: int) -> None:
         port = free_port()
-        document = {
+        document: dict[str, Any] = {
             "server": {"host": "127.0.0.1", "port": port},
             "logging": {"level": "warn"},
             "discovery": {"static": {"endpoints": [
@@ -530,10 +569,11 @@ class Router:
             if status != 200 or not isinstance(body, dict):
                 return False
             eps = body.get("endpoints", [])
-            return len(eps) == count and all(
-                e.get("status") == "healthy" and e.get("routable")
-                and any(m.split("/")[-1].split(":")[0] == MODEL.split("/")[-1] for m in e.get("models", []))
-                for e in eps)
+            def has(names: Any) -> bool:
+                return any(str(m).split("/")[-1].split(":")[0] == MODEL.split("/")[-1] for m in names or [])
+
+            return len(eps) == count and all(e.get("status") == "healthy" and e.get("routable") and has(e.get("models"))
+                                             and has(e.get("loaded_models")) for e in eps)
 
         await wait_for(f"olladmr {self.spec.name}#{index}", ready, 40, proc)
         self.ports.append(port)
@@ -541,19 +581,22 @@ class Router:
 
     async def _sglang(self) -> None:
         port = free_port()
+        urls = list(self.fleet.urls)
+        if self.fleet.real:  # a real DMR has no /engines/health, which the router needs to register a worker
+            urls = await self._health_shim(urls)
         argv = [os.path.join(PEERS, "sglv", "bin", "python"), "-m", "sglang_router.launch_router",
-                "--policy", "cache_aware", "--worker-urls", *[u + "/engines" for u in self.fleet.urls],
-                "--host", "127.0.0.1", "--port", str(port)]
+                "--policy", "cache_aware", "--worker-urls", *[u + "/engines" for u in urls],
+                "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(free_port()), "--log-level", "warn"]
         argv += sglang_extra_args()
-        proc = self.procs.spawn("sglang", argv, cwd=self.workdir)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+        proc = self.procs.spawn("sglang", argv, cwd=self.workdir, env=env)
         self.proc_list.append(proc)
+        count = len(urls)
 
         async def ready() -> bool:
-            status, _ = await get_json("127.0.0.1", port, "/health")
-            if status != 200:
-                return False
-            status, _ = await get_json("127.0.0.1", port, "/v1/models")
-            return status == 200
+            status, body = await get_json("127.0.0.1", port, "/readiness")
+            return status == 200 and isinstance(body, dict) and body.get("healthy_workers") == count
 
         await wait_for("sglang router", ready, 90, proc, interval=0.3)
         self.ports.append(port)
@@ -575,7 +618,7 @@ class Router:
         document["discovery"]["static"] = {"endpoints": [
             {"url": url, "name": f"dmr{i}", "type": "docker-model-runner", "priority": 100,
              "model_url": "/engines/v1/models", "health_check_url": "/engines/v1/models",
-             "check_interval": "1s", "check_timeout": "1s"} for i, url in enumerate(self.fleet.urls)]}
+             "check_interval": "2s", "check_timeout": "1s"} for i, url in enumerate(self.fleet.urls)]}
         path = os.path.join(self.workdir, f"olla-{port}.yaml")
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(document, f, sort_keys=False)
@@ -595,11 +638,36 @@ class Router:
             if len(healthy) < count:
                 return False
             status, models = await get_json("127.0.0.1", port, "/olla/models")
-            return status == 200 and MODEL.split("/")[-1] in json.dumps(models)
+            if status != 200 or not isinstance(models, dict):
+                return False
+            # Olla's strict routing wants the name the endpoints list (a real DMR lists docker.io/ai/small:latest)
+            ids = [str(m.get("id", "")) for m in models.get("data", []) if isinstance(m, dict)]
+            short = MODEL.split("/")[-1]
+            match = [i for i in ids if i.split("/")[-1].split(":")[0] == short]
+            if match:
+                self.model = MODEL if MODEL in match else match[0]
+            return bool(match)
 
         await wait_for("olla", ready, 60, proc, interval=0.3)
         self.ports.append(port)
         self.path = OLLA_CHAT
+
+
+    async def _health_shim(self, urls: list[str]) -> list[str]:
+        """Start bench/routing_shim.py in front of each real DMR (answers /engines/health, splices the rest)."""
+        ports = [free_port() for _ in urls]
+        argv = [sys.executable, os.path.join(HERE, "routing_shim.py")]
+        for listen, url in zip(ports, urls):
+            argv += ["--map", f"{listen}={url.rsplit(':', 1)[1]}"]
+        proc = self.procs.spawn("health-shim", argv, cwd=self.workdir)
+        self.proc_list.append(proc)
+
+        async def ready() -> bool:
+            with open(proc.log_path, "rb") as f:  # type: ignore[attr-defined]
+                return b"READY" in f.read()
+
+        await wait_for("health shim", ready, 20, proc, interval=0.05)
+        return [f"http://127.0.0.1:{p}" for p in ports]
 
 
 def sglang_extra_args() -> list[str]:
@@ -625,7 +693,8 @@ class Turn:
     total: float = 0.0
     endpoint: str = ""
     sticky: str = ""
-    reason: str = ""
+    reason: str = ""  # X-Olla-Placement
+    prefix_match: str = ""  # X-Olla-Prefix-Match
     prompt_units: int = 0
     ideal_new: int = 0
     prompt_n: int | None = None
@@ -635,7 +704,8 @@ class Turn:
 
 
 async def drive(router: Router, spec: RouterSpec, trace: list[Any], tspec: TraceSpec, scn: Scenario, seed: int,
-                clients: int, timeout: float, deadline: float, ledger: PrefixLedger) -> tuple[list[Turn], int]:
+                clients: int, timeout: float, deadline: float, ledger: PrefixLedger,
+                think: float, ramp: float) -> tuple[list[Turn], int]:
     pending = iter(trace)
     turns: list[Turn] = []
     skipped = 0
@@ -646,6 +716,8 @@ async def drive(router: Router, spec: RouterSpec, trace: list[Any], tspec: Trace
         nonlocal skipped
         client = Client()
         try:
+            if ramp > 0:
+                await asyncio.sleep(uid * ramp)
             while time.monotonic() < end:
                 conv = next(pending, None)
                 if conv is None:
@@ -655,13 +727,15 @@ async def drive(router: Router, spec: RouterSpec, trace: list[Any], tspec: Trace
                     if time.monotonic() >= end:
                         skipped += tspec.turns - k + 1
                         break
+                    if think > 0:  # the tool's run (or the user reading): seeded, so the same in every run
+                        await asyncio.sleep(think * random.Random(f"{seed}/think/{conv.index}/{k}").random())
                     if k > 1:
                         conv.messages.append({"role": "user", "content": conv.tools[k - 2]})
                     instance = (conv.index + k - 1) % len(ports)
                     t = Turn(spec.name, seed, conv.index, conv.tenant, k, instance)
                     t.prompt_units = sum(len(ledger.tokens(m["content"])) for m in conv.messages)
                     t.ideal_new = ledger.add(conv.messages)
-                    body = json.dumps({"model": MODEL, "messages": conv.messages, "stream": True,
+                    body = json.dumps({"model": router.model, "messages": conv.messages, "stream": True,
                                        "max_tokens": scn.max_tokens,
                                        "stream_options": {"include_usage": True},
                                        **({"temperature": 0} if scn.real else {})}).encode()
@@ -673,7 +747,8 @@ async def drive(router: Router, spec: RouterSpec, trace: list[Any], tspec: Trace
                         h = reply.headers
                         t.endpoint = h.get("x-olla-endpoint", "")
                         t.sticky = h.get("x-olla-sticky-session", "")
-                        t.reason = h.get("x-olla-placement", "") or h.get("x-olla-route-reason", "")
+                        t.reason = h.get("x-olla-placement", "")
+                        t.prefix_match = h.get("x-olla-prefix-match", "")
                         if reply.first_content is not None:
                             t.ttft = reply.first_content - reply.sent
                         t.total = (reply.finished or time.monotonic()) - reply.sent
@@ -751,19 +826,21 @@ async def run_router(scn: Scenario, spec: RouterSpec, seed: int, args: argparse.
         await router.start()
         await asyncio.sleep(args.settle)
         before = await fleet.stats()
-        cpu0 = (time.process_time(), fleet.cpu(), router.cpu())
-        ledger = PrefixLedger(tspec.unit, template=scn.real)
+        cpu0 = (time.process_time(), fleet.cpu(), router.cpu(), machine_busy())
+        ledger = PrefixLedger(tspec.unit, template=tspec.unit == "char")
         started = time.monotonic()
         turns, skipped = await drive(router, spec, trace, tspec, scn, seed, min(scn.clients, len(trace)),
-                                     args.request_timeout or (30.0 if scn.real else 60.0), args.deadline, ledger)
+                                     args.request_timeout or (10.0 if scn.real else 60.0), args.deadline, ledger,
+                                     args.think_ms / 1000.0, args.ramp_ms / 1000.0)
         wall = time.monotonic() - started
-        cpu1 = (time.process_time(), fleet.cpu(), router.cpu())
+        cpu1 = (time.process_time(), fleet.cpu(), router.cpu(), machine_busy())
         after = await fleet.stats()
     finally:
         await router.stop()
         if own_fleet:
             await fleet.stop()
     cpu = {"client": cpu1[0] - cpu0[0], "fleet": cpu1[1] - cpu0[1], "router": cpu1[2] - cpu0[2]}
+    cpu["other"] = max(0.0, cpu1[3] - cpu0[3] - sum(cpu.values()))  # processes that are not part of the run
     return Run(spec.name, seed, turns, skipped, ledger.total, ledger.prompt_tokens, delta(before, after), wall, cpu)
 
 
@@ -791,10 +868,10 @@ def summarize(runs: list[Run], real: bool, endpoints: int) -> dict[str, Any]:
     if real:
         prompt_n = [t.prompt_n for t in turns if t.ok]
         from_timings = all(p is not None for p in prompt_n) and bool(prompt_n)
-        metric_total = sum(d.get("prompt_tokens_total", 0) for r in runs for d in r.fleet_delta)
+        metric_total = sum(d.get("prompt_tokens", 0) for r in runs for d in r.fleet_delta)
         prefilled = sum(p for p in prompt_n if p is not None) if from_timings else metric_total
-        prefilled_source = "timings.prompt_n" if from_timings else "llamacpp:prompt_tokens_total"
-        per_endpoint_prefill = [sum(r.fleet_delta[i].get("prompt_tokens_total", 0) for r in runs)
+        prefilled_source = "timings.prompt_n" if from_timings else "llama-server log (prompt eval)"
+        per_endpoint_prefill = [sum(r.fleet_delta[i].get("prompt_tokens", 0) for r in runs)
                                 for i in range(endpoints)]
     else:
         prefilled = sum(d.get("cache_miss_tokens", 0) for r in runs for d in r.fleet_delta)
@@ -827,14 +904,14 @@ def summarize(runs: list[Run], real: bool, endpoints: int) -> dict[str, Any]:
         "ttft_mean": mean(ttft), "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
         "ttft2_mean": mean(later), "ttft2_p95": pct(later, 0.95), "ttft1_mean": mean(first),
         "prefilled": prefilled, "prefilled_per_seed": prefilled / seeds if seeds else None,
-        "prefilled_source": prefilled_source, "prefilled_metrics": metric_total,
+        "prefilled_source": prefilled_source, "prefilled_log": metric_total,
         "prefilled_per_endpoint": per_endpoint_prefill,
         "ideal": ideal, "ideal_per_seed": ideal / seeds if seeds else None,
         "prompt_units": sum(r.prompt_units for r in runs),
         "ratio": prefilled / ideal if ideal else None,
         "share": share, "share_source": share_source, "max_queue": max_queue, "queue_wait_s": queue_wait,
         "cold_loads": cold, "wall": sum(r.wall for r in runs), "seeds": seeds,
-        "cpu": {k: sum(r.cpu[k] for r in runs) for k in ("client", "fleet", "router")},
+        "cpu": {k: sum(r.cpu[k] for r in runs) for k in ("client", "fleet", "router", "other")},
         "reasons": _count([t.reason for t in turns if t.reason]),
     }
 
@@ -852,10 +929,10 @@ def ms(value: float | None) -> str:
 
 def table(scn: Scenario, results: dict[str, dict[str, Any]], labels: dict[str, str], unit: str) -> list[str]:
     word = "tokens" if unit == "char" else "words"
-    per_seed = scn.real
+    per_seed = len(scn.seeds) > 1
     lines = [f"| router | TTFT mean ms | p50 | p95 | turns ≥ 2 mean | turns ≥ 2 p95 | {word} prefilled"
              f"{' per seed' if per_seed else ''} (× ideal) | requests per endpoint | max queue | cold loads | "
-             f"failed (skipped) | run s | CPU s client / fleet / router |",
+             f"failed (skipped) | run s | CPU s client / fleet / router / other |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
         pre = s["prefilled_per_seed"] if per_seed else s["prefilled"]
@@ -867,7 +944,7 @@ def table(scn: Scenario, results: dict[str, dict[str, Any]], labels: dict[str, s
             f"| {labels.get(name, name)} | {ms(s['ttft_mean'])} | {ms(s['ttft_p50'])} | {ms(s['ttft_p95'])} | "
             f"{ms(s['ttft2_mean'])} | {ms(s['ttft2_p95'])} | {pre:,.0f}{ratio} | {share} | {queue} | "
             f"{'–' if s['cold_loads'] is None else s['cold_loads']} | {s['failed']} ({s['skipped']}) | "
-            f"{s['wall']:.1f} | {cpu['client']:.1f} / {cpu['fleet']:.1f} / {cpu['router']:.1f} |")
+            f"{s['wall']:.1f} | {cpu['client']:.1f} / {cpu['fleet']:.1f} / {cpu['router']:.1f} / {cpu['other']:.1f} |")
     return lines
 
 
@@ -917,7 +994,7 @@ def checks(scn: Scenario, results: dict[str, dict[str, Any]], specs: dict[str, R
                 ok = max(qw) <= 2 * avg if avg > 0 else True
                 out.append(f"- {mark(ok)} {n}: queue wait per endpoint {', '.join(f'{q:.1f}' for q in qw)} s, "
                            f"max {max(qw) / avg if avg else 0:.2f}× the average; target ≤ 2×")
-    elif scn.name == "real":
+    elif scn.name in ("real", "real-fake"):
         vs_peers(0.9)
     elif scn.name == "sessions":
         if "rr" in results:
@@ -970,6 +1047,20 @@ def scaled(scn: Scenario, args: argparse.Namespace) -> Scenario:
                     scn.about)
 
 
+def revision(src: str) -> str:
+    """The git commit of an olladmr source tree, +dirty when its olladmr/ differs from it."""
+    try:
+        head = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "not a git tree"
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "olladmr"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
 def describe(scn: Scenario) -> str:
     s = scn.spec
     unit = "chars" if s.unit == "char" else "words"
@@ -993,7 +1084,14 @@ async def main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    loop.add_signal_handler(signal.SIGTERM, me.cancel)
+    stopped_by: list[int] = []
+
+    def interrupted(signum: int) -> None:
+        stopped_by.append(signum)
+        me.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, interrupted, signum)
     all_scenarios = scenarios()
     names = [n.strip() for n in args.scenario.split(",") if n.strip()]
     for n in names:
@@ -1001,12 +1099,14 @@ async def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown scenario {n!r}; known: {', '.join(all_scenarios)}")
     specs = router_specs(args.extra_olladmr, args.olladmr_src)
     extra_names = [item.partition("=")[0] for item in args.extra_olladmr]
-    args.fake_argv, fake_label = fake_cli(args.fakes)
+    args.fake_argv, fake_label = fake_cli()
+    sources = sorted({spec.src for spec in specs.values() if spec.kind == "olladmr" and spec.src})
     print(f"# bench/routing.py — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}; fakes: {fake_label}; olladmr from "
-          f"{args.olladmr_src or ROOT}; logs in {logdir}", flush=True)
+          + ", ".join(f"{src} ({revision(src)})" for src in sources) + f"; logs in {logdir}", flush=True)
     missing: dict[str, str | None] = {}
     report: dict[str, Any] = {"command": " ".join(sys.argv), "fakes": fake_label, "scenarios": {},
+                              "olladmr": {src: revision(src) for src in sources},
                               "cpus": os.cpu_count(), "host": platform.node()}
     exit_code = 0
     try:
@@ -1017,7 +1117,7 @@ async def main(args: argparse.Namespace) -> int:
             else:
                 wanted = list(scn.routers)
                 for e in extra_names:
-                    wanted.append(e + "2" if name == "two-instances" else e)
+                    wanted += [e, e + "2"] if name == "two-instances" else [e]
             unknown = [r for r in wanted if r not in specs]
             if unknown:
                 raise SystemExit(f"unknown router(s) {unknown}; known: {', '.join(specs)}")
@@ -1053,6 +1153,8 @@ async def main(args: argparse.Namespace) -> int:
                     bad = sum(1 for t in run.turns if not t.ok)
                     print(f"    {r} seed {seed}: {len(run.turns)} requests, {bad} failed, {run.wall:.1f} s",
                           file=sys.stderr, flush=True)
+            if fleet is not None:
+                fleet.close()
             results = {r: summarize(v, scn.real, scn.endpoints) for r, v in runs.items() if v}
             labels = {r: specs[r].label for r in results}
             lines = table(scn, results, labels, scn.spec.unit)
@@ -1064,6 +1166,12 @@ async def main(args: argparse.Namespace) -> int:
             print(f"\n{ideal_note}. Scenario wall time {elapsed:.0f} s. {cpus} CPUs shared by the client (this "
                   f"process), the {'real DMRs (llama.cpp, ' + (str(args.real_threads) + ' thread(s) each' if args.real_threads else 'default threads') + ')' if scn.real else 'fake fleet (one process)'} "
                   f"and the router under test.", flush=True)
+            for r, sm in results.items():
+                if sm["reasons"]:
+                    print(f"- {r}: placements by reason (X-Olla-Placement) "
+                          + ", ".join(f"{k} {v}" for k, v in sorted(sm["reasons"].items(), key=lambda kv: -kv[1])))
+                if sm["failed"]:
+                    print(f"- {r}: failed requests: " + "; ".join(f"{v} × {k}" for k, v in sm["errors"].items()))
             target_lines = checks(scn, results, specs)
             if target_lines:
                 print("\nTargets (issue 19):\n")
@@ -1083,8 +1191,8 @@ async def main(args: argparse.Namespace) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=1)
             print(f"\nraw numbers: {args.json}")
-        if args.keep:
-            print(f"kept {workdir}")
+        if args.keep or exit_code:
+            print(f"kept {workdir}" + ("" if args.keep else " (something failed)"))
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\ntotal {time.monotonic() - started:.0f} s")
@@ -1095,7 +1203,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default="tenants-small",
-                    help="comma-separated: tenants-small, tenants-large, skewed, sessions, two-instances, real")
+                    help="comma-separated: tenants-small, tenants-large, skewed, sessions, two-instances, real, "
+                         "real-fake")
     ap.add_argument("--routers", help="comma-separated: olladmr, rr, lc, sglang, olla, olladmr2, extra NAME / NAME2 "
                                       "(default: per scenario)")
     ap.add_argument("--extra-olladmr", action="append", default=[], metavar="NAME=YAML",
@@ -1115,11 +1224,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skew", type=float, help="share of conversations from tenant 0")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink conversations, heads and clients (e.g. 0.25)")
     ap.add_argument("--max-tokens", type=int)
-    ap.add_argument("--fakes", choices=("auto", "tests", "standin"), default="auto",
-                    help="tests/fakedmr.py serve (auto when it exists) or the stand-in bench/routing_fakes.py")
+    ap.add_argument("--ramp-ms", type=float, default=0.0,
+                    help="client i starts i × this many ms after the first (0: all at once, as in issue 19)")
+    ap.add_argument("--think-ms", type=float, default=20.0,
+                    help="before each turn a client waits uniform [0, this) ms, seeded per conversation and turn "
+                         "(the tool's run; without it the fakes' exact timings keep clients in lock-step, and "
+                         "round-robin then pins every client to one endpoint)")
     ap.add_argument("--fake-args", type=lambda s: s.split(), default=[], help="extra flags for every fake fleet")
     ap.add_argument("--real-threads", type=int, default=1, help="llama.cpp threads per real engine (0: default)")
-    ap.add_argument("--request-timeout", type=float, help="seconds per request (default 60, real 30)")
+    ap.add_argument("--request-timeout", type=float, help="seconds per request (default 60; real 10: a real DMR "
+                    "sometimes never answers, see its README)")
     ap.add_argument("--deadline", type=float, default=900.0, help="seconds per router run")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds between router ready and traffic")
     ap.add_argument("--json", help="write raw numbers (every request) here")
@@ -1131,6 +1245,6 @@ if __name__ == "__main__":
     options = parse_args(sys.argv[1:])
     try:
         sys.exit(asyncio.run(main(options)))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted: every process of the run was stopped", file=sys.stderr)
         sys.exit(130)

@@ -246,8 +246,8 @@ class Client:
             if conn is not None:
                 conn.abort()
             loop = asyncio.get_running_loop()
-            _, conn = await asyncio.wait_for(loop.create_connection(Connection, host, port), timeout)
-            self._conns[key] = conn
+            _, fresh = await asyncio.wait_for(loop.create_connection(Connection, host, port), timeout)
+            self._conns[key] = conn = fresh
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         raw = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode("latin-1") + body
@@ -284,8 +284,8 @@ async def request_json(host: str, port: int, method: str, path: str, body: Any, 
         writer.close()
     if not data:
         raise ClientError(f"{method} {path}: empty answer")
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    raw_head, _, body = data.partition(b"\r\n\r\n")
+    lines = raw_head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
     if any(line.lower().startswith("transfer-encoding:") and "chunked" in line.lower() for line in lines[1:]):
         body = _dechunk(body)

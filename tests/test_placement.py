@@ -66,6 +66,8 @@ def serve(router: SessionRouter, key: SessionKey, eps: list[EndpointState], fini
     verdict = router.served(key, placement, chosen)
     if finish:
         router.prefilled(chosen, work)
+        for moment in ("first_token", "finish"):
+            router.cached(chosen, MODEL, key.blocks, moment)
     return verdict, chosen, placement.reason
 
 
@@ -292,6 +294,7 @@ def test_a_failed_first_choice_is_a_repin_and_the_prompt_follows_where_it_was_se
     assert key.blocks is not None
     router.prefilled(other, router.sending(other, MODEL, key.blocks))
     assert router.served(key, placement, other) == REPIN
+    router.cached(other, MODEL, key.blocks, "finish")
     home.cache_lost()  # it died
     turns += ["answer 2", "next 2"]
     assert serve(router, key_for(router, chat_body("sys", *turns)), eps)[:2] == (HIT, other)
@@ -304,6 +307,11 @@ def test_prefill_work_is_counted_while_it_waits() -> None:
     work = router.sending(a, MODEL, key.blocks)
     assert (a.prefill_pending, a.prefilling) == (work, 1)
     assert work == key.blocks.chars + router.overhead_chars()
+    assert router.sending(a, MODEL, key.blocks) == work  # not cached while the first is running (llama.cpp)
+    router.prefilled(a, work)
+    router.cached(a, MODEL, key.blocks, "first_token")
+    assert router.uncached(a, MODEL, key.blocks) == key.blocks.chars  # nor once its first token came
+    router.cached(a, MODEL, key.blocks, "finish")
     again = router.sending(a, MODEL, key.blocks)  # now cached: only the fixed cost
     assert again == router.overhead_chars()
     router.prefilled(a, work)
@@ -338,3 +346,19 @@ def test_prefer_loaded_for_an_unkeyed_request_never_takes_a_cold_load_while_a_lo
     a.in_flight = 4  # every slot taken: a load elsewhere pays
     assert router.prefer_loaded([a, b, c], runner) == [a, b, c]
     assert (router.cold_avoided, router.cold_taken) == (4, 1)
+
+
+@pytest.mark.parametrize("moment", ["send", "first_token", "finish"])
+def test_cached_after_says_when_a_prompt_counts_as_cached(moment: str) -> None:
+    """``cached_after``: a prompt counts as cached at its endpoint from that moment on, not before."""
+    _, router, (a, *_) = setup({"cached_after": moment})
+    key = key_for(router, chat_body(words("s", 100), "q"))
+    assert key.blocks is not None
+    router.sending(a, MODEL, key.blocks)
+    seen = []
+    for step in ("first_token", "finish"):
+        seen.append(router.uncached(a, MODEL, key.blocks) == 0 or router.index.match(a, MODEL, key.blocks) > 0)
+        router.cached(a, MODEL, key.blocks, step)
+    seen.append(router.index.match(a, MODEL, key.blocks) > 0)
+    assert seen == {"send": [True, True, True], "first_token": [False, True, True],
+                    "finish": [False, False, True]}[moment]

@@ -32,6 +32,7 @@ from ..names import normalise_model
 from .reader import ConfigError, Section, count, fmt_seconds, parse_duration, parse_size, show_value
 from .schema import (
     AFFINITY_KEY_SOURCES,
+    CACHED_AFTER,
     PLACEMENTS,
     BALANCERS,
     DEFAULT_CORS_HEADERS,
@@ -588,6 +589,9 @@ def parse_affinity(proxy: Section) -> AffinityConfig:
         block_chars=sec.integer("block_chars", defaults.block_chars, minimum=16, maximum=65536),
         cache_tokens=sec.integer("cache_tokens", defaults.cache_tokens, minimum=1),
         request_tokens=sec.integer("request_tokens", defaults.request_tokens, minimum=0),
+        move_cost=_finite(sec, "move_cost", sec.number("move_cost", defaults.move_cost, minimum=0.0)),
+        stay_while_free=sec.boolean("stay_while_free", defaults.stay_while_free),
+        cached_after=sec.choice("cached_after", defaults.cached_after, CACHED_AFTER),
     )
     return _check_sources(sec, config, names)
 

@@ -24,6 +24,7 @@ LOG_FORMATS = ("text", "json")
 #: The places ``proxy.affinity.key_sources`` may name for a request's session key.
 AFFINITY_KEY_SOURCES = ("session_header", "prefix", "auth", "ip")
 PLACEMENTS = ("cost", "hash")
+CACHED_AFTER = ("finish", "first_token", "send")
 MAX_AFFINITY_PREFIX_BYTES = 1024**2
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -208,6 +209,12 @@ class AffinityConfig:
     block_chars: int = 256  # characters of canonical prompt text per hashed block
     cache_tokens: int = 131072  # what each endpoint's engine is taken to cache, unless the endpoint says
     request_tokens: int = 64  # a request's fixed cost besides its prompt, in prompt tokens (scheduling, sampling)
+    move_cost: float = 1.0  # weight of the extra prefill a placement causes (it delays every request behind it)
+    stay_while_free: bool = True  # a prompt stays where it is cached best while that endpoint has a free slot
+    #: when a prompt sent to an endpoint counts as cached there for the next ones: "finish" (llama.cpp, DMR's
+    #: engine: a busy slot's prefix is not shared), "first_token" (engines that share a prefix once computed,
+    #: e.g. vLLM's prefix caching), "send" (engines that prefill one request at a time, in order)
+    cached_after: str = "finish"
 
 
 @dataclass(frozen=True)

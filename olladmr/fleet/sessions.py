@@ -414,10 +414,14 @@ class SessionRouter:
         tier = rendezvous(head, [ep for ep in routable if ep.config.priority == top])
         others = _by_tier(head, [ep for ep in routable if ep.config.priority != top])
         matched = {ep.name: self.index.matched_chars(ep, model_key, blocks) for ep in routable}
-        costs = {ep.name: self.cost(ep, model_key, blocks.chars - matched[ep.name]) for ep in tier}
+        longest = max(matched[ep.name] for ep in tier)
+        weight = self.settings.move_cost  # the prefill a placement adds over the warmest one delays others too
+        costs = {
+            ep.name: self.cost(ep, model_key, blocks.chars - matched[ep.name]) + weight * (longest - matched[ep.name])
+            for ep in tier
+        }
         ranked = sorted(tier, key=lambda ep: costs[ep.name])  # stable: rendezvous order breaks ties
         best = ranked[0]
-        longest = max(matched[ep.name] for ep in tier)
         if longest == 0:
             home = tier[0]
             if costs[home.name] <= costs[best.name] + blocks.chars:
@@ -425,7 +429,7 @@ class SessionRouter:
             verdict, reason = MISS, BALANCE
         else:
             holders = [ep for ep in tier if matched[ep.name] == longest]
-            if len(holders) == 1 and holders[0].in_flight < holders[0].capacity:
+            if len(holders) == 1 and holders[0].in_flight < holders[0].capacity and self.settings.stay_while_free:
                 best = holders[0]  # a free slot and the warmest cache: never a needless move
             elif any(costs[ep.name] <= costs[best.name] for ep in holders):
                 best = min(holders, key=lambda ep: costs[ep.name])
@@ -441,15 +445,22 @@ class SessionRouter:
 
     def sending(self, ep: EndpointState, model_key: str, blocks: PromptBlocks) -> int:
         """
-        A prompt is being sent to ``ep``: its engine will hold its blocks, and
-        its prefill joins the work waiting there; returns that work (give it
-        back with :meth:`prefilled` once the first token is back).
+        A prompt is being sent to ``ep``: its prefill joins the work waiting
+        there; returns that work (give it back with :meth:`prefilled` once
+        the first token is back).  With ``cached_after: send`` its blocks
+        count as cached there from now on.
         """
         work = self.uncached(ep, model_key, blocks) + self.overhead_chars()
-        self.index.record(ep, model_key, blocks)
+        if self.settings.cached_after == "send":
+            self.index.record(ep, model_key, blocks)
         ep.prefill_pending += work
         ep.prefilling += 1
         return work
+
+    def cached(self, ep: EndpointState, model_key: str, blocks: PromptBlocks, moment: str) -> None:
+        """``moment`` ("first_token", "finish") came for a prompt sent to ``ep``: record it if that is when it counts."""
+        if self.settings.cached_after == moment:
+            self.index.record(ep, model_key, blocks)
 
     def cache_estimate(self, ep: EndpointState) -> dict[str, int]:
         """What olladmr believes ``ep`` has cached, for the status page and the dashboard (in tokens)."""

@@ -330,10 +330,18 @@ class Exchange:
         d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
 
     def _prefilled(self) -> None:
-        """The first token came back (or the attempt ended): its prefill no longer waits on the endpoint."""
+        """The attempt ended: its prefill no longer waits on the endpoint."""
         if self._prefill is not None:
             self.host.sessions.prefilled(*self._prefill)
             self._prefill = None
+
+    def _first_token(self) -> None:
+        """The first bytes of the answer came: the prompt's prefill is done there."""
+        prefill = self._prefill
+        self._prefilled()
+        session = self.call.session
+        if prefill is not None and session is not None and session.blocks is not None and self.call.model_key:
+            self.host.sessions.cached(prefill[0], self.call.model_key, session.blocks, "first_token")
 
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
@@ -518,7 +526,7 @@ class Exchange:
             endpoint.name,
             UsageTail(head=api == "anthropic") if response.code < 300 and self.call.model is not None else None,
             ResponseIdSniffer() if self.call.capture_response and response.code == 200 else None,
-            self._prefilled if self._prefill is not None else None,
+            self._first_token if self._prefill is not None else None,
         )
         self.record.streamed = is_sse
         self._relay = relay
@@ -534,6 +542,10 @@ class Exchange:
                 self.record.usage = relay.usage.usage()
             if outcome == OK and relay.sniffer is not None and relay.sniffer.found and self.record.endpoint:
                 self.host.responses.remember(relay.sniffer.found, self.record.endpoint)
+        session = self.call.session
+        if outcome == OK and session is not None and session.blocks is not None and self._slot is not None:
+            if self.call.model_key and self.record.status < 300:
+                self.host.sessions.cached(self._slot, self.call.model_key, session.blocks, "finish")
         if outcome == OK and self.call.forget_response and self.call.response_id and self.record.status == 200:
             self.host.responses.forget(self.call.response_id)
         self._complete(outcome)
