@@ -12,7 +12,19 @@ it (see ``/work/shared/reference/dmr-behaviour.md`` sections 2-5, 7, 9, 10):
 
 Tests steer it through plain attributes ("knobs") that may be changed at any
 time, and inspect what it received through ``requests`` and a few counters.
-All timing goes through the injected reactor's ``callLater``.
+All timing goes through the injected reactor's ``callLater``.  An optional
+``BackendState`` models the engine behind it (resident models, KV cache, slots,
+prefill timing), with presets calibrated on the real DMR bundle
+(``BackendState.real_engine()``) and for a small-cache compute-bound engine
+(``BackendState.gpu_kv()``).
+
+Run on its own for benchmarks, one fake per port, until SIGTERM::
+
+    python tests/fakedmr.py serve --port P [--port P2 ...] [--preset real|gpukv|none] [knobs]
+
+prints ``READY P P2 ...`` once every port listens; ``GET /fake/stats`` on a port
+gives its counters (``?records=1``: every request too), ``POST /fake/reset``
+empties its cache and counters (``serve --help`` lists the knobs).
 """
 
 from __future__ import annotations
@@ -368,18 +380,37 @@ def _embedding(text: str) -> list[float]:
     return list(struct.unpack(f"<{EMBEDDING_DIMENSIONS}f", struct.pack(f"<{EMBEDDING_DIMENSIONS}f", *raw)))
 
 
-def _timings(prompt_n: int, predicted_n: int) -> dict[str, Any]:
-    """llama.cpp's ``timings`` block, with 1 ms per prompt and 10 ms per predicted token."""
+def _timings(
+    prompt_n: int, predicted_n: int, cache_n: int = 0, prompt_ms: float | None = None, interval: float = 0.0
+) -> dict[str, Any]:
+    """llama.cpp's ``timings`` block.  ``prompt_n`` is the whole prompt, of which ``cache_n`` tokens were
+    cached (llama.cpp's ``prompt_n`` is what it computed: the rest).  Without a measured ``prompt_ms``:
+    1 ms per prompt token and 10 ms per predicted token (the original figures); with one (a state's
+    answer), ``interval`` (the fake's ``chunk_delay``) per predicted token."""
+    if prompt_ms is None:
+        return {
+            "cache_n": 0,
+            "prompt_n": prompt_n,
+            "prompt_ms": float(prompt_n),
+            "prompt_per_token_ms": 1.0,
+            "prompt_per_second": 1000.0,
+            "predicted_n": predicted_n,
+            "predicted_ms": 10.0 * predicted_n,
+            "predicted_per_token_ms": 10.0,
+            "predicted_per_second": 100.0,
+        }
+    computed = max(1, prompt_n - cache_n)
+    predicted_ms = 1000.0 * interval * predicted_n
     return {
-        "cache_n": 0,
-        "prompt_n": prompt_n,
-        "prompt_ms": float(prompt_n),
-        "prompt_per_token_ms": 1.0,
-        "prompt_per_second": 1000.0,
+        "cache_n": cache_n,
+        "prompt_n": prompt_n - cache_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / computed,
+        "prompt_per_second": 1000.0 * computed / prompt_ms if prompt_ms > 0 else 0.0,
         "predicted_n": predicted_n,
-        "predicted_ms": 10.0 * predicted_n,
-        "predicted_per_token_ms": 10.0,
-        "predicted_per_second": 100.0,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+        "predicted_per_second": 1000.0 * predicted_n / predicted_ms if predicted_ms > 0 else 0.0,
     }
 
 
@@ -631,6 +662,8 @@ class _RunnerInfo:
 
 PREFIX_CHUNK = 64
 """Tokens per hashed chunk of a prompt in ``BackendState``'s prefix cache."""
+TEMPLATE_TOKEN = "\x00<tmpl>"
+"""The token ``BackendState.message_tokens`` puts around messages (no text splits into it)."""
 GENERATING_ENDPOINTS = frozenset({"chat/completions", "completions", "messages"})
 """Engine endpoints whose answers ``BackendState`` charges a prefill (time to first token) for;
 Responses API creates are charged too (as endpoint ``"responses"``)."""
@@ -653,8 +686,10 @@ class StateRecord:
     admitted: float | None = None  # when it got hold of its (resident) model
     prompt_tokens: int = 0
     cached_tokens: int = 0  # covered by the longest cached prefix (always < prompt_tokens)
-    ttft: float = 0.0  # the prefill delay: base + per_token × (prompt_tokens - cached_tokens)
+    ttft: float = 0.0  # the prefill's duration: base + per_token × (prompt_tokens - cached_tokens) (+ the
+    # per_token_ctx term), times the contention factor once it ran (``prefill()`` alone: uncontended)
     first_token: float | None = None  # when the prefill ended and the first token went out
+    queued: float = 0.0  # seconds it waited for a llama.cpp slot and for its prefill turn (or batch)
 
     @property
     def latency(self) -> float | None:
@@ -725,6 +760,35 @@ class _CacheEntry:
 
 
 @dataclass(eq=False)
+class _Prefill:
+    """One request's prefill in a ``BackendState``'s scheduler: waiting for its turn, then running."""
+
+    lease: Lease
+    work: float  # seconds of token work before contention: per_token × uncached (+ the per_token_ctx term)
+    fixed: float  # seconds besides base that contention leaves alone (slot_switch)
+    deferred: Deferred[None]
+    queued_at: float
+    started: float | None = None
+    delay: float = 0.0  # how long it runs (fixed when it starts)
+    call: IDelayedCall | None = None  # its end (the batch's, with ``batch``)
+    batch: list[_Prefill] | None = None  # ``batch``: every prefill of the batch it runs in
+
+
+class Machine:
+    """The computer several endpoints run on (share one between their ``BackendState`` objects, ``machine=``).
+
+    A state's prefill that starts while ``n`` prefills run on the *other* states of the machine costs
+    ``machine_contention × n`` more per token (real DMRs on one box compete for its cores).
+    """
+
+    def __init__(self) -> None:
+        self.prefilling = 0  # prefills running on every state of this machine
+
+    def __repr__(self) -> str:
+        return f"<Machine prefilling={self.prefilling}>"
+
+
+@dataclass(eq=False)
 class _Resident:
     """A loaded model: what ``/engines/ps`` shows, who holds it, its llama.cpp slots."""
 
@@ -770,6 +834,9 @@ class Lease:
     slot: bool = False
     prompt: Prompt | None = None
     released: bool = False
+    held: _CacheEntry | None = None  # share_busy=False: the cache entry its slot took over while it runs
+    job: _Prefill | None = None  # its prefill while it waits for its turn or runs
+    waiting_since: float | None = None  # when it began waiting for a slot
 
     @property
     def model(self) -> str:
@@ -782,7 +849,8 @@ class BackendState:
     Off by default: ``fake.state = BackendState(resident_capacity=2, cold_load=2.0)``
     switches it on for one fake (each fake needs its own; the fake binds its reactor
     as ``clock``).  Nothing is random, every delay is on that clock.  Knobs (keyword
-    arguments, plain attributes read at each use):
+    arguments, plain attributes read at each use; the defaults are the original model,
+    ``real_engine()`` and ``gpu_kv()`` are calibrated presets):
 
     * ``resident_capacity`` (2): models loaded at once, by DMR's normalised name (all
       modes of a model share one entry, the mode shown is the loader's).  A request for
@@ -796,20 +864,61 @@ class BackendState:
       before ``header_delay``.  With a state, ``cold_load_delay`` and the fake's own
       runner list are unused and ``GET /engines/ps`` shows exactly the resident models
       (LRU first) then the loading ones, in DMR's ``BackendStatus`` shape.
-    * ``base`` (0.02 s), ``per_token`` (0.00025 s): the prefill delay, i.e. the time
-      to first token, is ``base + per_token × uncached``, ``uncached`` being the
-      prompt's tokens (whitespace-separated words) not covered by the longest cached
-      prefix among this model's cache entries here; like llama.cpp, at least the last
+    * ``base`` (0.02 s), ``per_token`` (0.00025 s), ``per_token_ctx`` (0): the prefill
+      delay, i.e. the time to first token, is ``base + work``, ``work`` being
+      ``per_token × uncached + per_token_ctx × (total² − cached²) / 2``: ``uncached``
+      are the prompt's tokens not covered by the longest cached prefix among this
+      model's cache entries here, ``total`` all its tokens, so with ``per_token_ctx``
+      a token costs more the further into the context it sits (attention; on a small
+      CPU model that term dominates long prompts).  Like llama.cpp, at least the last
       prompt token is always processed.  Non-streaming answers wait for it before
       headers; streams send headers at once and wait before the first event.
-    * ``cache_tokens`` (65536): bound on the tokens held by the prefix cache, all
-      models together; least recently used entries go first, an entry longer than
-      the bound keeps its first ``cache_tokens`` words.  After a complete answer the
-      prompt plus the generated words become an entry (replacing entries it extends),
-      as llama.cpp's KV cache holds both.  Evicting a model drops its entries.
+    * ``slot_switch`` (0): seconds more for a prefill whose cached prefix is under 10 %
+      of its prompt (llama.cpp then takes its least recently used slot and swaps KV
+      through its host-memory cache instead of continuing a slot).
     * ``slots`` (0, unlimited): llama.cpp's parallel slots per resident model; a
       request holds one from its prefill to the end of its answer, others queue
       (FIFO) before their prefill, after the stream's headers.
+    * ``prefill_parallel`` (0, unlimited): at most this many prefills run at once on
+      the endpoint (all models); the others wait for a turn, FIFO, holding their slot.
+    * ``contention`` (0.0): a prefill's ``work`` is multiplied by ``1 + contention ×
+      (k − 1)``, ``k`` being the prefills running at once on the endpoint when it
+      starts (itself included); the delay is fixed when it starts.
+    * ``batch`` (False): prefills run in batches, like llama.cpp's continuous batching
+      on one CPU: when no batch runs, every waiting prefill (at most
+      ``prefill_parallel``) starts as one batch; it lasts ``base + Σ work × (1 +
+      contention × (k − 1))`` for its ``k`` prefills, which all get their first token at
+      its end; prefills arriving meanwhile wait for the next batch.  So two prompts
+      sent together both finish late, one sent during another's prefill waits for it.
+      ``batch_window`` (0): an idle engine starts a batch this long after the first
+      prefill arrives, so prefills sent together (within it) share the batch.
+    * ``machine`` (None), ``machine_contention`` (0.0): states sharing one ``Machine``
+      (endpoints on one computer) add ``machine_contention × n`` to that factor, ``n``
+      being the prefills running on the machine's other states when it starts.
+    * ``cache_tokens`` (65536), ``cache_prompts`` (0, unbounded): bounds on the tokens
+      and on the entries (prompts) held by the prefix cache, all models together;
+      least recently used entries go first, an entry longer than ``cache_tokens``
+      keeps its first ``cache_tokens`` tokens.  After a complete answer the prompt plus
+      the generated tokens become an entry (replacing entries it extends), as
+      llama.cpp's KV cache holds both.  Evicting a model drops its entries.
+    * ``recompute_answer`` (False): True stores the prompt only after an answer, so the
+      next turn, which sends the answer back, prefills it again (a real engine whose
+      generated tokens re-tokenize differently does that).
+    * ``share_busy`` (True): False makes a cache entry the property of the request
+      that matched it (its llama.cpp slot) until it ends: other requests cannot use it
+      meanwhile (concurrent requests with one head each prefill it).  At the end the
+      request's prompt (+ answer) becomes the entry, or, if it did not complete, the
+      entry it held comes back.  Like llama.cpp, a request takes an entry over only if
+      it matches at least 10 % of the prompt (else it gets the least recently used
+      slot) and keeps at least half of the entry (else llama.cpp saves the slot's
+      prompt to its host cache first, so the entry stays usable).  Either way a
+      request's own prompt is not shared before it ends.
+    * ``tokenizer`` ("words"): tokens are whitespace-separated words; "chars": every
+      character is a token (the real bundle's ``ai/small``).  ``message_tokens`` (0):
+      tokens of chat template around each text: that many marker tokens before every
+      message (prompt) text and after the last (the assistant header).
+    * ``context`` (0, unlimited): a chat or text completion whose prompt has more tokens
+      gets llama.cpp's 400 ``exceed_context_size_error`` (with the actual numbers).
 
     Prompts: chat, every message's text content in order (system included); completions,
     the prompt; Anthropic Messages, system then messages; Responses API, instructions,
@@ -820,25 +929,49 @@ class BackendState:
     Counters and records, cleared by ``reset()`` (the fake's ``reset()`` calls it):
     ``cold_loads`` (loads performed), ``evictions`` (models unloaded for room),
     ``cache_hits_tokens`` / ``cache_miss_tokens`` (prompt tokens found cached / prefilled),
+    ``max_queue`` (most requests waiting at once for a slot or a prefill turn, not
+    counting those a ``batch_window`` gathers), ``queue_wait`` (seconds from having the
+    model to the prefill's start, summed: slot, turn, batch and window waits),
     ``records`` (a ``StateRecord`` per inference request, in arrival order).
-    Views: ``resident``, ``loading``, ``cache_used``, ``entries``, ``lookup()``, ``ps()``.
+    Views: ``resident``, ``loading``, ``cache_used``, ``entries``, ``waiting``,
+    ``prefilling``, ``lookup()``, ``prompt()``, ``ps()``, ``stats()``.
     ``clear()`` (the fake's ``stop()`` calls it: a restarted DMR has nothing loaded)
     empties the resident set, loads, queues and cache but keeps counters and records.
 
-    The prefix match hashes ``PREFIX_CHUNK``-word chunks (chained), then compares words
+    The prefix match hashes ``PREFIX_CHUNK``-token chunks (chained), then compares tokens
     within one chunk, so an 8k-token prompt costs the fake a fraction of a millisecond.
     """
 
     def __init__(
         self, *, resident_capacity: int = 2, cold_load: float = 2.0, base: float = 0.02,
         per_token: float = 0.00025, cache_tokens: int = 65536, slots: int = 0, clock: Any = None,
+        per_token_ctx: float = 0.0, prefill_parallel: int = 0, contention: float = 0.0, batch: bool = False,
+        machine: Machine | None = None, machine_contention: float = 0.0, cache_prompts: int = 0,
+        share_busy: bool = True, recompute_answer: bool = False, tokenizer: str = "words",
+        message_tokens: int = 0, context: int = 0, slot_switch: float = 0.0, batch_window: float = 0.0,
     ) -> None:
+        if tokenizer not in ("words", "chars"):
+            raise ValueError(f"tokenizer must be 'words' or 'chars', not {tokenizer!r}")
         self.resident_capacity = resident_capacity
         self.cold_load = cold_load
         self.base = base
         self.per_token = per_token
+        self.per_token_ctx = per_token_ctx
+        self.slot_switch = slot_switch
         self.cache_tokens = cache_tokens
+        self.cache_prompts = cache_prompts
         self.slots = slots
+        self.prefill_parallel = prefill_parallel
+        self.contention = contention
+        self.batch = batch
+        self.batch_window = batch_window
+        self.machine = machine
+        self.machine_contention = machine_contention
+        self.share_busy = share_busy
+        self.recompute_answer = recompute_answer
+        self.tokenizer = tokenizer
+        self.message_tokens = message_tokens
+        self.context = context
         self.clock: Any = clock  # IReactorTime; None: the global reactor (a FakeDMR binds its own)
         self._owner: object = None
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
@@ -850,7 +983,52 @@ class BackendState:
         self._by_model: dict[str, set[int]] = {}
         self._entry_ids = itertools.count()
         self.cache_used = 0
+        self._pending: deque[_Prefill] = deque()  # prefills waiting for their turn, FIFO
+        self._running: list[_Prefill] = []  # prefills running (with ``batch``: the batch)
+        self._pumping = False
+        self._window: IDelayedCall | None = None  # batch_window: the batch about to start
+        self._window_over = False  # the next batch starts without a window
+        self._slot_waiting = 0  # requests waiting for a llama.cpp slot
         self.reset()
+
+    # Calibrated on the real DMR bundle (tools/realdmr, ai/small, llama.cpp with 1 thread per engine as
+    # bench/routing.py runs it, 2 engines on a 2-core box; see tests/test_fakedmr_real.py): a cold prompt
+    # of 32 tokens takes ~26 ms to its first token, 1,016 ~245, 2,010 ~720, 3,500 ~1,650; 410 tokens
+    # after 1,000 cached ~185, one token after 1,000 ~10; two 1,000-token prompts sent together to one
+    # engine both take ~2.3x as long, four ~5.5x on average; a prompt sent during another's prefill waits
+    # for it; prefilling on both engines at once costs ~1.1-1.25x.  (With DMR's default 2 threads per
+    # engine, two engines prefilling at once slow each other ~8x: not modelled.)
+    REAL_ENGINE: dict[str, Any] = dict(
+        resident_capacity=2, cold_load=0.5, slots=4, base=0.003, slot_switch=0.016, per_token=1.22e-4,
+        per_token_ctx=2.24e-7, batch=True, batch_window=0.003, prefill_parallel=0, contention=0.15,
+        machine_contention=0.25, cache_tokens=1 << 24, cache_prompts=0, share_busy=False, recompute_answer=True,
+        tokenizer="chars", message_tokens=11, context=4096,
+    )
+    GPU_KV: dict[str, Any] = dict(
+        cold_load=0.0, slots=0, prefill_parallel=1, base=0.015, per_token=0.0001, contention=0.0,
+        cache_prompts=6, cache_tokens=1 << 30, share_busy=True, recompute_answer=False,
+    )
+
+    @classmethod
+    def real_engine(cls, **overrides: Any) -> BackendState:
+        """The real DMR bundle's ``ai/small`` (llama.cpp, 1 thread, CPU), as measured (``REAL_ENGINE``).
+
+        Tokens are characters (1 char = 1 token, 11 template tokens around each message), prefills
+        run in batches (a prompt sent during another's prefill waits for it, prompts sent together
+        share one slower batch), a token costs more the further into the context it sits, 4 slots,
+        a busy slot's prefix is not shared, an answer sent back is prefilled again, the cache is
+        practically unbounded (llama.cpp keeps evicted slots' prompts in host memory), at most 4,096
+        tokens per prompt.  Share a ``Machine`` (``machine=``) between the states of endpoints meant
+        to run on one computer.  Answers: pair it with the fake's ``chunk_delay`` ≈ 0.005 s (decoding
+        ~1.5 ms a token at 500 tokens of context, ~5 at 1,400, ~9 at 2,400).
+        """
+        return cls(**{**cls.REAL_ENGINE, **overrides})
+
+    @classmethod
+    def gpu_kv(cls, **overrides: Any) -> BackendState:
+        """A compute-bound engine with a small (GPU) KV cache: one prefill at a time per endpoint,
+        15 ms + 0.1 ms per uncached word, 6 prompts cached, busy prefixes shared (``GPU_KV``)."""
+        return cls(**{**cls.GPU_KV, **overrides})
 
     def __repr__(self) -> str:
         return f"<BackendState resident={self.resident} loading={self.loading} cache_used={self.cache_used}>"
@@ -882,10 +1060,46 @@ class BackendState:
         """The prefix cache as (model, tokens) pairs, least recently used first."""
         return [(entry.model, len(entry.words)) for entry in self._entries.values()]
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting now for a slot or a prefill turn (not those a ``batch_window`` gathers)."""
+        gathering = self._window is not None and not self._running
+        return self._slot_waiting + (0 if gathering else len(self._pending))
+
+    @property
+    def prefilling(self) -> int:
+        """Prefills running now (with ``batch``: the current batch's)."""
+        return len(self._running)
+
     def lookup(self, model: str, texts: Sequence[str] | Prompt) -> int:
         """How many tokens of a prompt for ``model`` (normalised) are cached here now; changes nothing."""
-        prompt = texts if isinstance(texts, Prompt) else Prompt.of(texts)
+        prompt = texts if isinstance(texts, Prompt) else self.prompt(texts)
         return min(self._match(model, prompt)[0], max(0, len(prompt) - 1))
+
+    def prompt(self, texts: Sequence[str]) -> Prompt:
+        """The tokens of a prompt made of ``texts``, by ``tokenizer`` and ``message_tokens``."""
+        if self.tokenizer == "words" and self.message_tokens <= 0:
+            return Prompt.of(texts)
+        marks = [TEMPLATE_TOKEN] * max(0, self.message_tokens)
+        tokens: list[str] = []
+        for text in texts:
+            tokens += marks
+            tokens += self._tokens(text)
+        tokens += marks
+        return Prompt(tokens)
+
+    def _tokens(self, text: str) -> list[str]:
+        return list(text) if self.tokenizer == "chars" else _words(text)
+
+    def stats(self) -> dict[str, Any]:
+        """The counters and sizes as one JSON-ready dict (what ``serve``'s ``GET /fake/stats`` shows)."""
+        return {
+            "requests": len(self.records), "cache_hits_tokens": self.cache_hits_tokens,
+            "cache_miss_tokens": self.cache_miss_tokens, "cold_loads": self.cold_loads, "evictions": self.evictions,
+            "max_queue": self.max_queue, "queue_wait_s": round(self.queue_wait, 6), "cache_entries": len(self._entries),
+            "cache_used": self.cache_used, "resident": self.resident, "prefilling": self.prefilling,
+            "waiting": self.waiting,
+        }
 
     def ps(self) -> list[dict[str, Any]]:
         """``GET /engines/ps``: resident models (LRU first), then loading ones (Go's omitempty)."""
@@ -911,6 +1125,18 @@ class BackendState:
         for load in self._loading.values():
             if load.call is not None and load.call.active():
                 load.call.cancel()
+        for job in [*self._running, *self._pending]:  # their requests wait on (a stopping fake cuts them)
+            if job.call is not None and job.call.active():
+                job.call.cancel()
+            if job.started is not None and self.machine is not None:
+                self.machine.prefilling -= 1
+            job.lease.job = None
+        self._running.clear()
+        self._pending.clear()
+        if self._window is not None and self._window.active():
+            self._window.cancel()
+        self._window, self._window_over = None, False
+        self._slot_waiting = 0
         self._loading.clear()
         self._resident.clear()
         self._queue.clear()
@@ -926,6 +1152,8 @@ class BackendState:
         self.evictions = 0
         self.cache_hits_tokens = 0
         self.cache_miss_tokens = 0
+        self.max_queue = 0
+        self.queue_wait = 0.0
         self.records: list[StateRecord] = []
 
     # -- resident models -------------------------------------------------------
@@ -953,6 +1181,15 @@ class BackendState:
         if lease.released:
             return
         lease.released = True
+        if lease.job is not None:
+            self._cancel(lease.job)
+        for waiting in [w for w in lease.resident.slot_waiters if w[0] is lease]:  # (its Deferred never fires)
+            lease.resident.slot_waiters.remove(waiting)
+            self._slot_waiting -= 1
+            self._waited(lease.record, lease.waiting_since)
+        held, lease.held = lease.held, None
+        if held is not None and self._current(lease):  # it did not complete: its slot still holds that prefix
+            self._insert(held.model, Prompt(held.words, held.hashes))
         res = lease.resident
         res.users -= 1
         res.last_used = self._now()
@@ -1048,7 +1285,16 @@ class BackendState:
             res.busy += 1
             lease.slot = True
             return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: res.slot_waiters.remove((lease, d)))
+
+        def withdraw(d: Deferred[None]) -> None:
+            res.slot_waiters.remove((lease, d))
+            self._slot_waiting -= 1
+            self._waited(lease.record, lease.waiting_since)
+
+        lease.waiting_since = self._now()
+        self._slot_waiting += 1
+        self.max_queue = max(self.max_queue, self.waiting)
+        waiter: Deferred[None] = Deferred(withdraw)
         res.slot_waiters.append((lease, waiter))
         return waiter
 
@@ -1058,34 +1304,183 @@ class BackendState:
         if res.slot_waiters:
             waiting, waiter = res.slot_waiters.popleft()
             waiting.slot = True
+            self._slot_waiting -= 1
+            self._waited(waiting.record, waiting.waiting_since)
             waiter.callback(None)
         else:
             res.busy -= 1
 
-    # -- prefix cache ------------------------------------------------------------
+    def _waited(self, record: StateRecord, since: float | None) -> None:
+        """A request waited since ``since`` (for a slot, or before its prefill started)."""
+        if since is not None:
+            waited = self._now() - since
+            record.queued += waited
+            self.queue_wait += waited
+
+    # -- prefills ------------------------------------------------------------------
 
     def prefill(self, lease: Lease, texts: Sequence[str] | Prompt) -> float:
-        """Charge the prompt's prefill: record it, count it, return the delay (the TTFT)."""
-        prompt = texts if isinstance(texts, Prompt) else Prompt.of(texts)
+        """Charge the prompt's prefill now: match it, record it, count it; return its uncontended
+        delay (``base`` + ``slot_switch`` if it applies + ``work``).  ``begin()`` runs it on the clock instead."""
+        work, fixed = self._charge(lease, texts)
+        return self.base + fixed + work
+
+    def begin(self, lease: Lease, texts: Sequence[str] | Prompt) -> Deferred[None]:
+        """The prefill of a request holding its slot: charged now (``prefill()``), then run when its turn
+        (or batch) comes, its delay fixed when it starts; fires at its first token.  Cancelling it (or
+        releasing the lease) withdraws it."""
+        work, fixed = self._charge(lease, texts)
+        job = _Prefill(lease, work, fixed, Deferred(lambda _: self._cancel(job)), self._now())
+        lease.job = job
+        self._pending.append(job)
+        self._pump()
+        self.max_queue = max(self.max_queue, self.waiting)
+        return job.deferred
+
+    def _charge(self, lease: Lease, texts: Sequence[str] | Prompt) -> tuple[float, float]:
+        """Match the prompt (a busy slot takes its entry unless ``share_busy``), record and count it;
+        return its work (seconds, before contention) and its slot switch (seconds)."""
+        prompt = texts if isinstance(texts, Prompt) else self.prompt(texts)
         lease.prompt = prompt
         total = len(prompt)
         matched, entry_id = self._match(lease.model, prompt) if self._current(lease) else (0, None)
         cached = min(matched, max(0, total - 1))
         if entry_id is not None:
-            self._entries.move_to_end(entry_id)
-        ttft = self.base + self.per_token * (total - cached)
+            entry = self._entries[entry_id]
+            if self.share_busy or lease.held is not None or cached * 10 < total or cached * 2 < len(entry.words):
+                self._entries.move_to_end(entry_id)  # shared, or (llama.cpp) another slot / a saved copy serves it
+            else:  # its slot now holds that prefix: nobody else's until it ends
+                lease.held = entry
+                self._drop(entry_id)
+        work = self.per_token * (total - cached)
+        if self.per_token_ctx:
+            work += self.per_token_ctx * (total * total - cached * cached) / 2
+        fixed = self.slot_switch if self.slot_switch and cached * 10 < total else 0.0
         self.cache_hits_tokens += cached
         self.cache_miss_tokens += total - cached
         record = lease.record
-        record.prompt_tokens, record.cached_tokens, record.ttft = total, cached, ttft
-        return ttft
+        record.prompt_tokens, record.cached_tokens, record.ttft = total, cached, self.base + fixed + work
+        return work, fixed
+
+    def _factor(self, running: int) -> float:
+        """The contention factor of a prefill starting with ``running`` prefills (itself included) here."""
+        factor = 1.0
+        if self.contention and running > 1:
+            factor += self.contention * (running - 1)
+        if self.machine is not None and self.machine_contention:
+            others = self.machine.prefilling - len(self._running)
+            if others > 0:
+                factor += self.machine_contention * others
+        return factor
+
+    def _pump(self) -> None:
+        """Start what may start: the next batch (``batch``), or pending prefills while turns are free."""
+        if self._pumping:
+            return
+        self._pumping = True
+        finished: list[_Prefill] = []
+        try:
+            limit = self.prefill_parallel
+            if self.batch:
+                while not self._running and self._pending:
+                    if self.batch_window > 0 and not self._window_over:
+                        if self._window is None:
+                            self._window = self._clock().callLater(self.batch_window, self._window_closed)
+                        break
+                    self._window_over = False
+                    count = min(len(self._pending), limit if limit > 0 else len(self._pending))
+                    jobs = [self._pending.popleft() for _ in range(count)]
+                    factor = self._factor(len(jobs))
+                    work = sum(job.work for job in jobs)
+                    delay = self.base + sum(job.fixed for job in jobs) + (work if factor == 1.0 else work * factor)
+                    for job in jobs:
+                        self._start(job, jobs)
+                    finished += self._schedule(jobs, delay)
+            else:
+                while self._pending and (limit <= 0 or len(self._running) < limit):
+                    job = self._pending.popleft()
+                    factor = self._factor(len(self._running) + 1)
+                    delay = self.base + job.fixed + (job.work if factor == 1.0 else job.work * factor)
+                    self._start(job, None)
+                    finished += self._schedule([job], delay)
+        finally:
+            self._pumping = False
+        for job in finished:
+            job.deferred.callback(None)
+
+    def _window_closed(self) -> None:
+        self._window, self._window_over = None, bool(self._pending)
+        self._pump()
+
+    def _start(self, job: _Prefill, batch: list[_Prefill] | None) -> None:
+        job.started, job.batch = self._now(), batch
+        self._waited(job.lease.record, job.queued_at)
+        self._running.append(job)
+        if self.machine is not None:
+            self.machine.prefilling += 1
+
+    def _schedule(self, jobs: list[_Prefill], delay: float) -> list[_Prefill]:
+        """End ``jobs`` after ``delay``; a delay that is not positive ends them now (returned to fire)."""
+        for job in jobs:
+            job.delay = delay
+        if delay > 0:
+            call = self._clock().callLater(delay, self._finish, jobs)
+            for job in jobs:
+                job.call = call
+            return []
+        self._end(jobs)
+        return jobs
+
+    def _end(self, jobs: list[_Prefill]) -> None:
+        for job in jobs:
+            if job in self._running:
+                self._running.remove(job)
+                if self.machine is not None:
+                    self.machine.prefilling -= 1
+            job.lease.job = None
+            job.lease.record.ttft = job.delay
+
+    def _finish(self, jobs: list[_Prefill]) -> None:
+        jobs = [job for job in jobs if job.lease.job is job]  # not withdrawn meanwhile
+        self._end(jobs)
+        if self.batch and not self._running and self._pending:
+            self._window_over = True  # the engine goes on with what waits, at once
+        self._pump()
+        for job in jobs:
+            job.deferred.callback(None)
+
+    def _cancel(self, job: _Prefill) -> None:
+        """Withdraw a prefill: waiting, it leaves the queue; running, its turn (or, the last of its
+        batch, the batch) ends now."""
+        if job.lease.job is not job:
+            return
+        job.lease.job = None
+        if job.started is None:
+            if job in self._pending:
+                self._pending.remove(job)
+            self._waited(job.lease.record, job.queued_at)
+            return
+        self._running.remove(job)
+        if self.machine is not None:
+            self.machine.prefilling -= 1
+        batch = job.batch or [job]
+        if job.call is not None and job.call.active() and not any(other.lease.job is other for other in batch):
+            job.call.cancel()
+        if self.batch and not self._running and self._pending:
+            self._window_over = True  # the batch is over: the engine goes on at once
+        if not self._running or not self.batch:
+            self._pump()
+
+    # -- prefix cache ------------------------------------------------------------
 
     def remember(self, lease: Lease, generated: str = "") -> None:
-        """After a complete answer: the prompt plus the generated words become a cache entry."""
+        """After a complete answer: the prompt plus the generated tokens (only the prompt with
+        ``recompute_answer``) become a cache entry."""
         prompt = lease.prompt
+        lease.held = None  # its slot now holds this prompt
         if prompt is None or not self._current(lease) or self.cache_tokens <= 0:
             return
-        extra = _words(generated)
+        extra = [] if self.recompute_answer else self._tokens(generated)
         self._insert(lease.model, Prompt(prompt.words + extra, prompt.hashes) if extra else prompt)
 
     def _current(self, lease: Lease) -> bool:
@@ -1095,7 +1490,7 @@ class BackendState:
     def _match(self, model: str, prompt: Prompt) -> tuple[int, int | None]:
         """The longest cached prefix of ``prompt`` for ``model``: (tokens, entry id)."""
         index = self._index.get(model)
-        if not index:
+        if index is None or not self._by_model.get(model):  # (entries shorter than a chunk have no hash)
             return 0, None
         hashes, words = prompt.hashes, prompt.words
         chunks = 0
@@ -1146,7 +1541,7 @@ class BackendState:
         for chained in hashes:
             index.setdefault(chained, set()).add(entry_id)
         self.cache_used += len(words)
-        while self.cache_used > cap:
+        while self.cache_used > cap or 0 < self.cache_prompts < len(self._entries):
             self._drop(next(iter(self._entries)))
 
     def _drop(self, entry_id: int) -> None:
@@ -1194,13 +1589,21 @@ class FakeDMR:
     * ``models_status`` / ``models_delay``: for the model list and model get.
     * ``anthropic_ping``: an Anthropic stream sends a ``ping`` event right after
       ``content_block_start`` (default False).
+    * ``health_route`` (False): serve ``GET /engines/health`` as llama-server's
+      ``/health`` (200 ``{"status":"ok"}``), which SGLang's router probes when a
+      worker's URL is ``http://host:port/engines``.  The real DMR has no such route
+      (404 ``not found``, its ``/engines`` catch-all), hence off by default.
     * ``response_ttl``: seconds (on the fake's reactor clock) a stored Responses
       API response stays retrievable; DMR's is one hour.
     * ``state``: None (default), or a ``BackendState`` modelling the endpoint's
       resident models (LRU, cold loads before headers, ``/engines/ps``) and prefix
       (KV) cache (time to first token from the uncached prompt tokens), with its
       counters and per-request ``StateRecord``s; see ``BackendState``.  Kept by
-      ``reset()``, which resets it; ``stop()`` clears it.
+      ``reset()``, which resets it; ``stop()`` clears it.  With a state, chat and
+      text completions report its token counts: ``usage.prompt_tokens`` (plus
+      ``prompt_tokens_details.cached_tokens``) and ``timings`` (``cache_n``,
+      ``prompt_n`` = the tokens computed, ``prompt_ms`` = the prefill's duration,
+      ``predicted_ms`` = ``chunk_delay`` per token), like llama.cpp's.
 
     Routes beyond the seed's (see ``dmr-2026-surface.md``; each model-routed one
     runs DMR's checks of section 3, honours ``loading_503`` / ``force_status`` /
@@ -1292,6 +1695,7 @@ class FakeDMR:
         self.models_status = 200
         self.models_delay = 0.0
         self.anthropic_ping = False
+        self.health_route = False
         self.response_ttl = RESPONSE_TTL
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to every response the fake starts
         self.requests: list[RecordedRequest] = []
@@ -1482,6 +1886,8 @@ class FakeDMR:
         op = _engine_op_path(path)
         if path == "/engines/status" and method == "GET":
             exchange.send_json(ENGINE_STATUS)
+        elif path == "/engines/health" and method == "GET" and self.health_route:
+            exchange.send(200, b'{"status":"ok"}', JSON_LLAMA, server=True)
         elif path == "/engines/ps" and method == "GET":
             exchange.send_json(self._ps())
         elif parts is not None and method == "GET" and parts[1] == "models":
@@ -1659,8 +2065,33 @@ class FakeDMR:
         if headers:
             exchange.write(b"")
         await lease.state.slot(lease)
-        await exchange.sleep(lease.state.prefill(lease, exchange.prompt_texts))
+        await lease.state.begin(lease, exchange.prompt_texts)
         lease.record.first_token = self._reactor.seconds()
+
+    def _prompt_usage(self, exchange: _Exchange, texts: Sequence[str]) -> tuple[int, int, float | None]:
+        """(prompt tokens, cached tokens, prefill ms) for usage and timings: the state's record once it
+        prefilled, else the word count, nothing cached and no measured time."""
+        lease = exchange.lease
+        if lease is not None and exchange.prompt_texts is not None and lease.record.first_token is not None:
+            record = lease.record
+            return record.prompt_tokens, record.cached_tokens, record.ttft * 1000.0
+        return _count_tokens(texts), 0, None
+
+    def _overflow(self, exchange: _Exchange, endpoint: str, payload: dict[str, Any]) -> bytes | None:
+        """llama.cpp's 400 body when the state's ``context`` is smaller than the prompt (or the marker's)."""
+        texts = _texts(payload, endpoint)
+        if any(OVERFLOW_MARKER in t for t in texts):
+            return OVERFLOW_BODY
+        state = self._state
+        if state is None or state.context <= 0 or exchange.prompt_texts is None:
+            return None
+        tokens = len(state.prompt(exchange.prompt_texts))
+        if tokens <= state.context:
+            return None
+        message = (f"request ({tokens} tokens) exceeds the available context size ({state.context} tokens), "
+                   "try increasing it")
+        return _dumps({"error": {"code": 400, "message": message, "type": "exceed_context_size_error",
+                                 "n_prompt_tokens": tokens, "n_ctx": state.context}})
 
     def _answered(self, exchange: _Exchange, text: str) -> None:
         """With a state model: a complete answer's prompt and ``text`` enter the prefix cache."""
@@ -1670,8 +2101,9 @@ class FakeDMR:
 
     async def _generate(self, exchange: _Exchange, endpoint: str, payload: dict[str, Any]) -> None:
         """The engine's answer: context overflow, embeddings, a stream or one body."""
-        if endpoint in OVERFLOW_ENDPOINTS and any(OVERFLOW_MARKER in t for t in _texts(payload, endpoint)):
-            exchange.send(400, OVERFLOW_BODY, JSON_LLAMA, server=True)
+        overflow = self._overflow(exchange, endpoint, payload) if endpoint in OVERFLOW_ENDPOINTS else None
+        if overflow is not None:
+            exchange.send(400, overflow, JSON_LLAMA, server=True)
         elif endpoint == "embeddings":
             self._embeddings(exchange, payload)
         elif endpoint in ("messages", "messages/count_tokens"):
@@ -1690,7 +2122,7 @@ class FakeDMR:
             _BigBodyProducer(self, exchange, self.big_body).start()
         else:
             await self._first_token(exchange)
-            body = self._completion(endpoint, payload)
+            body = self._completion(endpoint, payload, self._prompt_usage(exchange, _texts(payload, endpoint)))
             self._answered(exchange, "".join(self.tokens))
             exchange.send(200, _dumps(body), JSON_LLAMA, server=True)
 
@@ -1716,9 +2148,11 @@ class FakeDMR:
         self._warm.add(runner)
         loaded.callback(None)
 
-    def _completion(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """A non-streaming llama.cpp chat or text completion body."""
-        prompt_n, text = _count_tokens(_texts(payload, endpoint)), "".join(self.tokens)
+    def _completion(
+        self, endpoint: str, payload: dict[str, Any], prompt: tuple[int, int, float | None]
+    ) -> dict[str, Any]:
+        """A non-streaming llama.cpp chat or text completion body (``prompt``: see ``_prompt_usage``)."""
+        prompt_n, text = prompt[0], "".join(self.tokens)
         if endpoint == "chat/completions":
             choice: dict[str, Any] = {
                 "finish_reason": "stop",
@@ -1735,9 +2169,9 @@ class FakeDMR:
             "model": payload["model"],
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "object": obj,
-            "usage": _usage(len(self.tokens), prompt_n),
+            "usage": _usage(len(self.tokens), prompt_n, prompt[1] if prompt[2] is not None else None),
             "id": _completion_id(),
-            "timings": _timings(prompt_n, len(self.tokens)),
+            "timings": _timings(prompt_n, len(self.tokens), prompt[1], prompt[2], self.chunk_delay),
         }
 
     def _embeddings(self, exchange: _Exchange, payload: dict[str, Any]) -> None:
@@ -1768,17 +2202,18 @@ class FakeDMR:
         fault = "truncate" if self.truncate_stream else "error" if self.midstream_error else None
         options = payload.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        exchange.start(200, EVENT_STREAM, server=True)
+        await self._first_token(exchange, headers=True)
         events = _stream_events(
             chat=endpoint == "chat/completions",
             tokens=tokens[:FAULT_AFTER_CONTENT_EVENTS] if fault else tokens,
-            prompt_n=_count_tokens(_texts(payload, endpoint)),
+            prompt=self._prompt_usage(exchange, _texts(payload, endpoint)),
             model=payload["model"],
             created=int(self._reactor.seconds()),
             include_usage=include_usage,
             complete=fault is None,
+            interval=self.chunk_delay,
         )
-        exchange.start(200, EVENT_STREAM, server=True)
-        await self._first_token(exchange, headers=True)
         for index, event in enumerate(events):
             if index:
                 await exchange.sleep(self.chunk_delay)
@@ -2508,8 +2943,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
 
-def _usage(completion: int, prompt: int) -> dict[str, int]:
-    return {"completion_tokens": completion, "prompt_tokens": prompt, "total_tokens": completion + prompt}
+def _usage(completion: int, prompt: int, cached: int | None = None) -> dict[str, Any]:
+    """OpenAI usage; with ``cached`` (a state's answer) llama.cpp's ``prompt_tokens_details`` too."""
+    usage: dict[str, Any] = {"completion_tokens": completion, "prompt_tokens": prompt,
+                             "total_tokens": completion + prompt}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _completion_id() -> str:
@@ -2520,11 +2960,12 @@ def _stream_events(
     *,
     chat: bool,
     tokens: Sequence[str],
-    prompt_n: int,
+    prompt: tuple[int, int, float | None],
     model: str,
     created: int,
     include_usage: bool,
     complete: bool,
+    interval: float = 0.0,
 ) -> list[dict[str, Any]]:
     """The JSON events of a llama.cpp stream, before ``[DONE]``.
 
@@ -2549,7 +2990,8 @@ def _stream_events(
     def text(content: str, finish: str | None = None) -> list[dict[str, Any]]:
         return [{"text": content, "index": 0, "logprobs": None, "finish_reason": finish}]
 
-    usage = _usage(len(tokens), prompt_n)
+    prompt_n, cache_n, prompt_ms = prompt
+    usage = _usage(len(tokens), prompt_n, cache_n if prompt_ms is not None else None)
     if chat:
         events = [chunk(delta({"role": "assistant", "content": None}))]
         events += [chunk(delta({"content": token})) for token in tokens]
@@ -2562,5 +3004,165 @@ def _stream_events(
         if complete:
             events.append(chunk(text("", "stop"), usage=usage))
     if complete:
-        events[-1]["timings"] = _timings(prompt_n, len(tokens))
+        events[-1]["timings"] = _timings(prompt_n, len(tokens), cache_n, prompt_ms, interval)
     return events
+
+
+# -- standalone fakes for benchmarks: python tests/fakedmr.py serve --port P [...] ------------------------------
+
+ANSWER_WORDS = (" sun", " model", " code", " and", " llama", " world", " runner", " ok", " a", " stream",
+                " hello", " test", " blue", " tiny", " proxy", " cat")
+"""Answer tokens of ``serve``: words like the real ``ai/small`` generates (about 5 characters each)."""
+SERVE_PRESETS: dict[str, dict[str, Any]] = {
+    "real": {**BackendState.REAL_ENGINE, "tokens": 24, "token_interval": 0.005},
+    "gpukv": {**BackendState.GPU_KV, "tokens": 16, "token_interval": 0.004},
+    "none": {"cold_load": 0.0, "tokens": 16, "token_interval": 0.004},  # BackendState's defaults
+}
+"""``serve --preset``: BackendState keyword arguments, plus the answer's length and token interval."""
+
+
+class _ServedFake(FakeDMR):
+    """A FakeDMR run by ``serve``: keeps no request recordings, and answers ``GET /fake/stats``
+    (``?records=1`` adds every request's ``StateRecord``) and ``POST /fake/reset`` (state and counters)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inference = 0
+        self.max_active = 0
+
+    def _record(self, request: Request) -> RecordedRequest:
+        recorded = super()._record(request)
+        self.requests.clear()  # nobody reads them back; a long benchmark must not keep every prompt
+        return recorded
+
+    def _route(self, request: Request) -> None:
+        path = request.path.decode("latin-1")
+        method = request.method.decode("latin-1")
+        if path in ("/fake/stats", "/fake/reset"):
+            body: dict[str, Any]
+            if path == "/fake/reset" and method == "POST":
+                self.inference = self.max_active = 0
+                if self._state is not None:
+                    self._state.reset()
+                body = {"reset": True}
+            elif path == "/fake/stats" and method in ("GET", "HEAD"):
+                body = self.stats(records=b"records=1" in request.uri)
+            else:
+                request.setResponseCode(405)
+                body = {"error": "method not allowed"}
+            data = _dumps(body) + b"\n"
+            request.setHeader(b"content-type", JSON_GO)
+            request.setHeader(b"content-length", b"%d" % len(data))
+            request.write(data)
+            request.finish()
+            return
+        if _is_inference(method, request.uri.decode("latin-1")):
+            self.inference += 1
+            self.max_active = max(self.max_active, self.active + 1)
+        super()._route(request)
+
+    def stats(self, *, records: bool = False) -> dict[str, Any]:
+        """The counters ``GET /fake/stats`` shows."""
+        state = self._state
+        out: dict[str, Any] = {"port": self.port, "active": self.active, "max_active": self.max_active}
+        if state is not None:
+            out.update(state.stats())
+            out["engine_requests"] = out.pop("requests")
+            if records:
+                out["records"] = [vars(record) for record in state.records]
+        out["requests"] = self.inference
+        return out
+
+
+def _serve_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fakedmr.py", description="Fake DMRs in their own process.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve fake DMRs (one per --port, one BackendState each, one Machine for all) until SIGTERM",
+        description="Serve one FakeDMR with a BackendState per --port on 127.0.0.1; print 'READY port ...' once "
+                    "all listen; GET /fake/stats gives the counters (?records=1: every request), POST /fake/reset "
+                    "empties caches and counters. Knobs left out come from --preset (see BackendState).")
+    serve.add_argument("--port", type=int, action="append", required=True, help="a port to serve (0: any free one)")
+    serve.add_argument("--models", default="ai/small", help="comma-separated model ids (default ai/small)")
+    serve.add_argument("--preset", choices=sorted(SERVE_PRESETS), default="none",
+                       help="real: BackendState.real_engine(); gpukv: BackendState.gpu_kv(); none: the defaults")
+    add = serve.add_argument
+    add("--resident-capacity", type=int)
+    add("--cold-load", type=float, help="seconds a model load takes")
+    add("--slots", type=int, help="llama.cpp slots per model (0: unlimited)")
+    add("--prefill-parallel", type=int, help="prefills at once per endpoint (0: unlimited)")
+    add("--batch", action=argparse.BooleanOptionalAction, default=None, help="prefills run in batches")
+    add("--batch-window", type=float, help="seconds an idle engine gathers prefills into its next batch")
+    add("--base", type=float, help="seconds of every prefill")
+    add("--per-token", type=float, help="seconds per uncached token")
+    add("--per-token-ctx", type=float, help="seconds per uncached token per token of context before it")
+    add("--slot-switch", type=float, help="seconds more for a prefill with under 10%% of its prompt cached")
+    add("--contention", type=float, help="extra work share per other prefill running on the endpoint")
+    add("--machine-contention", type=float, help="extra work share per prefill running on another port")
+    add("--cache-tokens", type=int, help="tokens the prefix cache holds")
+    add("--cache-prompts", type=int, help="prompts the prefix cache holds (0: unbounded)")
+    add("--share-busy", action=argparse.BooleanOptionalAction, default=None,
+        help="a running request's cached prefix is usable by others")
+    add("--recompute-answer", action=argparse.BooleanOptionalAction, default=None,
+        help="cache the prompt only, not the answer")
+    add("--tokenizer", choices=("words", "chars"))
+    add("--message-tokens", type=int, help="template tokens around each message")
+    add("--context", type=int, help="most prompt tokens (0: unlimited)")
+    add("--tokens", type=int, help="tokens of every answer")
+    add("--token-interval", type=float, help="seconds between a stream's events (the fake's chunk_delay)")
+    add("--health-route", action=argparse.BooleanOptionalAction, default=True,
+        help="serve GET /engines/health (default on)")
+    return parser
+
+
+def serve(argv: Sequence[str]) -> int:
+    """``python tests/fakedmr.py serve --port P [--port P2 ...] [knobs]`` (``argv``: from "serve" on)."""
+    from twisted.internet import reactor
+
+    args = _serve_parser().parse_args(argv)
+    knobs = dict(SERVE_PRESETS[args.preset])
+    names = ("resident_capacity", "cold_load", "slots", "prefill_parallel", "batch", "base", "per_token",
+             "per_token_ctx", "contention", "machine_contention", "cache_tokens", "cache_prompts", "share_busy",
+             "recompute_answer", "tokenizer", "message_tokens", "context", "slot_switch", "batch_window", "tokens",
+             "token_interval")
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            knobs[name] = value
+    answer_tokens, interval = int(knobs.pop("tokens")), float(knobs.pop("token_interval"))
+    machine = Machine()
+    models = [m for m in args.models.split(",") if m]
+    fakes: list[_ServedFake] = []
+    for index in range(len(args.port)):
+        fake = _ServedFake(models, name=f"fake-{index}", reactor=reactor)
+        fake.state = BackendState(machine=machine, **knobs)
+        fake.tokens = [ANSWER_WORDS[i % len(ANSWER_WORDS)] for i in range(answer_tokens)]
+        fake.chunk_delay = interval
+        fake.health_route = args.health_route
+        fakes.append(fake)
+    failed: list[str] = []
+
+    async def start() -> None:
+        try:
+            for fake, port in zip(fakes, args.port):
+                await fake.start(port)
+        except Exception as error:  # a busy port
+            failed.append(str(error))
+            reactor.stop()
+            return
+        print("READY " + " ".join(str(fake.port) for fake in fakes), flush=True)
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()))
+    reactor.run()  # SIGTERM and SIGINT stop it
+    if failed:
+        print(f"fakedmr serve: {failed[0]}", file=__import__("sys").stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(serve(sys.argv[1:] or ["--help"]))

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import IResponse
 
-from fakedmr import GO_ZERO_TIME, BackendState, FakeDMR, Lease
+from fakedmr import GO_ZERO_TIME, BackendState, FakeDMR, Lease, Machine
 
 CHAT = "/engines/v1/chat/completions"
 
@@ -1135,3 +1135,337 @@ async def test_state_stop_and_reset_forget_everything(
     assert [(r.cold, r.cached_tokens) for r in state.records] == [(True, 0), (True, 0)] and state.cold_loads == 2
     fake.reset()
     assert fake.state is state and (state.resident, state.records, state.cold_loads) == ([], [], 0)
+
+
+# -- BackendState: engine knobs (prefill turns, batches, contention, sharing, cache bounds, tokens) --------------
+
+
+def test_state_prefill_parallel_takes_turns_across_models() -> None:
+    """prefill_parallel=1: one prefill at a time per endpoint, FIFO, whatever the model; the others wait."""
+    clock = Clock()
+    state = BackendState(cold_load=0, base=0.01, per_token=0.001, prefill_parallel=1, clock=clock)
+    a, b, c = got(state.acquire(SMOL)), got(state.acquire(LLAMA)), got(state.acquire(SMOL))
+    first, second, third = (fired(state.begin(lease, [words(n)])) for lease, n in ((a, 90), (b, 40), (c, 40)))
+    assert (state.prefilling, state.waiting, state.max_queue) == (1, 2, 2)
+    clock.advance(0.1)
+    assert first() and not second() and state.prefilling == 1
+    clock.advance(0.05)
+    assert second() and not third()
+    clock.advance(0.05)
+    assert third() and (state.prefilling, state.waiting) == (0, 0)
+    assert [r.queued for r in state.records] == [0, pytest.approx(0.1), pytest.approx(0.15)]
+    assert state.queue_wait == pytest.approx(0.25)
+    unbounded = BackendState(cold_load=0, base=0.01, per_token=0.001, clock=Clock())
+    leases = [got(unbounded.acquire(SMOL)) for _ in range(3)]
+    for lease in leases:
+        unbounded.begin(lease, [words(90)])
+    assert (unbounded.prefilling, unbounded.max_queue) == (3, 0)
+
+
+def test_state_contention_slows_a_prefill_that_starts_beside_others() -> None:
+    """The work (not base) of a prefill costs 1 + contention × (running − 1) more, fixed when it starts."""
+    clock = Clock()
+    state = BackendState(cold_load=0, base=0.01, per_token=0.001, contention=0.5, clock=clock)
+    a, b, c = (got(state.acquire(SMOL)) for _ in range(3))
+    first = fired(state.begin(a, [words(100)]))  # alone: 0.01 + 0.1
+    clock.advance(0.05)
+    second = fired(state.begin(b, [words(100)]))  # beside one: 0.01 + 0.1 × 1.5
+    clock.advance(0.06)
+    assert first() and not second()
+    third = fired(state.begin(c, [words(100)]))  # beside one again (the first ended): 0.01 + 0.15
+    clock.advance(0.16 - 0.06 - 0.001)
+    assert not second()
+    clock.advance(0.001)
+    assert second() and not third()
+    assert [round(r.ttft, 6) for r in state.records[:2]] == [0.11, 0.16]
+    clock.advance(0.16)
+    assert third() and state.records[2].ttft == pytest.approx(0.16)
+
+
+def test_state_batches_share_one_slower_batch_or_wait_for_it() -> None:
+    """batch: prefills waiting when the engine is free run as one batch (all first tokens at its end);
+    a prefill arriving during a batch waits for the next one; batch_window gathers simultaneous ones."""
+    clock = Clock()
+    state = BackendState(cold_load=0, base=0.01, per_token=0.001, batch=True, contention=0.5, clock=clock)
+    a, b, c = (got(state.acquire(SMOL)) for _ in range(3))
+    first = fired(state.begin(a, [words(100)]))  # a batch of one: 0.01 + 0.1
+    clock.advance(0.02)
+    second, third = fired(state.begin(b, [words(100)])), fired(state.begin(c, [words(60)]))
+    assert state.prefilling == 1 and state.waiting == 2
+    clock.advance(0.09)
+    assert first() and not second() and state.prefilling == 2  # the next batch: both at once
+    clock.advance(0.01 + 0.16 * 1.5 - 0.001)
+    assert not second() and not third()
+    clock.advance(0.001)
+    assert second() and third() and [r.ttft for r in state.records[1:]] == [pytest.approx(0.25)] * 2
+    gathered = BackendState(cold_load=0, base=0.01, per_token=0.001, batch=True, batch_window=0.005, clock=clock)
+    x, y = got(gathered.acquire(SMOL)), got(gathered.acquire(SMOL))
+    one = fired(gathered.begin(x, [words(100)]))
+    clock.advance(0.004)
+    two = fired(gathered.begin(y, [words(100)]))
+    assert (gathered.prefilling, gathered.waiting, gathered.max_queue) == (0, 0, 0)  # gathering, not queued
+    clock.advance(0.001)  # the window closes: one batch of both
+    assert gathered.prefilling == 2
+    clock.advance(0.01 + 0.2 - 0.0001)
+    assert not one() and not two()
+    clock.advance(0.0001)
+    assert one() and two() and [r.queued for r in gathered.records] == [pytest.approx(0.005), pytest.approx(0.001)]
+
+
+def test_state_machine_contention_counts_other_endpoints_prefills() -> None:
+    """States sharing a Machine: a prefill starting while another endpoint prefills costs machine_contention more."""
+    clock = Clock()
+    machine = Machine()
+    here, there = (BackendState(cold_load=0, base=0.01, per_token=0.001, machine=machine, machine_contention=1.0,
+                                clock=clock) for _ in range(2))
+    alone = BackendState(cold_load=0, base=0.01, per_token=0.001, machine_contention=1.0, clock=clock)
+    a, b, c = got(here.acquire(SMOL)), got(there.acquire(SMOL)), got(alone.acquire(SMOL))
+    here.begin(a, [words(100)])
+    assert machine.prefilling == 1
+    slowed, unaffected = fired(there.begin(b, [words(100)])), fired(alone.begin(c, [words(100)]))
+    clock.advance(0.11)
+    assert unaffected() and not slowed() and machine.prefilling == 1
+    clock.advance(0.1)
+    assert slowed() and there.records[0].ttft == pytest.approx(0.21) and machine.prefilling == 0
+
+
+def test_state_share_busy_false_keeps_a_running_requests_prefix() -> None:
+    """share_busy=False: the entry a running request matched is its own until it ends (others prefill
+    it all); its complete answer leaves its prompt (+ answer) cached, an incomplete one the old entry."""
+    for share in (True, False):
+        state = BackendState(cold_load=0, base=0.0, per_token=0.001, share_busy=share, clock=Clock())
+        head = words(200, "h")
+        warm = got(state.acquire(SMOL))
+        state.prefill(warm, [head])
+        state.remember(warm, "done")
+        state.release(warm)
+        one, two = got(state.acquire(SMOL)), got(state.acquire(SMOL))
+        state.prefill(one, [head, "one more"])
+        state.prefill(two, [head, "two more"])
+        assert [r.cached_tokens for r in state.records[1:]] == ([200, 200] if share else [200, 0])
+        assert state.lookup(SMOL, [head, "x"]) == (200 if share else 0)
+        if share:
+            continue
+        state.release(one)  # ended without an answer: the entry it held is back
+        assert state.lookup(SMOL, [head, "x"]) == 200 and state.entries == [(SMOL, 201)]
+        three = got(state.acquire(SMOL))
+        state.prefill(three, [head, "three more"])
+        state.remember(three, "answer")
+        assert state.lookup(SMOL, [head, "x"]) == 200 and state.entries == [(SMOL, 203)]  # its prompt + answer
+        state.release(three)
+        state.release(two)
+
+
+def test_state_cache_prompts_bounds_the_entries() -> None:
+    """cache_prompts: at most that many entries, the least recently used dropped first."""
+    for bound, kept in ((0, 4), (2, 2)):
+        state = BackendState(cold_load=0, cache_prompts=bound, clock=Clock())
+        lease = got(state.acquire(SMOL))
+        prompts = [[f"conversation{n} " + words(99)] for n in range(4)]
+        for prompt in prompts:
+            state.prefill(lease, prompt)
+            state.remember(lease)
+        assert len(state.entries) == kept
+        assert [state.lookup(SMOL, p) for p in prompts] == ([99] * 4 if not bound else [0, 0, 99, 99])
+
+
+def test_state_recompute_answer_caches_the_prompt_only() -> None:
+    """recompute_answer: the next turn, which sends the answer back, prefills it again."""
+    for recompute, cached in ((False, 104), (True, 101)):
+        state = BackendState(cold_load=0, recompute_answer=recompute, clock=Clock())
+        lease = got(state.acquire(SMOL))
+        turn1 = ["be brief", words(99)]  # 101 words
+        state.prefill(lease, turn1)
+        state.remember(lease, "the answer here")
+        state.prefill(lease, [*turn1, "the answer here", "and now?"])
+        assert lease.record.cached_tokens == cached and state.entries[0][1] == (101 if recompute else 104)
+
+
+def test_state_per_token_ctx_and_slot_switch_price_the_prefill() -> None:
+    """per_token_ctx: tokens cost more further into the context; slot_switch: a prefill with under 10 % of
+    its prompt cached costs more."""
+    state = BackendState(cold_load=0, base=0.01, per_token=0.001, per_token_ctx=0.00001, slot_switch=0.02,
+                         clock=Clock())
+    lease = got(state.acquire(SMOL))
+    assert state.prefill(lease, [words(100)]) == pytest.approx(0.01 + 0.02 + 0.1 + 0.00001 * 100 * 100 / 2)
+    state.remember(lease)
+    assert state.prefill(lease, [words(100), words(50, "x")]) == pytest.approx(0.01 + 0.05 + 0.00001 * (150 ** 2 - 100 ** 2) / 2)
+    assert state.prefill(lease, [words(5), words(95, "y")]) == pytest.approx(0.01 + 0.02 + 0.095 + 0.00001 * (100 ** 2 - 5 ** 2) / 2)
+    plain = BackendState(cold_load=0, base=0.01, per_token=0.001, clock=Clock())
+    assert plain.prefill(got(plain.acquire(SMOL)), [words(100)]) == pytest.approx(0.11)
+
+
+def test_state_tokenizer_chars_and_message_tokens() -> None:
+    """tokenizer="chars": a character is a token; message_tokens: template tokens around every message."""
+    chars = BackendState(cold_load=0, tokenizer="chars", message_tokens=11, clock=Clock())
+    assert len(chars.prompt(["hello there"])) == 33  # the real ai/small: 11 + 11 + 11
+    assert len(chars.prompt(["abc", "hello there"])) == 47
+    words_state = BackendState(cold_load=0, message_tokens=2, clock=Clock())
+    assert len(words_state.prompt(["hello there", "x"])) == 2 + 2 + 2 + 1 + 2
+    assert len(BackendState(clock=Clock()).prompt(["hello there", "x"])) == 3
+    lease = got(chars.acquire(SMOL))
+    chars.prefill(lease, ["system text", "question"])
+    chars.remember(lease, " sun model")
+    assert chars.entries == [(SMOL, 11 + 11 + 11 + 8 + 11 + 10)]
+    assert chars.lookup(SMOL, ["system text", "question", " sun model", "next"]) == 52 + 10
+    with pytest.raises(ValueError):
+        BackendState(tokenizer="bpe")
+
+
+def test_state_withdrawn_prefills_free_their_turn() -> None:
+    """Cancelling a waiting or running prefill (or releasing its lease) gives its turn to the next one."""
+    for batch in (False, True):
+        clock = Clock()
+        state = BackendState(cold_load=0, base=0.01, per_token=0.001, prefill_parallel=1, batch=batch, clock=clock)
+        a, b, c = (got(state.acquire(SMOL)) for _ in range(3))
+        running, waiting, last = state.begin(a, [words(100)]), state.begin(b, [words(100)]), state.begin(c, [words(10)])
+        done = fired(last)
+        waiting.addErrback(lambda failure: failure.trap(CancelledError))
+        waiting.cancel()
+        assert state.waiting == 1
+        state.release(a)  # the running one goes: the last one starts now
+        assert not running.called and state.prefilling == 1 and state.waiting == 0
+        clock.advance(0.02)
+        assert done() and clock.getDelayedCalls() == []
+
+
+def test_state_presets() -> None:
+    """real_engine() and gpu_kv(): the calibrated knobs, overridable."""
+    real = BackendState.real_engine(clock=Clock(), slots=2)
+    assert (real.slots, real.share_busy, real.recompute_answer, real.batch, real.tokenizer, real.context) == (
+        2, False, True, True, "chars", 4096)
+    assert real.per_token_ctx > 0 and real.contention > 0 and real.cache_tokens >= 1 << 24
+    gpu = BackendState.gpu_kv(clock=Clock())
+    assert (gpu.prefill_parallel, gpu.base, gpu.per_token, gpu.cache_prompts, gpu.share_busy, gpu.batch) == (
+        1, 0.015, 0.0001, 6, True, False)
+    default = BackendState(clock=Clock())
+    assert (default.prefill_parallel, default.contention, default.batch, default.share_busy, default.cache_prompts,
+            default.recompute_answer, default.tokenizer, default.per_token_ctx) == (0, 0.0, False, True, 0, False,
+                                                                                  "words", 0.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_answers_carry_its_counts_and_the_context_bound(http: HTTPClient) -> None:
+    """With a state: usage and timings report its tokens (cached, computed, prefill time); a prompt
+    over ``context`` gets llama.cpp's 400 with the numbers; a stream's prefill waits for its turn."""
+    clock = ClockReactor()
+    fake = FakeDMR(("ai/small",), reactor=clock)
+    fake.state = BackendState(cold_load=0, base=0.01, per_token=0.001, tokenizer="chars", message_tokens=1,
+                              context=300, recompute_answer=True, prefill_parallel=1)
+    await fake.start()
+    try:
+        turn1 = chat("ai/small", "x" * 100)
+        (_, body), = await drive(clock, post(http, fake, CHAT, turn1))
+        answer = json.loads(body)
+        usage, timings = answer["usage"], answer["timings"]
+        assert usage["prompt_tokens"] == 102 and usage["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert (timings["cache_n"], timings["prompt_n"], timings["prompt_ms"]) == (0, 102, pytest.approx(112.0))
+        turn2 = chat("ai/small", "x" * 100, answer["choices"][0]["message"]["content"], "y" * 10,
+                     stream=True, stream_options={"include_usage": True})
+        state = fake.state
+        first = post(http, fake, CHAT, turn2)
+        await until(lambda: state.prefilling == 1, "the stream's prefill")  # the clock stands still
+        second = post(http, fake, CHAT, chat("ai/small", "z" * 50))
+        await until(lambda: state.waiting == 1, "the second request waiting for its turn")
+        (_, streamed), (_, other) = await drive(clock, first, second)
+        events = [json.loads(e[len("data: "):]) for e in streamed.decode().split("\n\n") if e.startswith("data: {")]
+        final = events[-1]
+        assert final["usage"]["prompt_tokens"] == 127 and final["timings"]["cache_n"] == 102  # the answer again
+        assert final["timings"]["prompt_n"] == 25 and final["timings"]["prompt_ms"] == pytest.approx(35.0)
+        assert json.loads(other)["timings"]["prompt_ms"] == pytest.approx(61.0)  # its template token is cached
+        one, two = state.records[-2:]  # the second waited for the stream's turn
+        assert one.queued == 0 and two.queued == pytest.approx(one.ttft) and state.max_queue == 1
+        (response, body), = await drive(clock, post(http, fake, CHAT, chat("ai/small", "w" * 299)))
+        assert response.code == 400 and json.loads(body)["error"] == {
+            "code": 400, "message": "request (301 tokens) exceeds the available context size (300 tokens), try "
+            "increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 301, "n_ctx": 300}
+    finally:
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_route_knob(fake: FakeDMR, http: HTTPClient) -> None:
+    """GET /engines/health: DMR's 404 by default (it has no such route), llama-server's 200 with the knob."""
+    response, body = await call(http, fake, "GET", "/engines/health")
+    assert (response.code, body) == (404, b"not found\n")
+    fake.health_route = True
+    response, body = await call(http, fake, "GET", "/engines/health")
+    assert (response.code, body, header(response, "content-type")) == (
+        200, b'{"status":"ok"}', ["application/json; charset=utf-8"])
+    fake.reset()
+    assert (await call(http, fake, "GET", "/engines/health"))[0].code == 404
+
+
+@pytest.mark.slow
+def test_serve_runs_fakes_in_their_own_process() -> None:
+    """``python tests/fakedmr.py serve``: READY with the ports, health, answers with the preset's tokens,
+    ``/fake/stats`` counters, ``/fake/reset``; SIGTERM ends it."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    script = os.path.join(os.path.dirname(__file__), "fakedmr.py")
+    proc = subprocess.Popen([sys.executable, script, "serve", "--port", "0", "--port", "0", "--preset", "gpukv",
+                             "--tokens", "3", "--token-interval", "0", "--cache-prompts", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], 30)  # READY comes within a second or two
+        line = proc.stdout.readline() if readable else ""
+        assert line.startswith("READY "), (line, proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
+        ports = [int(p) for p in line.split()[1:]]
+        assert len(ports) == 2 and all(ports)
+
+        def fetch(port: int, path: str, body: Any = None) -> Any:
+            data = json.dumps(body).encode() if body is not None else None
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                             method="POST" if data is not None or path == "/fake/reset" else "GET")
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+
+        assert fetch(ports[0], "/engines/health") == {"status": "ok"}
+        prompt = {"model": "ai/small", "messages": [{"role": "user", "content": words(100)}]}
+        for _ in range(2):
+            answer = fetch(ports[0], CHAT, prompt)
+        assert answer["choices"][0]["message"]["content"] == " sun model code" and answer["timings"]["cache_n"] == 99
+        stats = fetch(ports[0], "/fake/stats?records=1")
+        assert (stats["requests"], stats["cache_miss_tokens"], stats["cache_hits_tokens"], stats["cache_entries"]) == (
+            2, 101, 99, 1)
+        assert [r["cached_tokens"] for r in stats["records"]] == [0, 99] and fetch(ports[1], "/fake/stats")["requests"] == 0
+        assert fetch(ports[0], "/fake/reset") == {"reset": True}
+        assert fetch(ports[0], "/fake/stats")["cache_miss_tokens"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+    assert proc.returncode == 0
+
+
+def test_state_share_busy_false_takes_over_only_similar_entries() -> None:
+    """share_busy=False, like llama.cpp: a request matching under 10 % of its prompt, or keeping under half
+    of the entry, leaves the entry usable by others (another slot, or a saved copy, serves it)."""
+    state = BackendState(cold_load=0, share_busy=False, clock=Clock())
+    head, long_entry = words(200, "h"), words(300, "t")
+    warm = got(state.acquire(SMOL))
+    state.prefill(warm, [head, long_entry])  # one entry of 500 words
+    state.remember(warm)
+    state.release(warm)
+    little = got(state.acquire(SMOL))
+    state.prefill(little, [head[:2], words(100, "u")])  # shares 'h0' only (< 10 %)
+    half = got(state.acquire(SMOL))
+    state.prefill(half, [head, words(100, "v")])  # keeps 200 of 500 (< half): a copy stays
+    most = got(state.acquire(SMOL))
+    state.prefill(most, [head, long_entry, "more"])  # keeps it all: takes it over
+    other = got(state.acquire(SMOL))
+    state.prefill(other, [head, long_entry, "else"])
+    assert [r.cached_tokens for r in state.records] == [0, 1, 200, 500, 0]
