@@ -904,6 +904,11 @@ class BackendState:
     * ``recompute_answer`` (False): True stores the prompt only after an answer, so the
       next turn, which sends the answer back, prefills it again (a real engine whose
       generated tokens re-tokenize differently does that).
+    * ``share_computed`` (False): True models a GPU engine with prefix caching (vLLM,
+      SGLang): a queued prefill is matched when it starts, not when it was queued, and a
+      prompt is cached (shareable) as soon as its prefill is done, not only after its
+      answer; with ``prefill_parallel: 1`` a request queued behind another with the same
+      head reuses it.
     * ``share_busy`` (True): False makes a cache entry the property of the request
       that matched it (its llama.cpp slot) until it ends: other requests cannot use it
       meanwhile (concurrent requests with one head each prefill it).  At the end the
@@ -949,6 +954,7 @@ class BackendState:
         machine: Machine | None = None, machine_contention: float = 0.0, cache_prompts: int = 0,
         share_busy: bool = True, recompute_answer: bool = False, tokenizer: str = "words",
         message_tokens: int = 0, context: int = 0, slot_switch: float = 0.0, batch_window: float = 0.0,
+        share_computed: bool = False,
     ) -> None:
         if tokenizer not in ("words", "chars"):
             raise ValueError(f"tokenizer must be 'words' or 'chars', not {tokenizer!r}")
@@ -968,6 +974,7 @@ class BackendState:
         self.machine = machine
         self.machine_contention = machine_contention
         self.share_busy = share_busy
+        self.share_computed = share_computed
         self.recompute_answer = recompute_answer
         self.tokenizer = tokenizer
         self.message_tokens = message_tokens
@@ -1006,7 +1013,7 @@ class BackendState:
     )
     GPU_KV: dict[str, Any] = dict(
         cold_load=0.0, slots=0, prefill_parallel=1, base=0.015, per_token=0.0001, contention=0.0,
-        cache_prompts=6, cache_tokens=1 << 30, share_busy=True, recompute_answer=False,
+        cache_prompts=6, cache_tokens=1 << 30, share_busy=True, recompute_answer=False, share_computed=True,
     )
 
     @classmethod
@@ -1329,7 +1336,11 @@ class BackendState:
         """The prefill of a request holding its slot: charged now (``prefill()``), then run when its turn
         (or batch) comes, its delay fixed when it starts; fires at its first token.  Cancelling it (or
         releasing the lease) withdraws it."""
-        work, fixed = self._charge(lease, texts)
+        if self.share_computed:  # matched when it starts (see _charged)
+            lease.prompt = texts if isinstance(texts, Prompt) else self.prompt(texts)
+            work, fixed = -1.0, 0.0  # (charged in _charged)
+        else:
+            work, fixed = self._charge(lease, texts)
         job = _Prefill(lease, work, fixed, Deferred(lambda _: self._cancel(job)), self._now())
         lease.job = job
         self._pending.append(job)
@@ -1389,7 +1400,7 @@ class BackendState:
                         break
                     self._window_over = False
                     count = min(len(self._pending), limit if limit > 0 else len(self._pending))
-                    jobs = [self._pending.popleft() for _ in range(count)]
+                    jobs = [self._charged(self._pending.popleft()) for _ in range(count)]
                     factor = self._factor(len(jobs))
                     work = sum(job.work for job in jobs)
                     delay = self.base + sum(job.fixed for job in jobs) + (work if factor == 1.0 else work * factor)
@@ -1398,7 +1409,7 @@ class BackendState:
                     finished += self._schedule(jobs, delay)
             else:
                 while self._pending and (limit <= 0 or len(self._running) < limit):
-                    job = self._pending.popleft()
+                    job = self._charged(self._pending.popleft())
                     factor = self._factor(len(self._running) + 1)
                     delay = self.base + job.fixed + (job.work if factor == 1.0 else job.work * factor)
                     self._start(job, None)
@@ -1407,6 +1418,12 @@ class BackendState:
             self._pumping = False
         for job in finished:
             job.deferred.callback(None)
+
+    def _charged(self, job: _Prefill) -> _Prefill:
+        """``share_computed``: the job's prompt matched (and counted) now, as its prefill starts."""
+        if job.work < 0 and job.lease.prompt is not None:
+            job.work, job.fixed = self._charge(job.lease, job.lease.prompt)
+        return job
 
     def _window_closed(self) -> None:
         self._window, self._window_over = None, bool(self._pending)
@@ -1433,6 +1450,9 @@ class BackendState:
 
     def _end(self, jobs: list[_Prefill]) -> None:
         for job in jobs:
+            lease = job.lease
+            if self.share_computed and lease.prompt is not None and self._current(lease) and self.cache_tokens > 0:
+                self._insert(lease.model, lease.prompt)  # computed: shareable from now on
             if job in self._running:
                 self._running.remove(job)
                 if self.machine is not None:
@@ -3105,6 +3125,8 @@ def _serve_parser() -> Any:
     add("--cache-prompts", type=int, help="prompts the prefix cache holds (0: unbounded)")
     add("--share-busy", action=argparse.BooleanOptionalAction, default=None,
         help="a running request's cached prefix is usable by others")
+    add("--share-computed", action=argparse.BooleanOptionalAction, default=None,
+        help="a prompt is shared once prefilled, and a queued prefill matches when it starts")
     add("--recompute-answer", action=argparse.BooleanOptionalAction, default=None,
         help="cache the prompt only, not the answer")
     add("--tokenizer", choices=("words", "chars"))
@@ -3126,7 +3148,7 @@ def serve(argv: Sequence[str]) -> int:
     names = ("resident_capacity", "cold_load", "slots", "prefill_parallel", "batch", "base", "per_token",
              "per_token_ctx", "contention", "machine_contention", "cache_tokens", "cache_prompts", "share_busy",
              "recompute_answer", "tokenizer", "message_tokens", "context", "slot_switch", "batch_window", "tokens",
-             "token_interval")
+             "token_interval", "share_computed")
     for name in names:
         value = getattr(args, name)
         if value is not None:

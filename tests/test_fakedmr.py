@@ -1469,3 +1469,24 @@ def test_state_share_busy_false_takes_over_only_similar_entries() -> None:
     other = got(state.acquire(SMOL))
     state.prefill(other, [head, long_entry, "else"])
     assert [r.cached_tokens for r in state.records] == [0, 1, 200, 500, 0]
+
+
+def test_state_share_computed_matches_a_queued_prefill_when_it_starts() -> None:
+    """share_computed (a GPU engine with prefix caching): with one prefill at a time, a request queued behind
+    another with the same head reuses it once that prefill is done; without it, both compute the head."""
+    for share in (False, True):
+        clock = Clock()
+        state = BackendState(cold_load=0, base=0.01, per_token=0.001, prefill_parallel=1, share_computed=share,
+                             clock=clock)
+        head = words(300, "h")
+        one, two = got(state.acquire(SMOL)), got(state.acquire(SMOL))
+        first, second = fired(state.begin(one, [head, "alpha one"])), fired(state.begin(two, [head, "beta two"]))
+        clock.advance(0.01 + 0.302)
+        assert first() and not second()
+        clock.advance(0.01 + 0.002)
+        assert second() is share  # it computed two new words only
+        clock.advance(0.302)
+        assert second()
+        assert [r.cached_tokens for r in state.records] == ([0, 300] if share else [0, 0])
+        state.release(one)
+        state.release(two)

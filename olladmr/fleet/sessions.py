@@ -280,7 +280,8 @@ class SessionRouter:
     def __init__(self, clock: IReactorTime, config: Config) -> None:
         self.settings = config.proxy.affinity
         self.pins = PinTable(clock, self.settings.max_sessions, self.settings.idle_ttl)
-        self.index = PrefixIndex(self.settings.cache_tokens, self.settings.block_chars)
+        self.index = PrefixIndex(self.settings.cache_tokens, self.settings.block_chars)  # cached there
+        self.sent = PrefixIndex(self.settings.cache_tokens, self.settings.block_chars)  # sent there (maybe running)
         self.counts = {HIT: 0, MISS: 0, REPIN: 0, SPILL: 0}
         self.reasons = dict.fromkeys(REASONS, 0)
         self.matched_chars = 0  # prompt characters placed where they were cached (estimated)
@@ -296,9 +297,10 @@ class SessionRouter:
         names = {ep.name for ep in config.endpoints}
         self.pins.keep_only(names)
         self.pins.trim()
-        self.index.default_cache_tokens = self.settings.cache_tokens
-        self.index.block_chars = self.settings.block_chars
-        self.index.keep_only(names)
+        for index in (self.index, self.sent):
+            index.default_cache_tokens = self.settings.cache_tokens
+            index.block_chars = self.settings.block_chars
+            index.keep_only(names)
 
     @property
     def enabled(self) -> bool:
@@ -414,12 +416,16 @@ class SessionRouter:
         tier = rendezvous(head, [ep for ep in routable if ep.config.priority == top])
         others = _by_tier(head, [ep for ep in routable if ep.config.priority != top])
         matched = {ep.name: self.index.matched_chars(ep, model_key, blocks) for ep in routable}
-        longest = max(matched[ep.name] for ep in tier)
+        warmest = max(matched[ep.name] for ep in tier)
         weight = self.settings.move_cost  # the prefill a placement adds over the warmest one delays others too
         costs = {
-            ep.name: self.cost(ep, model_key, blocks.chars - matched[ep.name]) + weight * (longest - matched[ep.name])
+            ep.name: self.cost(ep, model_key, blocks.chars - matched[ep.name]) + weight * (warmest - matched[ep.name])
             for ep in tier
         }
+        # Where the prompt's family lives: cached there, or sent there and still running (its prefix is on its
+        # way into that cache): a tenant's conversations that start together stay together.
+        placed = {ep.name: max(matched[ep.name], self.sent.matched_chars(ep, model_key, blocks)) for ep in tier}
+        longest = max(placed.values())
         ranked = sorted(tier, key=lambda ep: costs[ep.name])  # stable: rendezvous order breaks ties
         best = ranked[0]
         if longest == 0:
@@ -428,12 +434,12 @@ class SessionRouter:
                 best = home
             verdict, reason = MISS, BALANCE
         else:
-            holders = [ep for ep in tier if matched[ep.name] == longest]
+            holders = [ep for ep in tier if placed[ep.name] == longest]
             if len(holders) == 1 and holders[0].in_flight < holders[0].capacity and self.settings.stay_while_free:
                 best = holders[0]  # a free slot and the warmest cache: never a needless move
             elif any(costs[ep.name] <= costs[best.name] for ep in holders):
                 best = min(holders, key=lambda ep: costs[ep.name])
-            verdict, reason = (HIT, PREFIX) if matched[best.name] == longest else (SPILL, SPILL)
+            verdict, reason = (HIT, PREFIX) if placed[best.name] == longest else (SPILL, SPILL)
         if best.model_loaded(model_key) is False:
             reason = COLD
             if any(ep.model_loaded(model_key) is True for ep in tier):
@@ -451,6 +457,7 @@ class SessionRouter:
         count as cached there from now on.
         """
         work = self.uncached(ep, model_key, blocks) + self.overhead_chars()
+        self.sent.record(ep, model_key, blocks)
         if self.settings.cached_after == "send":
             self.index.record(ep, model_key, blocks)
         ep.prefill_pending += work
