@@ -256,15 +256,21 @@ def test_a_conversation_never_leaves_a_warm_endpoint_with_a_free_slot() -> None:
     assert chosen is not home and verdict == SPILL
 
 
-def test_a_new_prompt_takes_its_rendezvous_home_unless_the_load_there_outweighs_it() -> None:
+def test_a_new_prompt_takes_its_rendezvous_home_unless_every_slot_there_is_taken() -> None:
+    """A prompt cached nowhere goes where every instance sends it -- whatever this instance thinks is waiting there
+    (it may be a later turn another instance placed) -- unless that endpoint is full and another is not."""
     _, router, eps = setup()
     key = key_for(router, chat_body(words("s", 100), "q"))
     assert key.blocks is not None
     order = rendezvous(key.blocks.head.hex(), eps)
-    order[0].prefill_pending = key.blocks.chars // 2  # less than the prompt itself: still home
+    order[0].prefill_pending = key.blocks.chars * 10
+    order[0].in_flight = 3
     assert router.place(key, eps, MODEL, CHAT).order[0] is order[0]
-    order[0].prefill_pending = key.blocks.chars * 3
+    order[0].in_flight = 4
     assert router.place(key, eps, MODEL, CHAT).order[0] is not order[0]
+    for ep in eps:
+        ep.in_flight = 4
+    assert router.place(key, eps, MODEL, CHAT).order[0] is order[0]
 
 
 def test_cost_avoids_a_cold_load_and_counts_it() -> None:
@@ -362,3 +368,21 @@ def test_cached_after_says_when_a_prompt_counts_as_cached(moment: str) -> None:
     seen.append(router.index.match(a, MODEL, key.blocks) > 0)
     assert seen == {"send": [True, True, True], "first_token": [False, True, True],
                     "finish": [False, False, True]}[moment]
+
+
+def test_a_tenants_conversations_that_start_together_stay_together() -> None:
+    """The second conversation of a tenant, sent while the first is still running (its head not cached anywhere
+    yet with cached_after: finish), goes where the first went -- even though waiting there costs more."""
+    _, router, eps = setup()
+    tenant = words("tenant", 800)
+    first = key_for(router, chat_body(tenant, "task zero"))
+    assert first.blocks is not None
+    placement = router.place(first, eps, MODEL, CHAT)
+    home = placement.order[0]
+    router.sending(home, MODEL, first.blocks)  # running: not cached yet
+    router.served(first, placement, home)
+    second = key_for(router, chat_body(tenant, "task one"))
+    assert second.blocks is not None
+    assert router.uncached(home, MODEL, second.blocks) == second.blocks.chars  # nothing cached there yet
+    verdict, chosen, reason = serve(router, second, eps)
+    assert (verdict, chosen, reason) == (HIT, home, PREFIX)

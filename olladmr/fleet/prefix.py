@@ -50,6 +50,7 @@ class PromptBlocks:
     digests: tuple[bytes, ...]
     ends: tuple[int, ...]  # the character each block ends at
     head_index: int = 0
+    opening_index: int = 0  # the block that ends the first message after the head (a conversation's opening)
 
     @property
     def head(self) -> bytes:
@@ -59,6 +60,11 @@ class PromptBlocks:
         them -- what a tenant's requests, and a conversation's turns, share.
         """
         return self.digests[self.head_index] if self.digests else b""
+
+    @property
+    def opening(self) -> bytes:
+        """The digest of the conversation's opening: its head and first message (the same on every turn)."""
+        return self.digests[self.opening_index] if self.digests else b""
 
     def covered(self, blocks: int) -> int:
         """The characters the first ``blocks`` blocks cover."""
@@ -119,13 +125,8 @@ def canonical_prompt(route: str, body: Mapping[str, Any]) -> list[str] | None:
     tools = body.get("tools")
     if tools:
         parts.append(_RECORD + "tools" + _UNIT + _CANONICAL.encode(tools))
-    if route == "chat/completions":
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return None
-        parts.extend(_message(m) for m in messages)
-    elif route == "messages":
-        system = body.get("system")
+    if route in ("chat/completions", "messages"):
+        system = body.get("system") if route == "messages" else None  # (Anthropic's system prompt)
         if system:
             parts.append(_RECORD + "system" + _UNIT + _text(system))
         messages = body.get("messages")
@@ -180,18 +181,21 @@ def block_digests(model_key: str, parts: list[str], block_chars: int) -> PromptB
     while leading < len(parts) and parts[leading].startswith(_PREAMBLE):
         leading += 1
     limit = min(HEAD_CHARS, ends[max(0, leading - 1)]) if ends else 0
+    opening_end = ends[min(leading, len(ends) - 1)] if ends else 0
     h = hashlib.blake2b(model_key.encode("utf-8") + b"\0", digest_size=8)
     digests: list[bytes] = []
     cuts = boundaries(ends, block_chars)
     start = 0
-    head = 0
+    head = opening = 0
     for index, end in enumerate(cuts):
         h.update(text[start:end].encode("utf-8", "surrogatepass"))
         digests.append(h.digest())
         start = end
         if end <= limit:
             head = index
-    return PromptBlocks(total, tuple(digests), tuple(cuts), head)
+        if end <= opening_end:
+            opening = index
+    return PromptBlocks(total, tuple(digests), tuple(cuts), head, opening)
 
 
 def prompt_blocks(route: str, body: Mapping[str, Any], model_key: str, block_chars: int) -> PromptBlocks | None:

@@ -408,8 +408,8 @@ class SessionRouter:
         rules on top: a prompt whose longest cached prefix is at one endpoint
         stays there while that endpoint has a free slot (no needless moves),
         and a prompt cached nowhere starts where rendezvous hashing of its
-        first block says -- the same endpoint on every olladmr instance --
-        unless the load there outweighs what its next requests will reuse.
+        head says -- the same endpoint on every olladmr instance, which may
+        have served its earlier turns -- unless every slot there is taken.
         """
         top = max(ep.config.priority for ep in routable)
         head = blocks.head.hex()
@@ -429,8 +429,10 @@ class SessionRouter:
         ranked = sorted(tier, key=lambda ep: costs[ep.name])  # stable: rendezvous order breaks ties
         best = ranked[0]
         if longest == 0:
+            # Nothing of it anywhere this instance knows of: where every instance sends it (it may be a later turn
+            # another instance placed), unless that endpoint is full and another is not.
             home = tier[0]
-            if costs[home.name] <= costs[best.name] + blocks.chars:
+            if home.in_flight < home.capacity or not any(ep.in_flight < ep.capacity for ep in tier):
                 best = home
             verdict, reason = MISS, BALANCE
         else:
@@ -438,7 +440,11 @@ class SessionRouter:
             if len(holders) == 1 and holders[0].in_flight < holders[0].capacity and self.settings.stay_while_free:
                 best = holders[0]  # a free slot and the warmest cache: never a needless move
             elif any(costs[ep.name] <= costs[best.name] for ep in holders):
-                best = min(holders, key=lambda ep: costs[ep.name])
+                # Among the endpoints that hold as much, the conversation's own rendezvous choice (the same on
+                # every instance, whatever each one saw of it) unless another is cheaper by more than a head.
+                cheapest = min(holders, key=lambda ep: costs[ep.name])
+                mine = rendezvous(blocks.opening.hex(), holders)[0] if len(holders) > 1 else cheapest
+                best = mine if costs[mine.name] <= costs[cheapest.name] + longest else cheapest
             verdict, reason = (HIT, PREFIX) if placed[best.name] == longest else (SPILL, SPILL)
         if best.model_loaded(model_key) is False:
             reason = COLD
