@@ -386,3 +386,23 @@ def test_a_tenants_conversations_that_start_together_stay_together() -> None:
     assert router.uncached(home, MODEL, second.blocks) == second.blocks.chars  # nothing cached there yet
     verdict, chosen, reason = serve(router, second, eps)
     assert (verdict, chosen, reason) == (HIT, home, PREFIX)
+
+
+@pytest.mark.parametrize(
+    ("affinity", "endpoint", "message"),
+    [
+        ({"placement": "random"}, {}, "t: proxy.affinity.placement: expected one of cost, hash, got"),
+        ({"block_chars": 8}, {}, "t: proxy.affinity.block_chars: must be at least 16, got 8"),
+        ({"cached_after": "later"}, {}, "t: proxy.affinity.cached_after: expected one of finish, first_token, send"),
+        ({"move_cost": -1}, {}, "t: proxy.affinity.move_cost: must be at least 0"),
+        ({}, {"slots": 0}, "t: endpoints[0].slots: must be at least 1, got 0"),
+        ({}, {"cache_tokens": -5}, "t: endpoints[0].cache_tokens: must be at least 0, got -5"),
+    ],
+)
+def test_placement_settings_are_checked(affinity: dict[str, Any], endpoint: dict[str, Any], message: str) -> None:
+    """A bad placement setting stops the daemon with one line: file, key path, problem."""
+    from olladmr.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"proxy": {"affinity": affinity}, "endpoints": [{"url": "http://a:1", **endpoint}]}, "t")
+    assert str(caught.value).startswith(message)

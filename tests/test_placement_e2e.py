@@ -55,7 +55,7 @@ async def chat(daemon: Any, messages: list[dict[str, str]]) -> tuple[str, dict[s
 
 @pytest_twisted.ensureDeferred
 async def test_two_turn_conversations_never_change_endpoint_on_an_idle_fleet(daemon_factory, fakes):
-    """120 two-turn conversations from 4 concurrent clients over 3 idle endpoints: every second turn lands where
+    """300 two-turn conversations from 4 concurrent clients over 3 idle endpoints: every second turn lands where
     the first did (the first turns still spread over all three), with X-Olla-Placement and X-Olla-Prefix-Match."""
     for fake in fakes:
         await warm(fake)
@@ -76,7 +76,7 @@ async def test_two_turn_conversations_never_change_endpoint_on_an_idle_fleet(dae
         if first["x-olla-endpoint"] != second["x-olla-endpoint"]:
             moved.append((first["x-olla-endpoint"], second["x-olla-endpoint"]))
 
-    queue = list(range(120))
+    queue = list(range(300))
 
     async def client() -> None:
         while queue:
@@ -91,7 +91,7 @@ async def test_two_turn_conversations_never_change_endpoint_on_an_idle_fleet(dae
         matched, total = (int(x) for x in h["x-olla-prefix-match"].split("/"))
         assert 0 < matched < total  # the first turn's prompt, not the new answer and message
     stats = json.loads((await daemon.request("GET", "/internal/stats/sticky"))[1])
-    assert stats["placements"]["prefix"] == 120 and stats["prompt_tokens_matched"] > 0
+    assert stats["placements"]["prefix"] == 300 and stats["prompt_tokens_matched"] > 0
 
 
 @pytest_twisted.ensureDeferred
