@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sse_client import BodyDecoder
+
 
 class ClientError(Exception):
     pass
@@ -55,8 +57,7 @@ class Connection(asyncio.Protocol):
         self.state = "idle"
         self.buf = b""
         self.ev = b""
-        self.mode = ""
-        self.remaining = 0
+        self.body: BodyDecoder | None = None
         self.reply: Reply | None = None
         self.future: asyncio.Future[Reply] | None = None
 
@@ -67,7 +68,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.state == "body" and self.mode == "close":
+        if self.state == "body" and self.body is not None and self.body.mode == "close":
             self._finish(time.monotonic())
         elif self.future is not None and not self.future.done():
             self.future.set_exception(ClientError(f"connection lost ({self.state}): {exc!r}"))
@@ -97,52 +98,26 @@ class Connection(asyncio.Protocol):
                 reply.headers[name.strip().lower()] = value.strip()
             h = reply.headers
             self.keep_alive = h.get("connection", "").lower() != "close"
-            if "chunked" in h.get("transfer-encoding", "").lower():
-                self.mode = "chunked"
-            elif "content-length" in h:
-                self.mode, self.remaining = "length", int(h["content-length"])
-            else:
-                self.mode, self.keep_alive = "close", False
+            self.body = BodyDecoder(h)
+            self.keep_alive = self.keep_alive and self.body.mode != "close"
             self.state = "body"
-            if self.mode == "length" and self.remaining == 0:
+            if self.body.empty:
                 self._finish(now)
                 return
             data = rest
             if not data:
                 return
-        if self.state != "body":
+        if self.state != "body" or self.body is None:
             return
-        if self.mode == "chunked":
-            self.buf += data
-            buf, pos = self.buf, 0
-            while True:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                try:
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                except ValueError:
-                    self._fail("bad chunk size")
-                    return
-                if size == 0:
-                    if buf.find(b"\r\n", eol + 2) < 0:
-                        break
-                    self.buf = b""
-                    self._finish(now)
-                    return
-                start = eol + 2
-                if len(buf) < start + size + 2:
-                    break
-                self._body(buf[start : start + size], now)
-                pos = start + size + 2
-            self.buf = buf[pos:]
-        elif self.mode == "length":
-            self.remaining -= len(data)
-            self._body(data, now)
-            if self.remaining <= 0:
-                self._finish(now)
-        else:
-            self._body(data, now)
+        try:
+            pieces, complete = self.body.feed(data)
+        except ValueError:
+            self._fail("bad chunk size")
+            return
+        for piece in pieces:
+            self._body(piece, now)
+        if complete:
+            self._finish(now)
 
     # -- body
 

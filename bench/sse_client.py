@@ -29,6 +29,51 @@ from typing import Callable
 _TS = b'"bench_ts":'
 
 
+class BodyDecoder:
+    """One HTTP/1.1 response body, framed by its headers (chunked, Content-Length or until close), as it arrives."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self.mode = "chunked"
+        elif "content-length" in headers:
+            self.mode, self.remaining = "length", int(headers["content-length"])
+        else:
+            self.mode = "close"
+        self.buf = b""
+
+    @property
+    def empty(self) -> bool:
+        """A Content-Length: 0 body: complete before any byte."""
+        return self.mode == "length" and self.remaining <= 0
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
+        """The payload pieces in ``data`` and whether the body is complete; ValueError on a bad chunk size."""
+        if self.mode == "length":
+            self.remaining -= len(data)
+            return [data], self.remaining <= 0
+        if self.mode == "close":
+            return [data], False
+        buf, pos = self.buf + data, 0
+        pieces: list[bytes] = []
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size = int(buf[pos:eol].split(b";", 1)[0], 16)
+            if size == 0:
+                if buf.find(b"\r\n", eol + 2) < 0:
+                    break
+                self.buf = b""
+                return pieces, True
+            start = eol + 2
+            if len(buf) < start + size + 2:
+                break
+            pieces.append(buf[start : start + size])
+            pos = start + size + 2
+        self.buf = buf[pos:]
+        return pieces, False
+
+
 class StreamError(Exception):
     pass
 
@@ -59,8 +104,7 @@ class _Conn(asyncio.Protocol):
         self.buf = b""
         self.ev = b""
         self.state = "idle"
-        self.mode = ""
-        self.remaining = 0
+        self.body: BodyDecoder | None = None
         self.done: asyncio.Future[None] | None = None
         self.first: asyncio.Future[None] | None = None
         self.lost = False
@@ -77,7 +121,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.state == "body" and self.mode == "close":
+        if self.state == "body" and self.body is not None and self.body.mode == "close":
             self._finish()
             return
         for fut in (self.first, self.done):
@@ -121,48 +165,19 @@ class _Conn(asyncio.Protocol):
                 k, _, v = line.partition(":")
                 hdrs[k.strip().lower()] = v.strip().lower()
             self.keep_alive = hdrs.get("connection", "") != "close"
-            if "chunked" in hdrs.get("transfer-encoding", ""):
-                self.mode = "chunked"
-            elif "content-length" in hdrs:
-                self.mode = "length"
-                self.remaining = int(hdrs["content-length"])
-            else:
-                self.mode = "close"
-                self.keep_alive = False
+            self.body = BodyDecoder(hdrs)
+            self.keep_alive = self.keep_alive and self.body.mode != "close"
             self.state = "body"
             data = rest
             if not data:
                 return
-        if self.state != "body":
+        if self.state != "body" or self.body is None:
             return
-        if self.mode == "chunked":
-            self.buf += data
-            buf = self.buf
-            pos = 0
-            while True:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                if size == 0:
-                    if buf.find(b"\r\n", eol + 2) < 0:
-                        break
-                    self.buf = b""
-                    self._finish()
-                    return
-                start = eol + 2
-                if len(buf) < start + size + 2:
-                    break
-                self._payload(buf[start : start + size], now)
-                pos = start + size + 2
-            self.buf = buf[pos:]
-        elif self.mode == "length":
-            self.remaining -= len(data)
-            self._payload(data, now)
-            if self.remaining <= 0:
-                self._finish()
-        else:
-            self._payload(data, now)
+        pieces, complete = self.body.feed(data)
+        for piece in pieces:
+            self._payload(piece, now)
+        if complete:
+            self._finish()
 
     def _payload(self, data: bytes, now: float) -> None:
         ev = self.ev + data if self.ev else data
