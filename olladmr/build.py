@@ -30,6 +30,7 @@ from .fleet.catalogue import Catalogue
 from .fleet.health import HealthMonitor, health_client
 from .fleet.responses import ResponseDirectory
 from .fleet.sessions import SessionRouter
+from .fleet.view import FleetView
 from .fleet.state import Fleet
 from .ops.dashboard import Dashboard, EventLog
 from .ops.lifecycle import Lifecycle
@@ -201,6 +202,7 @@ def build(
         process=process,
         dashboard=dashboard,
         reload=reloader.reload,
+        view=FleetView(fleet, health.fetch),
     )
     site = OllaSite(app.resource(gate), reactor, limits, access_log, sends)
     service = OllaService(

@@ -21,9 +21,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 
-Dialect = Literal["openai", "anthropic"]
+Dialect = Literal["openai", "anthropic", "ollama"]
 OPENAI: Dialect = "openai"
 ANTHROPIC: Dialect = "anthropic"
+#: DMR's Ollama API: ``{"error": "message"}`` (what the ``ollama`` client raises its ``ResponseError`` with).
+OLLAMA: Dialect = "ollama"
+#: Where DMR's Ollama API lives under olladmr's prefix.
+OLLAMA_PREFIX = b"/olla/dmr/api/"
 
 #: Anthropic's error type for each status olladmr answers with (what its SDK expects in the body).
 _ANTHROPIC_TYPES = {
@@ -61,16 +65,29 @@ def error_body(message: str, type_: str, code: str | None, dialect: Dialect = OP
     """An error body as compact JSON bytes: OpenAI's ``{"error": {...}}`` or Anthropic's ``{"type": "error", ...}``."""
     if dialect == ANTHROPIC:
         document: dict[str, object] = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
+    elif dialect == OLLAMA:
+        document = {"error": message}
     else:
         document = {"error": {"message": message, "type": type_, "code": code}}
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 def dialect_for_path(path: bytes) -> Dialect:
-    """The error dialect a request path speaks: Anthropic's on the Messages routes, OpenAI's everywhere else."""
+    """
+    The error dialect a request path speaks: Anthropic's on the Messages
+    routes, Ollama's under ``/olla/dmr/api/``, OpenAI's everywhere else
+    (``path`` after DMR's aliases are resolved).
+    """
     if b"/v1/messages" in path or path.startswith((b"/olla/anthropic/", b"/olla/dmr/anthropic/")):
         return ANTHROPIC
+    if path.startswith(OLLAMA_PREFIX):
+        return OLLAMA
     return OPENAI
+
+
+def dialect_for_api(api: str) -> Dialect:
+    """The error dialect of a route's API (``ProxyCall.api``)."""
+    return ANTHROPIC if api == "anthropic" else OLLAMA if api == "ollama" else OPENAI
 
 
 def prepare_error(request: IRequest, error: ClientError, dialect: Dialect = OPENAI) -> bytes:
@@ -139,6 +156,17 @@ def bad_gateway(message: str, code: str = "upstream_unreachable") -> ClientError
 def gateway_timeout(message: str, code: str = "upstream_timeout") -> ClientError:
     """504."""
     return ClientError(504, message, "upstream_error", code)
+
+
+def not_forwarded(what: str, reads: bool = False) -> ClientError:
+    """403 for a DMR management route olladmr never forwards (a write; or a read that would expose too much)."""
+    why = "it is not part of the fleet's read-only view" if reads else "olladmr serves a fleet's models read-only"
+    return ClientError(
+        403,
+        f"olladmr does not forward {what}: {why}; use each DMR directly for that",
+        "permission_error",
+        "management_not_forwarded",
+    )
 
 
 def internal_error() -> ClientError:

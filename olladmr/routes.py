@@ -17,12 +17,14 @@ import json
 import platform
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, cast
 from urllib.parse import unquote_to_bytes
 
 import twisted
 from klein import Klein
 from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -38,14 +40,17 @@ from .errors import (
     dialect_for_path,
     internal_error,
     method_not_allowed,
+    not_forwarded,
     not_found,
     prepare_error,
     too_large,
+    unavailable,
 )
 from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.models import normalise_model
 from .fleet.sessions import SessionRouter
+from .fleet.view import FleetView, NoAnswer
 from .jsonscan import NotAnObject, members
 from .ops.dashboard import ASSETS, SECURITY_HEADERS, Dashboard
 from .ops.lifecycle import Lifecycle
@@ -95,6 +100,10 @@ ENGINE_POSTS = (
 #: Olla's provider-agnostic OpenAI routes, served for the DMR fleet.
 OLLA_OPENAI_BASES = ("/olla/proxy/v1", "/olla/openai/v1")
 OLLA_OPENAI_POSTS = ("chat/completions", "completions", "embeddings", "responses")
+#: DMR's Ollama API routes that generate, routed by model like chat.
+OLLAMA_POSTS = ("chat", "generate")
+#: How placement reads an Ollama API prompt: as the OpenAI route DMR translates it to.
+PROMPT_ROUTES = {"api/chat": "chat/completions", "api/generate": "completions"}
 
 
 def _post_routes() -> dict[bytes, PostRoute]:
@@ -111,6 +120,8 @@ def _post_routes() -> dict[bytes, PostRoute]:
         for op in OLLA_OPENAI_POSTS:
             api = "responses" if op == "responses" else "openai"
             table[f"{base}/{op}".encode()] = PostRoute(op, f"/engines/v1/{op}".encode(), api)
+    for op in OLLAMA_POSTS:  # DMR's Ollama API: DMR translates it itself
+        table[f"/olla/dmr/api/{op}".encode()] = PostRoute(f"api/{op}", f"/api/{op}".encode(), "ollama")
     return table
 
 
@@ -145,15 +156,19 @@ ROUTING_MEMBERS: dict[str, frozenset[str]] = {
     "messages": frozenset({"model", "system", "messages"}),
     "responses": frozenset({"model", "previous_response_id", "input", "instructions"}),
     "completions": frozenset({"model", "prompt"}),
+    "api/chat": frozenset({"model", "name", "messages", "stream"}),
+    "api/generate": frozenset({"model", "name", "prompt", "stream"}),
 }
 _MODEL_ONLY = frozenset({"model"})
 
 
-def _parse_body(request: OllaRequest, wanted: frozenset[str] = _MODEL_ONLY) -> dict[str, Any]:
+def _parse_body(request: OllaRequest, wanted: frozenset[str] = _MODEL_ONLY, member: str = "model") -> dict[str, Any]:
     """
     The JSON object of a model-routed POST (for a large body, only its
     ``wanted`` members), with a valid string ``model``, or a 400/413
-    ClientError.
+    ClientError.  ``member`` names the model when it is not ``model``
+    (DMR's Ollama API reads ``name``, else ``model``): the object returned
+    has it as ``model``.
     """
     if request.body_too_large:
         # Site.buildProtocol sets ``channel.site``; Twisted's HTTPChannel does not declare it.
@@ -172,6 +187,10 @@ def _parse_body(request: OllaRequest, wanted: frozenset[str] = _MODEL_ONLY) -> d
         raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object with a \"model\"", "invalid_json")
+    if member != "model":
+        named = body.get(member)
+        if isinstance(named, str) and named:
+            body = {**body, "model": named}
     model = body.get("model")
     if model is None or model == "":
         raise bad_request("\"model\" is required, e.g. \"ai/smollm2\"", "model_required")
@@ -197,6 +216,40 @@ def _query(request: OllaRequest) -> bytes:
     """``?query`` of the request (or nothing), to append to an upstream path."""
     _, sep, query = request.uri.partition(b"?")
     return sep + query
+
+
+def _upstream(request: OllaRequest) -> bytes:
+    """The DMR path of a request under ``/olla/dmr`` (after DMR's aliases), with its query string."""
+    return request.path[len(DMR_PREFIX) :] + _query(request)
+
+
+#: Olla's provider-named prefix for the same routes.
+PROVIDER_PREFIX = b"/olla/docker-model-runner"
+
+
+def canonical_path(path: bytes) -> bytes:
+    """
+    A request path with DMR's aliases resolved, as olladmr's route table
+    knows it: ``/olla/docker-model-runner/...`` is ``/olla/dmr/...``
+    (Olla's provider-named prefix); under it, as DMR maps them,
+    ``/v1/...`` is ``/engines/v1/...``, ``/rerank`` and ``/score`` are
+    ``/engines/rerank`` and ``/engines/score``, and ``/responses...`` and
+    ``/engines/responses...`` are ``/engines/v1/responses...``.
+    """
+    if path.startswith(PROVIDER_PREFIX) and path[len(PROVIDER_PREFIX) : len(PROVIDER_PREFIX) + 1] in (b"", b"/"):
+        path = DMR_PREFIX + path[len(PROVIDER_PREFIX) :]
+    if not path.startswith(DMR_PREFIX + b"/"):
+        return path
+    rest = path[len(DMR_PREFIX) :]
+    if rest.startswith(b"/v1/"):
+        return DMR_PREFIX + b"/engines" + rest
+    if rest in (b"/rerank", b"/score"):
+        return DMR_PREFIX + b"/engines" + rest
+    if rest == b"/responses" or rest.startswith(b"/responses/"):
+        return DMR_PREFIX + b"/engines/v1" + rest
+    if rest == b"/engines/responses" or rest.startswith(b"/engines/responses/"):
+        return DMR_PREFIX + b"/engines/v1" + rest[len(b"/engines") :]
+    return path
 
 
 def internal_error_answer(request: IRequest, failure: Failure) -> bytes:
@@ -236,6 +289,9 @@ class IndexedRoutes(Resource):
 
     def render(self, request: OllaRequest) -> Any:
         headers = request.responseHeaders
+        path = request.path
+        if path.startswith(b"/olla/d"):
+            request.path = canonical_path(path)
         try:
             admission = self._gate.admit(request)
             request.admission = admission
@@ -322,6 +378,7 @@ class OllaApp:
         process: ProcessStats,
         dashboard: Dashboard,
         reload: Callable[[], ReloadResult],
+        view: FleetView,
     ) -> None:
         self._proxy = proxy
         self._catalogue = catalogue
@@ -333,6 +390,7 @@ class OllaApp:
         self._process = process
         self._dashboard = dashboard
         self._reload = reload
+        self._view_of = view
 
     def resource(self, gate: Gate) -> Resource:
         """The root resource: the gate and the Klein route tree behind an exact-path index for the hot routes."""
@@ -402,8 +460,14 @@ class OllaApp:
     def post(self, request: OllaRequest, spec: PostRoute) -> Resource:
         """A model-routed POST: its body validated here, proxied by the resource returned."""
         _allow(request, "POST")
-        body = _parse_body(request, ROUTING_MEMBERS.get(spec.route, _MODEL_ONLY))
+        ollama = spec.api == "ollama"
+        body = _parse_body(request, ROUTING_MEMBERS.get(spec.route, _MODEL_ONLY), "name" if ollama else "model")
         model: str = body["model"]
+        named = body.get("name")
+        member = "name" if ollama and isinstance(named, str) and named else "model"
+        if spec.route == "api/generate" and not body.get("prompt"):
+            raise not_forwarded(
+                "a /api/generate without a prompt (on DMR it unloads the model, or reconfigures its runner)")
         key = normalise_model(model)
         admission = request.admission
         headers = admission.headers
@@ -418,7 +482,7 @@ class OllaApp:
         if response_id is None:
             peer = request.getClientAddress()
             session = self._sessions.key_for(
-                route=spec.route,
+                route=PROMPT_ROUTES.get(spec.route, spec.route),
                 model_key=key,
                 headers=request.requestHeaders,
                 body=body,
@@ -440,6 +504,8 @@ class OllaApp:
             capture_response=spec.route == "responses",
             session=session,
             affinity_reported=True,
+            model_member=member,
+            ndjson=ollama and body.get("stream") is not False,  # (stream absent means streamed, as in Ollama)
         )
         return ProxyResource(self._proxy, call)
 
@@ -458,7 +524,7 @@ class OllaApp:
             self._proxy,
             ProxyCall(
                 method=request.method,
-                upstream_path=request.uri[len(DMR_PREFIX) :],
+                upstream_path=_upstream(request),
                 route="models/get",
                 model=name,
                 model_key=key,
@@ -481,7 +547,7 @@ class OllaApp:
         admission = request.admission
         upstream = f"/engines/v1/responses/{rid}{tail}".encode() + _query(request)
         if request.path.startswith(DMR_PREFIX + b"/"):
-            upstream = request.uri[len(DMR_PREFIX) :]
+            upstream = _upstream(request)
         delete = request.method == b"DELETE"
         return ProxyResource(
             self._proxy,
@@ -497,6 +563,153 @@ class OllaApp:
                 response_id=rid,
                 forget_response=delete,
             ),
+        )
+
+    # -- DMR's Ollama API (chat and generate are model-routed POSTs) and the fleet's management view
+
+    def _view(self, request: OllaRequest, read: Callable[[], Awaitable[Any]], missing: str = "") -> Deferred[bytes]:
+        """
+        Answer a fleet-wide management read as JSON: 404 ``missing`` when
+        it finds nothing, 503 in the route's shape when no endpoint answers.
+        """
+
+        async def answer() -> bytes:
+            try:
+                document = await read()
+            except NoAnswer as exc:
+                return prepare_error(request, unavailable(str(exc), "no_endpoints_available", 5),
+                                     dialect_for_path(request.path))
+            if document is None:
+                return prepare_error(request, not_found(missing, "model_not_found"), dialect_for_path(request.path))
+            return _json(request, document)
+
+        return Deferred.fromCoroutine(answer())
+
+    @app.route("/olla/dmr/api/tags", methods=ALL_METHODS)
+    def ollama_tags(self, request: OllaRequest) -> Deferred[bytes]:
+        """The models of every routable endpoint, one entry per tag, in DMR's Ollama shape."""
+        _allow(request, "GET")
+        return self._view(request, self._view_of.ollama_tags)
+
+    @app.route("/olla/dmr/api/ps", methods=ALL_METHODS)
+    def ollama_ps(self, request: OllaRequest) -> Deferred[bytes]:
+        """The models loaded anywhere in the fleet, each with the endpoints holding it."""
+        _allow(request, "GET")
+        return self._view(request, self._view_of.ollama_ps)
+
+    @app.route("/olla/dmr/api/version", methods=ALL_METHODS)
+    def ollama_version(self, request: OllaRequest) -> Deferred[bytes]:
+        _allow(request, "GET")
+        return self._view(request, lambda: self._view_of.version(__version__, "/api/version"))
+
+    @app.route("/olla/dmr/api/show", methods=ALL_METHODS)
+    def ollama_show(self, request: OllaRequest) -> Resource:
+        """``POST /api/show``: proxied to an endpoint that lists the model."""
+        _allow(request, "POST")
+        body = _parse_body(request, _MODEL_ONLY | {"name"}, "name")
+        model: str = body["model"]
+        key = normalise_model(model)
+        admission = request.admission
+        named = body.get("name")
+        return ProxyResource(
+            self._proxy,
+            ProxyCall(
+                method=b"POST",
+                upstream_path=_upstream(request),
+                route="api/show",
+                model=model,
+                model_key=key,
+                arrived=request.arrived,
+                request_id=request.request_id,
+                response_headers=admission.headers,
+                forward_credentials=admission.forward_credentials,
+                api="ollama",
+                alias=self._aliases.get(key),
+                model_member="name" if isinstance(named, str) and named else "model",
+            ),
+        )
+
+    @app.route("/olla/dmr/api/pull", methods=ALL_METHODS)
+    def ollama_pull(self, request: OllaRequest) -> bytes:
+        _allow(request, "POST")
+        raise not_forwarded("/api/pull (it downloads a model onto a DMR)")
+
+    @app.route("/olla/dmr/api/delete", methods=ALL_METHODS)
+    def ollama_delete(self, request: OllaRequest) -> bytes:
+        _allow(request, "DELETE")
+        raise not_forwarded("/api/delete (it deletes a model from a DMR)")
+
+    @app.route("/olla/dmr/models", methods=ALL_METHODS)
+    def dmr_models(self, request: OllaRequest) -> Deferred[bytes]:
+        """What ``docker model ls`` reads: every model in the fleet, once per model ID."""
+        _allow(request, "GET")
+        return self._view(request, self._view_of.models)
+
+    @app.route("/olla/dmr/models/<path:name>", methods=ALL_METHODS)
+    def dmr_model(self, request: OllaRequest, name: str) -> Deferred[bytes]:
+        """What ``docker model inspect`` reads; every write under ``/models/`` is refused."""
+        if request.method not in (b"GET", b"HEAD"):
+            _allow(request, "GET", "POST", "DELETE")
+            raise not_forwarded(f"{request.method.decode('latin-1')} /models/{name[:200]} (model management)")
+        if name.endswith("/export"):
+            raise not_forwarded("GET /models/.../export (a bulk download of a model)")
+        _check_model_name(name)
+        return self._view(request, lambda: self._view_of.model(name), f"model {name!r} was not found on any endpoint")
+
+    @app.route("/olla/dmr/engines/ps", methods=ALL_METHODS)
+    def engines_ps(self, request: OllaRequest) -> Deferred[bytes]:
+        """What ``docker model ps`` reads: the runners loaded anywhere in the fleet."""
+        _allow(request, "GET")
+        return self._view(request, self._view_of.engines_ps)
+
+    @app.route("/olla/dmr/engines/df", methods=ALL_METHODS)
+    def engines_df(self, request: OllaRequest) -> Deferred[bytes]:
+        """What ``docker model df`` reads: the fleet's disk use."""
+        _allow(request, "GET")
+        return self._view(request, self._view_of.engines_df)
+
+    @app.route("/olla/dmr/engines/status", methods=ALL_METHODS)
+    def engines_status(self, request: OllaRequest) -> Deferred[bytes]:
+        """What ``docker model status`` reads: each backend's status over the fleet."""
+        _allow(request, "GET")
+        return self._view(request, self._view_of.engines_status)
+
+    @app.route("/olla/dmr/version", methods=ALL_METHODS)
+    def dmr_version(self, request: OllaRequest) -> Deferred[bytes]:
+        """What ``docker model version`` reads: the fleet's DMR version (and olladmr's)."""
+        _allow(request, "GET")
+        return self._view(request, lambda: self._view_of.version(__version__))
+
+    @app.route("/olla/dmr/engines/requests", methods=ALL_METHODS)
+    def engines_requests(self, request: OllaRequest) -> bytes:
+        raise not_forwarded("/engines/requests (it holds every recent prompt and answer of a DMR)", reads=True)
+
+    for _write in ("/olla/dmr/engines/unload", "/olla/dmr/engines/_configure", "/olla/dmr/engines/<backend>/_configure",
+                   "/olla/dmr/engines/install-backend", "/olla/dmr/engines/uninstall-backend"):
+        app.route(_write, methods=ALL_METHODS, endpoint=f"refuse:{_write}")(
+            lambda self, request, **_: self.refuse(request)
+        )
+    del _write
+
+    def refuse(self, request: OllaRequest) -> bytes:
+        """A DMR write (runners, backends): never forwarded."""
+        raise not_forwarded(f"{request.method.decode('latin-1')} {request.path.decode('latin-1')[len('/olla/dmr'):]}")
+
+    @app.route("/internal/stats/translators", methods=ALL_METHODS)
+    def stats_translators(self, request: OllaRequest) -> bytes:
+        """Olla's translator statistics: olladmr translates nothing (DMR speaks every API itself), so none."""
+        _allow(request, "GET")
+        return _json(
+            request,
+            {
+                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "translators": [],
+                "summary": {
+                    "overall_success_rate": "0%", "overall_passthrough_rate": "0%", "total_translators": 0,
+                    "active_translators": 0, "total_requests": 0, "total_passthrough": 0, "total_translations": 0,
+                    "total_streaming": 0, "total_non_streaming": 0,
+                },
+            },
         )
 
     # -- catalogue and status

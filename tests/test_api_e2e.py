@@ -152,12 +152,19 @@ async def test_wrong_method_is_405_with_allow(daemon_factory, fake, method, path
 
 @pytest_twisted.ensureDeferred
 async def test_management_routes_stay_unforwarded(daemon_factory, fake):
-    """DMR's model-management routes are never forwarded: 404 from olladmr, nothing reaches the upstream."""
+    """DMR's model-management writes are never forwarded: 403 from olladmr, nothing reaches the upstream."""
     daemon = await daemon_factory(config_for(fake))
     for method, path in (("POST", "/olla/dmr/models/create"), ("POST", "/olla/dmr/engines/_configure"),
-                         ("POST", "/olla/dmr/engines/unload"), ("GET", "/olla/dmr/engines/ps")):
+                         ("POST", "/olla/dmr/engines/llama.cpp/_configure"), ("POST", "/olla/dmr/engines/unload"),
+                         ("DELETE", "/olla/dmr/models/ai/smollm2"), ("POST", "/olla/dmr/models/ai/smollm2/tag"),
+                         ("POST", "/olla/dmr/engines/install-backend"), ("GET", "/olla/dmr/engines/requests"),
+                         ("POST", "/olla/dmr/api/pull"), ("DELETE", "/olla/dmr/api/delete"),
+                         ("POST", "/olla/docker-model-runner/models/create")):
         response, body = await daemon.request(method, path)
-        assert response.code == 404 and json.loads(body)["error"]["code"] == "unknown_route", path
+        document = json.loads(body)
+        assert response.code == 403, (path, body)
+        code = document["error"] if "/api/" in path else document["error"]["code"]
+        assert code == "management_not_forwarded" or "does not forward" in code, path
     assert not [r for r in fake.requests if r.uri not in ("/engines/v1/models", "/engines/ps")]  # health checks only
 
 

@@ -11,7 +11,9 @@ go upstream).  Nothing downstream calls back into the gate.
 
 ``/internal/health`` needs no key and is limited only by
 ``health_requests_per_minute``; the rest of ``/internal/*`` and
-``/version`` are never rate limited.
+``/version`` are never rate limited.  With admin keys set, the fleet's
+management view under ``/olla/dmr`` (``/models``, ``/engines/ps``, ...)
+needs one too (paths as the routes know them: DMR's aliases resolved).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ HEALTH = b"/internal/health"
 #: The dashboard's shell (page, script, style): no data in it, so no admin key; what it shows needs one.
 UI_SHELL = frozenset({b"/internal/ui", b"/internal/ui/", b"/internal/ui/app.js", b"/internal/ui/style.css"})
 _INTERNAL = b"/internal/"
+#: The fleet's management view (what the ``docker model`` CLI reads): the inventory, behind the admin key when set.
+MANAGEMENT = frozenset(
+    {b"/olla/dmr/models", b"/olla/dmr/engines/ps", b"/olla/dmr/engines/df", b"/olla/dmr/engines/status",
+     b"/olla/dmr/version"}
+)
+_MANAGEMENT_MODELS = b"/olla/dmr/models/"
 _NO_HEADERS: dict[bytes, bytes] = {}
 
 
@@ -140,6 +148,10 @@ class Gate:
                 raise admin_unauthorized()
             return self._admitted(extra)
         if path == b"/version":
+            return self._admitted(extra)
+        if self.auth.admin_required and (path in MANAGEMENT or path.startswith(_MANAGEMENT_MODELS)):
+            if not self.auth.check_admin(headers):
+                raise admin_unauthorized()
             return self._admitted(extra)
         limiter = self.limiter
         health = path == HEALTH

@@ -237,7 +237,7 @@ class HealthMonitor(Service):
         d.addBoth(done)
         return d
 
-    async def _fetch(self, ep: EndpointState, path: str) -> tuple[int, bytes]:
+    async def fetch(self, ep: EndpointState, path: str) -> tuple[int, bytes]:
         """``GET path`` on ``ep`` within its ``check_timeout`` (headers and body): status and body."""
         headers = Headers({b"user-agent": [USER_AGENT], b"accept": [b"application/json"]})
         for name, value in ep.config.encoded_headers:
@@ -267,7 +267,7 @@ class HealthMonitor(Service):
         config = ep.config
         started = self.clock.seconds()
         try:
-            code, body = await self._fetch(ep, config.health_check_url)
+            code, body = await self.fetch(ep, config.health_check_url)
         except UpstreamFailure as failure:
             status = UNHEALTHY if failure.kind == BAD_RESPONSE else OFFLINE
             self._record(ep, status, f"{failure.kind}: {failure.detail}", started)
@@ -292,7 +292,7 @@ class HealthMonitor(Service):
     async def poll_loaded(self, ep: EndpointState) -> None:
         """``GET ps_url`` (``/engines/ps``): which models are loaded there now; a 404 or garbage means unknown."""
         try:
-            code, body = await self._fetch(ep, ep.config.ps_url)
+            code, body = await self.fetch(ep, ep.config.ps_url)
         except UpstreamFailure:
             return  # the next check tries again; what we knew stays
         loaded = parse_ps(body) if code == 200 else None
@@ -306,7 +306,7 @@ class HealthMonitor(Service):
     async def discover(self, ep: EndpointState) -> None:
         """Fetch ``model_url`` into the endpoint's model list."""
         try:
-            code, body = await self._fetch(ep, ep.config.model_url)
+            code, body = await self.fetch(ep, ep.config.model_url)
         except UpstreamFailure as failure:
             log.warn("model discovery on {endpoint} failed: {detail}", endpoint=ep.name, detail=failure.detail)
             return

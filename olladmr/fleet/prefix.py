@@ -36,6 +36,9 @@ CHARS_PER_TOKEN = 4
 MAX_BLOCKS = 8192
 #: The opening that names a prompt's family (a tenant's head) for rendezvous placement.
 HEAD_CHARS = 1024
+#: A shared opening shorter than this (``"You are a helpful assistant."``) saves less prefill than a request costs
+#: anyway: such prompts are a family only with their first message, so distinct conversations spread.
+MIN_HEAD_CHARS = 256
 
 _RECORD, _UNIT = "\x1e", "\x1f"  # separators that do not occur in ordinary prompt text
 _PREAMBLE = (_RECORD + "system", _RECORD + "developer", _RECORD + "tools")
@@ -57,7 +60,9 @@ class PromptBlocks:
         """
         The digest of the prompt's opening: its system prompt and tools (or
         its first message when it has none), at most :data:`HEAD_CHARS` of
-        them -- what a tenant's requests, and a conversation's turns, share.
+        them -- what a tenant's requests, and a conversation's turns, share;
+        the opening with the first message when they are shorter than
+        :data:`MIN_HEAD_CHARS`.
         """
         return self.digests[self.head_index] if self.digests else b""
 
@@ -195,6 +200,8 @@ def block_digests(model_key: str, parts: list[str], block_chars: int) -> PromptB
             head = index
         if end <= opening_end:
             opening = index
+    if cuts and cuts[head] < MIN_HEAD_CHARS:
+        head = opening  # a short system prompt is no tenant's head: the conversation's opening names its family
     return PromptBlocks(total, tuple(digests), tuple(cuts), head, opening)
 
 

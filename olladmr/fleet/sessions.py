@@ -39,7 +39,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ..config.schema import AffinityConfig, Config
-from .prefix import CHARS_PER_TOKEN, PrefixIndex, PromptBlocks, prompt_blocks
+from .prefix import CHARS_PER_TOKEN, MIN_HEAD_CHARS, PrefixIndex, PromptBlocks, prompt_blocks
+from .models import normalise_model
 from .state import EndpointState
 
 SESSION_HEADER = b"x-olla-session-id"
@@ -194,6 +195,12 @@ def _by_tier(key: str, endpoints: Sequence[EndpointState]) -> list[EndpointState
     return [ep for tier in tiers for ep in rendezvous(key, [e for e in endpoints if e.config.priority == tier])]
 
 
+def _real(names: Mapping[str, str], ep: EndpointState, model_key: str) -> str:
+    """The model key ``ep`` knows a request for ``model_key`` by: an alias's real model there, else the key itself."""
+    real = names.get(ep.name)
+    return normalise_model(real) if real is not None else model_key
+
+
 def _warm(ep: EndpointState, model_key: str) -> bool:
     """Whether ``model_key`` is loaded at ``ep`` or a load of it is under way there."""
     return ep.model_loaded(model_key) is True or ep.model_loading(model_key)
@@ -317,14 +324,23 @@ class SessionRouter:
         )
 
     def place(
-        self, session: SessionKey, candidates: Sequence[EndpointState], model_key: str | None, route: str | None = None
+        self,
+        session: SessionKey,
+        candidates: Sequence[EndpointState],
+        model_key: str | None,
+        route: str | None = None,
+        names: Mapping[str, str] | None = None,
     ) -> Placement:
-        """The order to try ``candidates`` in for ``session`` (first choice first) and the verdict."""
+        """
+        The order to try ``candidates`` in for ``session`` (first choice
+        first) and the verdict.  ``names``: for a model alias, the real model
+        each endpoint serves it as (what its ``/engines/ps`` shows loaded).
+        """
         routable = [ep for ep in candidates if ep.routable]
         if not routable:
             return Placement(list(candidates), MISS, None, reason=BALANCE if session.blocks is not None else SESSION)
         if session.blocks is not None and model_key is not None:
-            return self._place_prompt(session.blocks, routable, model_key)
+            return self._place_prompt(session.blocks, routable, model_key, names or {})
         generation = model_key is not None and (route is None or route in GENERATION_ROUTES)
         pinned = self.pins.get(session.key)
         if len(routable) == 1:  # one place to go: the verdict is all there is to work out
@@ -402,7 +418,9 @@ class SessionRouter:
             cost += COLD_CHARS // 2 if ep.model_loading(model_key) else COLD_CHARS
         return cost
 
-    def _place_prompt(self, blocks: PromptBlocks, routable: list[EndpointState], model_key: str) -> Placement:
+    def _place_prompt(
+        self, blocks: PromptBlocks, routable: list[EndpointState], model_key: str, names: Mapping[str, str]
+    ) -> Placement:
         """
         Where a prompt is cheapest to serve (see :meth:`cost`), with two
         rules on top: a prompt whose longest cached prefix is at one endpoint
@@ -411,6 +429,9 @@ class SessionRouter:
         head says -- the same endpoint on every olladmr instance, which may
         have served its earlier turns -- unless every slot there is taken.
         """
+        def loaded(ep: EndpointState) -> bool | None:
+            return ep.model_loaded(_real(names, ep, model_key))
+
         top = max(ep.config.priority for ep in routable)
         head = blocks.head.hex()
         tier = rendezvous(head, [ep for ep in routable if ep.config.priority == top])
@@ -419,7 +440,8 @@ class SessionRouter:
         warmest = max(matched[ep.name] for ep in tier)
         weight = self.settings.move_cost  # the prefill a placement adds over the warmest one delays others too
         costs = {
-            ep.name: self.cost(ep, model_key, blocks.chars - matched[ep.name]) + weight * (warmest - matched[ep.name])
+            ep.name: self.cost(ep, _real(names, ep, model_key), blocks.chars - matched[ep.name])
+            + weight * (warmest - matched[ep.name])
             for ep in tier
         }
         # Where the prompt's family lives: cached there, or sent there and still running (its prefix is on its
@@ -428,11 +450,14 @@ class SessionRouter:
         longest = max(placed.values())
         ranked = sorted(tier, key=lambda ep: costs[ep.name])  # stable: rendezvous order breaks ties
         best = ranked[0]
-        if longest == 0:
-            # Nothing of it anywhere this instance knows of: where every instance sends it (it may be a later turn
-            # another instance placed), unless that endpoint is full and another is not.
+        if longest < min(MIN_HEAD_CHARS, blocks.covered(blocks.opening_index + 1)):
+            # Nothing of it anywhere this instance knows of, or only a shared opening shorter than a request costs
+            # anyway ("You are a helpful assistant."): where every instance sends it (it may be a later turn another
+            # instance placed), unless that endpoint is full and another is not, or would load the model cold while
+            # another has it loaded.
             home = tier[0]
-            if home.in_flight < home.capacity or not any(ep.in_flight < ep.capacity for ep in tier):
+            cold = loaded(home) is False and any(loaded(ep) for ep in tier)
+            if not cold and (home.in_flight < home.capacity or not any(ep.in_flight < ep.capacity for ep in tier)):
                 best = home
             verdict, reason = MISS, BALANCE
         else:
@@ -446,11 +471,11 @@ class SessionRouter:
                 mine = rendezvous(blocks.opening.hex(), holders)[0] if len(holders) > 1 else cheapest
                 best = mine if costs[mine.name] <= costs[cheapest.name] + longest else cheapest
             verdict, reason = (HIT, PREFIX) if placed[best.name] == longest else (SPILL, SPILL)
-        if best.model_loaded(model_key) is False:
+        if loaded(best) is False:
             reason = COLD
-            if any(ep.model_loaded(model_key) is True for ep in tier):
+            if any(loaded(ep) is True for ep in tier):
                 self.cold_taken += 1
-        elif any(ep.model_loaded(model_key) is False for ep in tier):
+        elif any(loaded(ep) is False for ep in tier):
             self.cold_avoided += 1
         order = [best, *[ep for ep in ranked if ep is not best], *others]
         return Placement(order, verdict, None, tier[0].name, reason, matched)

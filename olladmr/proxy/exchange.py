@@ -42,9 +42,10 @@ from twisted.web.server import Request
 from .._twisted_compat import put_header
 from ..bodies import read_body
 from ..config.schema import Config
-from ..errors import ANTHROPIC, OPENAI, ClientError, bad_gateway, gateway_timeout, unavailable, write_error
+from ..errors import ClientError, bad_gateway, dialect_for_api, gateway_timeout, unavailable, write_error
 from ..failures import HEADER_TIMEOUT, UpstreamFailure
 from ..fleet.balancer import Balancer
+from ..fleet.models import normalise_model
 from ..fleet.routing import RoutingDecision, route
 from ..fleet.prefix import CHARS_PER_TOKEN
 from ..fleet.sessions import OLLA_SOURCE_NAMES, Placement, SessionRouter
@@ -52,7 +53,16 @@ from ..fleet.state import EndpointState, Fleet, QueueFull, QueueTimeout, runner_
 from .headers import ResponseHeaders, add_response_headers, copy_response_headers, upstream_request_headers
 from .record import CLIENT_DISCONNECTED, OK, REJECTED, REQUEST_TIMEOUT, UPSTREAM_ERROR, ExchangeRecord, ProxyCall
 from .affinity import ResponseAffinity
-from .relay import ANTHROPIC_STREAM, OPENAI_STREAM, RESPONSES_STREAM, ResponseIdSniffer, ResponseRelay, StreamWatch, UsageTail
+from .relay import (
+    ANTHROPIC_STREAM,
+    OLLAMA_STREAM,
+    OPENAI_STREAM,
+    RESPONSES_STREAM,
+    ResponseIdSniffer,
+    ResponseRelay,
+    StreamWatch,
+    UsageTail,
+)
 from .rewrite import rewrite_model
 from .upstream import BytesProducer, UpstreamClient, body_producer
 
@@ -64,6 +74,8 @@ MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
 MAX_503_BODY = 64 * 1024
 _SSE = b"text/event-stream"
 _STREAMS = {"anthropic": ANTHROPIC_STREAM, "responses": RESPONSES_STREAM}
+#: The routing reasons of a request bound to the endpoint holding its stored Responses API answer.
+BOUND = ("response_affinity", "response_located")
 
 
 class Phase(enum.Enum):
@@ -102,6 +114,7 @@ class Exchange:
     __slots__ = (
         "host", "request", "call", "config", "phase", "remaining", "decision", "failures",
         "_pending", "_relay", "_slot", "_deadline", "_placement", "_prefill", "record",
+        "_waited", "_wait_from", "_sent_at", "_head_at",
     )
 
     def __init__(self, host: ExchangeHost, request: Request, call: ProxyCall) -> None:
@@ -119,6 +132,12 @@ class Exchange:
         self._deadline: IDelayedCall | None = None
         self._placement: Placement | None = None
         self._prefill: tuple[EndpointState, int] | None = None  # the prefill work this attempt added there
+        # The overhead header: the time not olladmr's own (queued, probing for a response's owner, attempts that
+        # failed over), when the answering attempt was sent, when its head arrived.
+        self._waited = 0.0
+        self._wait_from: float | None = None
+        self._sent_at = call.arrived
+        self._head_at: float | None = None
         client = request.getClientAddress()
         self.record = ExchangeRecord(
             request_id=call.request_id,
@@ -150,7 +169,9 @@ class Exchange:
             return
         session = self.call.session
         if session is not None:
-            self._placement = self.host.sessions.place(session, self.remaining, self.call.model_key, self.call.route)
+            self._placement = self.host.sessions.place(
+                session, self.remaining, self.call.model_key, self.call.route, self.decision.names
+            )
             self.remaining = list(self._placement.order)
         self._next()
 
@@ -204,12 +225,14 @@ class Exchange:
                 self._pin(endpoint, "response_affinity")
                 return
         self.phase = Phase.LOCATING
+        self._waiting()
         d = affinity.locate(response_id, [ep for ep in self.remaining if ep.routable])
         self._pending = d
         d.addCallbacks(self._located, self._locate_failed)
 
     def _located(self, endpoint: EndpointState | None) -> None:
         self._pending = None
+        self._waited_until_now()
         if self.phase is Phase.DONE:
             return
         if endpoint is None or not endpoint.routable:
@@ -219,6 +242,7 @@ class Exchange:
 
     def _locate_failed(self, failure: Failure) -> None:
         self._pending = None
+        self._waited_until_now()
         if self.phase is not Phase.DONE and not failure.check(CancelledError):
             self._next()
 
@@ -261,11 +285,13 @@ class Exchange:
             self._send(endpoint)
             return
         self.phase = Phase.QUEUED
+        self._waiting()
         self._pending = waiting
         waiting.addCallbacks(self._slot_granted, self._slot_failed, callbackArgs=(endpoint,), errbackArgs=(endpoint,))
 
     def _slot_granted(self, _: object, endpoint: EndpointState) -> None:
         self._pending = None
+        self._waited_until_now()
         if self.phase is Phase.DONE:  # granted while we were finishing: give it back
             endpoint.release()
             return
@@ -274,6 +300,7 @@ class Exchange:
 
     def _slot_failed(self, failure: Failure, endpoint: EndpointState) -> None:
         self._pending = None
+        self._waited_until_now()
         if self.phase is Phase.DONE:
             return
         if failure.check(QueueTimeout):
@@ -296,7 +323,7 @@ class Exchange:
         config = endpoint.config
         endpoint.record_attempt()
         if self.call.model_key is not None:
-            endpoint.note_routed(runner_key(self.call.route, self.call.model_key))  # a load starts, unless loaded
+            endpoint.note_routed(self._runner(endpoint, self.call.model_key))  # a load starts, unless loaded
         session = self.call.session
         if session is not None and session.blocks is not None and self.call.model_key is not None:
             self._prefilled()  # (a retry on a fresh connection: count its work once)
@@ -318,16 +345,44 @@ class Exchange:
         if real is not None and request.content is not None:  # a model alias: this endpoint's name for it
             request.content.seek(0)
             try:
-                body = BytesProducer(rewrite_model(request.content.read(), real))
+                body = BytesProducer(rewrite_model(request.content.read(), real, self.call.model_member))
                 self.record.model = real
             except ValueError:  # routes validated it as JSON: not expected; send it as it came
                 log.failure("could not rewrite the model of request {request_id}", request_id=self.call.request_id)
                 body = body_producer(request.content)
         else:
             body = body_producer(request.content)
+        self._sent_at = self.host.clock.seconds()
         d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh)
         self._pending = d
         d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
+
+    def _waiting(self) -> None:
+        self._wait_from = self.host.clock.seconds()
+
+    def _waited_until_now(self) -> None:
+        if self._wait_from is not None:
+            self._waited += self.host.clock.seconds() - self._wait_from
+            self._wait_from = None
+
+    def _overhead(self) -> float:
+        """
+        olladmr's own time on this answer so far (``X-Olla-Overhead-Ms``):
+        from arrival until the answering attempt went upstream, less the
+        time spent queued for a slot, probing for a stored response's owner
+        and in attempts that failed over; plus the time since the upstream's
+        head arrived.
+        """
+        now = self.host.clock.seconds()
+        before = self._sent_at - self.call.arrived - self._waited
+        after = now - self._head_at if self._head_at is not None else 0.0
+        self.record.overhead = max(0.0, before) + after
+        return self.record.overhead
+
+    def _runner(self, endpoint: EndpointState, model_key: str) -> str:
+        """The runner ``endpoint``'s ``/engines/ps`` knows this request's model by (an alias: its real model there)."""
+        real = self.decision.names.get(endpoint.name) if self.decision is not None else None
+        return runner_key(self.call.route, normalise_model(real) if real is not None else model_key)
 
     def _prefilled(self) -> None:
         """The attempt ended: its prefill no longer waits on the endpoint."""
@@ -345,6 +400,7 @@ class Exchange:
 
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
+        self._waited += self.host.clock.seconds() - self._sent_at  # (the upstream's time, not olladmr's)
         self._prefilled()
         if self.phase is Phase.DONE or failure.check(CancelledError):
             # We cancelled it (the client left, or a deadline): whatever Twisted
@@ -380,6 +436,7 @@ class Exchange:
 
     def _got_response(self, response: IResponse, endpoint: EndpointState) -> None:
         self._pending = None
+        self._head_at = self.host.clock.seconds()
         if self.phase is Phase.DONE:
             response.deliverBody(_Discard())
             return
@@ -421,6 +478,7 @@ class Exchange:
         if self.phase is Phase.DONE:
             return
         if LOADING_MARKER in body:
+            self._waited += self.host.clock.seconds() - self._sent_at
             self._prefilled()
             self._release()
             self.record.failovers += 1
@@ -480,6 +538,7 @@ class Exchange:
         elif self.call.model is not None:
             put_header(out, b"x-olla-model", self.call.model.encode("utf-8", "replace"))
         put_header(out, b"x-olla-response-time", b"%dms" % round((now - self.call.arrived) * 1000))
+        put_header(out, b"x-olla-overhead-ms", b"%.3f" % (self._overhead() * 1000))
         if self.decision is not None:
             for name, value in self.decision.headers().items():
                 put_header(out, name, value)
@@ -498,7 +557,7 @@ class Exchange:
         elif self.call.affinity_reported and (session is None or response.code < 300):
             put_header(out, b"x-olla-sticky-session", b"disabled")
             key = self.call.model_key
-            cold = key is not None and endpoint.model_loaded(runner_key(self.call.route, key)) is False
+            cold = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is False
             put_header(out, b"x-olla-placement", b"cold" if cold else b"balance")
         if pairs is not None:
             first = response.header(b"content-type")  # type: ignore[attr-defined]  # (our wire's response)
@@ -514,14 +573,19 @@ class Exchange:
     def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
         if response.code < 300 and self.call.model_key is not None:
-            endpoint.note_served(runner_key(self.call.route, self.call.model_key))  # its runner is loaded there now
+            endpoint.note_served(self._runner(endpoint, self.call.model_key))  # its runner is loaded there now
         is_sse = self._start_response(response, endpoint)
         api = self.call.api
+        watch = StreamWatch(_STREAMS.get(api, OPENAI_STREAM)) if is_sse else None
+        if self.call.ndjson and response.code == 200 and not is_sse:
+            watch = StreamWatch(OLLAMA_STREAM)  # (its headers pass through as DMR sent them)
+            put_header(self.request.responseHeaders, b"x-accel-buffering", b"no")
+            is_sse = True
         relay = ResponseRelay(
             self.request,
             self.host.clock,
             self.config.proxy.read_timeout,
-            StreamWatch(_STREAMS.get(api, OPENAI_STREAM)) if is_sse else None,
+            watch,
             self._relay_done,
             endpoint.name,
             UsageTail(head=api == "anthropic") if response.code < 300 and self.call.model is not None else None,
@@ -558,6 +622,18 @@ class Exchange:
             self._slot = None
 
     def _exhausted(self) -> ClientError:
+        decision = self.decision
+        if self.call.response_id is not None and decision is not None and decision.reason in BOUND:
+            # Bound to the one endpoint holding the stored response: another cannot continue it.
+            owner = decision.candidates[0] if decision.candidates else None
+            detail = "; ".join(f.detail for f in self.failures) or "not available"
+            retry = max(1, int(owner.config.check_interval)) if owner is not None else 5
+            return unavailable(
+                f"response {self.call.response_id} is held by endpoint {owner.name if owner else '?'}, which could "
+                f"not be reached ({detail}); only it can continue this conversation",
+                "response_endpoint_unavailable",
+                retry,
+            )
         if not self.failures:
             return unavailable("no DMR endpoint is available for this request right now", "no_endpoints_available", 5)
         tried = "; ".join(f"{f.endpoint}: {f.detail}" for f in self.failures)
@@ -583,7 +659,7 @@ class Exchange:
                 error.headers.setdefault(name, value)
         self.record.status = error.status
         self.record.error = error.message
-        write_error(self.request, error, ANTHROPIC if self.call.api == "anthropic" else OPENAI)
+        write_error(self.request, error, dialect_for_api(self.call.api))
         self._complete(outcome or (UPSTREAM_ERROR if error.status in (502, 504) else REJECTED))
 
     def _complete(self, outcome: str) -> None:

@@ -40,7 +40,9 @@ class ProxyCall:
     request_id: str = "-"
     response_headers: dict[bytes, bytes] = field(default_factory=lambda: _NO_HEADERS)  # the gate's (rate limits, CORS)
     forward_credentials: bool = True  # False while olladmr checks API keys itself
-    api: str = "openai"  # "openai", "anthropic" or "responses": error shapes and how its streams end
+    api: str = "openai"  # "openai", "anthropic", "responses" or "ollama": error shapes and how its streams end
+    model_member: str = "model"  # the body member naming the model (DMR's Ollama API reads "name" first)
+    ndjson: bool = False  # an Ollama API stream (one JSON object a line, labelled application/json by DMR)
     alias: Alias | None = None  # the model is an alias of these real models
     response_id: str | None = None  # bound to the endpoint holding this stored Responses API answer
     capture_response: bool = False  # a Responses API create: remember where its answer is stored
@@ -66,6 +68,7 @@ class ExchangeRecord:
     arrived: float = 0.0
     headers_at: float | None = None
     first_byte_at: float | None = None
+    overhead: float | None = None  # olladmr's own time (seconds) before the request went upstream and after its head
     ended: float = 0.0
     attempts: int = 0
     failovers: int = 0

@@ -7,8 +7,9 @@ client request's push producer, so a client that stops reading pauses the
 upstream socket (TCP backpressure end to end), and it writes every chunk
 the moment it arrives (no coalescing, no timer).  It ends the client's
 response honestly: a clean finish only when the upstream finished cleanly;
-otherwise an in-band SSE error event for event streams, or an aborted
-connection for everything else -- never a synthesised ``[DONE]``.
+otherwise an in-band error event for event streams (an ``{"error": ...}``
+line for DMR's Ollama API streams), or an aborted connection for
+everything else -- never a synthesised ``[DONE]`` or ``"done": true``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ RESPONSES_STREAM = StreamDialect(
 )
 
 
+#: DMR's Ollama API streams: one JSON object a line, the last with ``"done":true``; a failure is an ``error`` line.
+OLLAMA_STREAM = StreamDialect("ollama", (b'"done":true', b'"done": true'), (), (b'{"error"',))
+
+
 class StreamWatch:
     """
     Watches a copy of an SSE stream for how it ends, in its API's dialect:
@@ -103,11 +108,19 @@ class StreamWatch:
 
     @property
     def at_event_boundary(self) -> bool:
+        if self.dialect.name == "ollama":
+            return self._tail == b"" or self._tail.endswith(b"\n")
         return self._tail == b"" or self._tail.endswith(b"\n\n") or self._tail.endswith(b"\r\n\r\n")
 
     def error_event(self, message: str, code: str) -> bytes:
         """The in-band error event that ends a broken stream of this dialect."""
         return sse_error_event(message, code, self.dialect)
+
+    def ending(self, message: str, code: str) -> bytes:
+        """What ends a broken stream: the error event, after whatever closes the event or line cut off mid-way."""
+        if self.at_event_boundary:
+            return self.error_event(message, code)
+        return (b"\n" if self.dialect.name == "ollama" else b"\n\n") + self.error_event(message, code)
 
 
 class UsageTail:
@@ -225,6 +238,8 @@ def sse_error_event(message: str, code: str, dialect: StreamDialect = OPENAI_STR
     (with an ``error`` object too, so the OpenAI SDK raises).
     """
     error = {"message": message, "type": "upstream_error", "code": code}
+    if dialect.name == "ollama":  # (an NDJSON line, as DMR's Ollama API ends a stream that failed)
+        return json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
     if dialect.name == "anthropic":
         payload = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}}, separators=(",", ":"))
         return f"event: error\ndata: {payload}\n\n".encode()
@@ -331,8 +346,7 @@ class ResponseRelay(Protocol):
             reason=reason.getErrorMessage(),
         )
         if watch is not None:
-            prefix = b"" if watch.at_event_boundary else b"\n\n"
-            request.write(prefix + watch.error_event(_MESSAGES[outcome], outcome))
+            request.write(watch.ending(_MESSAGES[outcome], outcome))
             request.finish()
         else:
             transport = request.transport

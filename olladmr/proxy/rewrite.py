@@ -2,7 +2,8 @@
 The one body rewrite olladmr does: a model alias's request gets the real
 model name the chosen endpoint lists.
 
-Only the top-level ``"model"`` value changes; every other byte of the
+Only the top-level ``"model"`` value changes (``"name"`` on DMR's Ollama
+API when a request names its model there: DMR reads it first); every other byte of the
 body stays as the client sent it.  The top-level members are walked once
 (each value parsed once, so the cost is linear in the body), the value of
 the last ``model`` member (the one JSON parsers keep) is replaced in
@@ -26,8 +27,8 @@ def _skip(text: str, at: int) -> int:
     return at
 
 
-def _model_span(text: str) -> tuple[int, int] | None:
-    """Where the last top-level ``model`` member's value is in ``text`` (a JSON object), if anywhere."""
+def _model_span(text: str, member: str = "model") -> tuple[int, int] | None:
+    """Where the last top-level ``member``'s value is in ``text`` (a JSON object), if anywhere."""
     at = _skip(text, 0)
     if text[at : at + 1] != "{":
         return None
@@ -42,7 +43,7 @@ def _model_span(text: str) -> tuple[int, int] | None:
             return None
         start = _skip(text, at + 1)
         _, at = _DECODER.raw_decode(text, start)
-        if key == "model":
+        if key == member:
             span = (start, at)
         at = _skip(text, at)
         if text[at : at + 1] == ",":
@@ -50,15 +51,15 @@ def _model_span(text: str) -> tuple[int, int] | None:
     return span
 
 
-def rewrite_model(raw: bytes, model: str) -> bytes:
-    """``raw`` (a JSON object with a top-level ``model``) naming ``model`` instead."""
+def rewrite_model(raw: bytes, model: str, member: str = "model") -> bytes:
+    """``raw`` (a JSON object with a top-level ``member``, ``model`` by default) naming ``model`` instead."""
     bom = b"\xef\xbb\xbf" if raw.startswith(b"\xef\xbb\xbf") else b""
     text = raw[len(bom) :].decode("utf-8", "surrogatepass")
     original: Any = json.loads(text)
     wanted = dict(original)
-    wanted["model"] = model
+    wanted[member] = model
     try:
-        span = _model_span(text)
+        span = _model_span(text, member)
     except (ValueError, IndexError):
         span = None
     if span is not None:
