@@ -152,10 +152,10 @@ LARGE_BODY = 64 * 1024
 #: The top-level members routing reads, per route (the model; the conversation's opening for affinity; the
 #: Responses API's previous_response_id); everything else is validated but never built for a large body.
 ROUTING_MEMBERS: dict[str, frozenset[str]] = {
-    "chat/completions": frozenset({"model", "messages"}),
-    "messages": frozenset({"model", "system", "messages"}),
-    "responses": frozenset({"model", "previous_response_id", "input", "instructions"}),
-    "completions": frozenset({"model", "prompt"}),
+    "chat/completions": frozenset({"model", "messages", "stream"}),
+    "messages": frozenset({"model", "system", "messages", "stream"}),
+    "responses": frozenset({"model", "previous_response_id", "input", "instructions", "stream"}),
+    "completions": frozenset({"model", "prompt", "stream"}),
     "api/chat": frozenset({"model", "name", "messages", "stream"}),
     "api/generate": frozenset({"model", "name", "prompt", "stream"}),
 }
@@ -505,6 +505,7 @@ class OllaApp:
             session=session,
             affinity_reported=True,
             model_member=member,
+            streamed=body.get("stream") is not False if ollama else body.get("stream") is True,
             ndjson=ollama and body.get("stream") is not False,  # (stream absent means streamed, as in Ollama)
         )
         return ProxyResource(self._proxy, call)

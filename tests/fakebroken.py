@@ -21,7 +21,12 @@ POSTs, as its ``mode`` says:
 * ``no_content_length_then_close``: a JSON body with neither
   ``Content-Length`` nor chunked framing, delimited by closing;
 * ``truncated_chunked``: a chunked SSE stream of two events, cut before the
-  last chunk and ``[DONE]`` (``cut_mid_chunk``: cut in the middle of a chunk).
+  last chunk and ``[DONE]`` (``cut_mid_chunk``: cut in the middle of a chunk);
+* ``empty_502`` / ``empty_502_chunked``: what a real DMR answers when it lost a
+  request: a 502 with no body (``Content-Length: 0``, or an empty chunked body);
+* ``ok``: a valid chat completion (keep-alive).
+
+``script``: modes for the next POSTs, one each, before ``mode`` applies again.
 
 Recordings: ``posts`` (POSTs received), ``open_posts`` (POSTs being
 misbehaved on whose connection is still open), ``bytes_sent`` (body bytes of
@@ -50,6 +55,9 @@ MODES = (
     "stall_body",
     "no_content_length_then_close",
     "truncated_chunked",
+    "empty_502",
+    "empty_502_chunked",
+    "ok",
 )
 
 MAX_REQUEST_HEAD = 256 * 1024
@@ -144,9 +152,13 @@ class _Conn(Protocol):
             self.fake.requests.append((method, path))
             if method == b"POST":
                 self.fake.posts += 1
+                mode = self.fake.script.pop(0) if self.fake.script else self.fake.mode
+                if mode in ("ok", "empty_502", "empty_502_chunked"):  # well-formed answers: the connection lives on
+                    self._answer(mode)
+                    continue
                 self.misbehaving = True
                 self.fake.open_posts += 1
-                self.misbehave(self.fake.mode)
+                self.misbehave(mode)
             elif method in (b"GET", b"HEAD") and path.split(b"?")[0].endswith(b"/models"):
                 body = json.dumps(
                     {
@@ -194,6 +206,14 @@ class _Conn(Protocol):
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (status, reason, content_type, len(body))
             + (b"" if head else body)
         )
+
+    def _answer(self, mode: str) -> None:
+        if mode == "ok":
+            self._respond(200, b"application/json", COMPLETION)
+        elif mode == "empty_502":
+            self.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        else:
+            self.write(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
 
     # -- misbehaviour
 
@@ -293,6 +313,7 @@ class BrokenUpstream:
         self.models = list(models)
         self.mode = mode
         self.cut_mid_chunk = False
+        self.script: list[str] = []
         self.endless_limit = 20.0  # seconds an endless body streams at most
         self.port = 0
         self.posts = 0

@@ -6,7 +6,9 @@ it (see ``/work/shared/reference/dmr-behaviour.md`` sections 2-5, 7, 9, 10):
 
 * DMR's own answers: the OpenAI model list, plain-text ``http.Error`` style
   errors in the dispatch order of section 3, ``/engines/status``, ``/`` and
-  Go's ``404 page not found``;
+  Go's ``404 page not found``; its Ollama layer (``/api/*``) and management
+  routes (``/models``, ``/engines/df``, ``/version``, ...; see
+  ``dmr-2026-surface.md`` sections 6 and 7);
 * llama.cpp's answers: chat / text completions (plain JSON or SSE) and
   embeddings, plus llama.cpp's JSON errors.
 
@@ -45,7 +47,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer
@@ -78,6 +80,23 @@ ANTHROPIC_PATHS = {"/anthropic/v1/messages": "messages", "/anthropic/v1/messages
 RESPONSE_TTL = 3600.0  # pkg/responses DefaultTTL
 RESPONSES_ALLOW = {"create": ("POST",), "one": ("DELETE", "GET"), "items": ("GET",)}
 """Methods of the Responses handler's patterns (Go adds HEAD to a GET pattern's Allow)."""
+OLLAMA_ROUTES = {"version": ("GET",), "tags": ("GET",), "ps": ("GET",), "show": ("POST",), "chat": ("POST",),
+                 "generate": ("POST",), "pull": ("POST",), "delete": ("DELETE",)}
+"""DMR's Ollama layer (``pkg/ollama``): ``/api/<name>`` and its one method; anything else under /api/ is a 404."""
+OLLAMA_INFERENCE_PATHS = frozenset({"/api/chat", "/api/generate"})
+OLLAMA_VERSION = "0.1.0"  # what DMR's /api/version always says
+DMR_VERSION = "642c7211"  # GET /version: the build (the real bundle's commit)
+KEEP_ALIVE_DEFAULT = 300.0  # inference.KeepAliveDefault: an idle runner's keep-alive (5m)
+OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "num_predict": "max_tokens",
+                  "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty",
+                  "frequency_penalty": "frequency_penalty"}
+"""Ollama ``options`` DMR copies into the chat completion it makes (under these names); the rest are dropped."""
+MODEL_CONFIG = {"format": "gguf", "quantization": "MOSTLY_Q4_K_M", "parameters": "361.82M", "architecture": "llama",
+                "size": "256.35MiB"}
+"""Every fake model's ``config`` in ``/models`` (DMR's ``types.Config``, without the ``gguf`` map)."""
+MODEL_BYTES = 268_802_458  # one fake model's size on disk (MODEL_CONFIG's size)
+BACKEND_DISK_USAGE = 26_486_640  # /engines/df's default_backend_disk_usage (the real bundle's llama.cpp)
+NDJSON = b"application/x-ndjson"
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
 JSON_GO = b"application/json"  # DMR's own JSON: no charset
@@ -275,11 +294,14 @@ def _is_inference(method: str, uri: str) -> bool:
 
     That is chat/completions, completions, embeddings, Anthropic messages and
     count_tokens (``/engines`` and ``/anthropic`` forms), images, rerank, score,
-    and a Responses API create.
+    a Responses API create, and Ollama's ``/api/chat`` and ``/api/generate``
+    (an empty-prompt generate too, which DMR answers without the engine).
     """
     if method != "POST":
         return False
     path = _clean_slashes(uri.split("?", 1)[0])
+    if path in OLLAMA_INFERENCE_PATHS:
+        return True
     target = _responses_target(path)
     if target is not None:
         return target.kind == "create"
@@ -444,6 +466,7 @@ class _Exchange:
         self._task: Deferred[None] | None = None
         self.lease: Lease | None = None  # with a BackendState: the hold on its model
         self.prompt_texts: list[str] | None = None  # with a BackendState: what the prefill charges
+        self.ollama: _OllamaWriter | None = None  # /api/chat, /api/generate: DMR's translation of the answer
         if inference:
             fake.active += 1
         fake._exchanges.add(self)
@@ -481,16 +504,30 @@ class _Exchange:
         await _follow(source)
 
     def start(
-        self, status: int, content_type: bytes, *, length: int | None = None, server: bool | bytes = False
+        self, status: int, content_type: bytes | None, *, length: int | None = None, server: bool | bytes = False
     ) -> None:
         """Set the status line and headers (sent with the first write).
 
         ``server``: True for llama.cpp's ``Server: llama.cpp``, or the header's value.
+        ``content_type`` None: no Content-Type at all (Go sends none for an empty body).
+        With an ``ollama`` writer, DMR's Ollama layer gets the engine's answer instead.
         """
+        if self.ollama is not None:
+            self.ollama.start(status, content_type, length, server)
+        else:
+            self._start(status, content_type, length=length, server=server)
+
+    def _start(
+        self, status: int, content_type: bytes | None, *, length: int | None = None, server: bool | bytes = False
+    ) -> None:
         request = self.request
         request.setResponseCode(status)
         request.responseHeaders.removeHeader(b"server")
-        request.setHeader(b"content-type", content_type)
+        if content_type is None:
+            request.responseHeaders.removeHeader(b"content-type")
+            request.defaultContentType = None
+        else:
+            request.setHeader(b"content-type", content_type)
         if server:
             request.setHeader(b"server", b"llama.cpp" if server is True else server)
         if length is not None:
@@ -500,11 +537,23 @@ class _Exchange:
 
     def write(self, data: bytes) -> None:
         """Write ``data`` now, unless the response is over."""
+        if self.ollama is not None:
+            self.ollama.write(data)
+        else:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if not self.done:
             self.request.write(data)
 
     def finish(self) -> None:
         """Finish the response, unless it is over."""
+        if self.ollama is not None:
+            self.ollama.finish()
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
         if not self.done:
             self.request.finish()
 
@@ -542,6 +591,12 @@ class _Exchange:
         """Close the TCP connection once what was written is flushed, leaving the
         response unterminated (what Go does when a handler aborts mid-body).
         Not counted as a client disconnect."""
+        if self.ollama is not None:
+            self.ollama.cut()
+        else:
+            self._cut()
+
+    def _cut(self) -> None:
         self.server_closed = True
         if not self.done:
             self.request.loseConnection()
@@ -1110,17 +1165,35 @@ class BackendState:
 
     def ps(self) -> list[dict[str, Any]]:
         """``GET /engines/ps``: resident models (LRU first), then loading ones (Go's omitempty)."""
-        entries: list[dict[str, Any]] = []
+        return [entry for entry, _ in self._ps_rows()]
+
+    def _ps_rows(self) -> list[tuple[dict[str, Any], float | None]]:
+        """``ps()``'s entries, each with its last use (None while in use or loading)."""
+        rows: list[tuple[dict[str, Any], float | None]] = []
         for res in self._resident.values():
             entry: dict[str, Any] = {"backend_name": res.backend, "model_name": res.ref, "mode": res.mode,
                                      "last_used": GO_ZERO_TIME if res.users else _go_time(res.last_used)}
             if res.users:
                 entry["in_use"] = True
-            entries.append(entry)
+            rows.append((entry, None if res.users else res.last_used))
         for load in self._loading.values():
-            entries.append({"backend_name": load.backend, "model_name": load.ref, "mode": load.mode,
-                            "last_used": GO_ZERO_TIME, "loading": True})
-        return entries
+            rows.append(({"backend_name": load.backend, "model_name": load.ref, "mode": load.mode,
+                          "last_used": GO_ZERO_TIME, "loading": True}, None))
+        return rows
+
+    def unload(self, model: str) -> bool:
+        """Unload ``model`` (normalised name) if it is resident and idle, as DMR's ``/engines/unload``
+        does (its cache entries go; not counted in ``evictions``); whether it did.  Queued requests
+        may then take the room."""
+        res = self._resident.get(model)
+        if res is None or res.users:
+            return False
+        del self._resident[model]
+        for entry_id in list(self._by_model.get(model, ())):
+            self._drop(entry_id)
+        if self._queue:
+            self._drain()
+        return True
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -1615,6 +1688,14 @@ class FakeDMR:
       (404 ``not found``, its ``/engines`` catch-all), hence off by default.
     * ``response_ttl``: seconds (on the fake's reactor clock) a stored Responses
       API response stays retrievable; DMR's is one hour.
+    * ``ollama_truncate_after`` (0: off): an Ollama NDJSON stream (``/api/chat``,
+      ``/api/generate``, ``/api/pull``) closes the connection once that many lines
+      went out, leaving the chunked body unterminated (so with fewer lines than the
+      stream has, the ``done: true`` line never comes).  ``truncate_stream`` cuts
+      chat and generate streams too (after the engine's second content event: 3
+      lines), ``midstream_error`` ends them cleanly after an empty line and no
+      ``done`` line, ``hold`` holds them after their first line; ``header_delay``
+      and cold loads hold their headers.
     * ``state``: None (default), or a ``BackendState`` modelling the endpoint's
       resident models (LRU, cold loads before headers, ``/engines/ps``) and prefix
       (KV) cache (time to first token from the uncached prompt tokens), with its
@@ -1658,8 +1739,36 @@ class FakeDMR:
     * ``GET /engines/ps``: DMR's ``BackendStatus`` array for warm and loading
       runners (``model_name`` is the reference that first loaded it; ``in_use``
       and ``loading`` are omitted when false, like Go's ``omitempty``; an in-use
-      or loading runner has Go's zero ``last_used``); with a ``state``, its
-      resident and loading models instead.
+      or loading runner has Go's zero ``last_used``; ``keep_alive`` once one was
+      configured); with a ``state``, its resident and loading models instead.
+    * DMR's Ollama layer (``pkg/ollama``, checked against the real bundle; see
+      ``_OllamaWriter``): ``GET /api/version`` (``{"version":"0.1.0"}``),
+      ``/api/tags`` (one entry per model, ``details`` from ``MODEL_CONFIG``),
+      ``/api/ps`` (the ``/engines/ps`` runners, ``expires_at`` = last use +
+      keep-alive, 5 min unless configured; Go's zero time while in use or
+      loading), ``POST /api/show`` (only ``details``; 404 ``Model not found: …``),
+      ``/api/chat`` and ``/api/generate`` (turned into the chat completion DMR
+      makes, which goes through this fake's chat/completions path: its checks,
+      failure knobs, delays, ``hold``, ``midstream_error``, ``truncate_stream`` and
+      ``state``; ``stream`` absent = true; a boolean ``think``, ``options.num_ctx``
+      and ``keep_alive`` reconfigure the model's runner, which unloads it if idle
+      and the configuration changed; an empty ``prompt`` unloads the model (200
+      ``{}``) or, with a non-zero ``keep_alive``, only configures it), ``POST
+      /api/pull`` (NDJSON status lines; a new name joins ``models``) and ``DELETE
+      /api/delete`` (unload, drop from ``models``, ``{}``).  Bodies are decoded with
+      Go's rules and messages (``400 Invalid request: …``); any other ``/api/…`` is
+      ``404 page not found``, a wrong method 405 with ``Allow``; ``/api``, ``/v1``
+      and ``/engines`` are 307 redirects to the same path with a slash.
+    * Management (``/models``, what ``docker model`` reads): ``GET /models`` and
+      ``/models/{name}`` (DMR's ``Model`` objects; ``smollm2`` finds
+      ``ai/smollm2``; 404 ``model not found``), ``GET /engines/df``, ``/version``
+      (any method), ``GET /engines/_configure``; the writes change the fake like
+      DMR: ``POST /models/create`` (adds the model), ``DELETE /models/{name}`` and
+      ``/models/purge``, ``POST /models/{name}/tag`` and ``…/repackage`` (``…/push``
+      fails: no registry), ``POST /engines/unload``
+      (idle runners; ``{"unloaded_runners": N}``), ``POST
+      /engines[/{b}]/_configure`` (202; no preload).  ``reset()`` restores
+      ``models`` and forgets configurations.
 
     Recordings: ``requests`` (every request, in arrival order),
     ``inference_requests`` (POSTs to model-routed routes, see ``_is_inference``),
@@ -1694,6 +1803,7 @@ class FakeDMR:
         self._request_waiters: list[Deferred[RecordedRequest]] = []
         self._disconnect_waiters: list[tuple[int, Deferred[None]]] = []
         self.stored_responses: dict[str, StoredResponse] = {}
+        self._configs: dict[str, dict[str, Any]] = {}  # runner configurations by _model_key (DMR's runnerConfigs)
         self.port = 0
         self.active = 0
         self._state: BackendState | None = None
@@ -1717,6 +1827,7 @@ class FakeDMR:
         self.anthropic_ping = False
         self.health_route = False
         self.response_ttl = RESPONSE_TTL
+        self.ollama_truncate_after = 0
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to every response the fake starts
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
@@ -1726,6 +1837,7 @@ class FakeDMR:
         self._warm.clear()
         self._runners = {runner: info for runner, info in self._runners.items() if runner in self._loads}
         self.stored_responses.clear()
+        self._configs.clear()
         if self._state is not None:
             self._state.reset()
 
@@ -1793,6 +1905,7 @@ class FakeDMR:
         self._warm.clear()
         self._runners.clear()
         self.stored_responses.clear()
+        self._configs.clear()
         if self._state is not None:
             self._state.clear()
         if self._channels:
@@ -1887,29 +2000,51 @@ class FakeDMR:
             self._redirect(exchange, method, "/anthropic/", recorded.uri)
         elif unaliased.startswith("/anthropic/"):
             self._route_anthropic(exchange, method, unaliased, recorded)
+        elif unaliased in ("/api", "/v1", "/engines"):  # the real DMR (Go 1.27) redirects these with a 307
+            self._redirect(exchange, method, unaliased + "/", recorded.uri, status=307)
+        elif unaliased.startswith("/api/"):
+            self._route_ollama(exchange, method, unaliased, recorded)
         elif path == "/":
             if method == "GET":
                 exchange.send(200, b"Docker Model Runner is running", TEXT_PLAIN)
             else:
                 exchange.send_error(404, "404 page not found")
+        elif path == "/version":  # any method
+            exchange.send_json({"version": DMR_VERSION})
         elif path == "/engines" or path.startswith("/engines/"):
             self._route_engines(exchange, method, path, recorded)
-        elif path == "/models" and method == "GET":
-            exchange.send_json([self._native_model(m) for m in self.models])
-        elif path == "/models" or path.startswith("/models/"):
-            exchange.send_error(404, "not found")
+        elif path == "/models":
+            if method == "GET":
+                exchange.send_json([self._native_model(m) for m in self.models])
+            elif method in ("POST", "DELETE"):  # ServeMux: "POST /models/{...}" etc. exist
+                self._redirect(exchange, method, "/models/", recorded.uri, status=307)
+            else:
+                exchange.send_error(404, "not found")
+        elif path.startswith("/models/"):
+            self._route_models(exchange, method, path, recorded)
         else:
             exchange.send_error(404, "404 page not found")
 
     def _route_engines(self, exchange: _Exchange, method: str, path: str, recorded: RecordedRequest) -> None:
         parts = _engine_v1_path(path)
         op = _engine_op_path(path)
+        configure = path == "/engines/_configure" or (
+            path.startswith("/engines/") and path.endswith("/_configure") and path.count("/") == 3)
         if path == "/engines/status" and method == "GET":
             exchange.send_json(ENGINE_STATUS)
         elif path == "/engines/health" and method == "GET" and self.health_route:
             exchange.send(200, b'{"status":"ok"}', JSON_LLAMA, server=True)
         elif path == "/engines/ps" and method == "GET":
             exchange.send_json(self._ps())
+        elif path == "/engines/df" and method == "GET":
+            exchange.send_json({"models_disk_usage": MODEL_BYTES * len(self.models),
+                                "default_backend_disk_usage": BACKEND_DISK_USAGE})
+        elif path == "/engines/unload" and method == "POST":
+            self._engines_unload(exchange, recorded.body)
+        elif path == "/engines/_configure" and method == "GET":
+            exchange.send_json(self._config_entries())
+        elif configure and method == "POST":
+            self._engines_configure(exchange, path.split("/")[2] if path.count("/") == 3 else None, recorded.body)
         elif parts is not None and method == "GET" and parts[1] == "models":
             exchange.run(self._answer_models(exchange, None))
         elif parts is not None and method == "GET" and parts[1].startswith("models/"):
@@ -1922,25 +2057,35 @@ class FakeDMR:
             exchange.send_error(404, "not found")
 
     @staticmethod
-    def _redirect(exchange: _Exchange, method: str, location: str, uri: str) -> None:
-        """Go's ``http.Redirect`` with 301, keeping the query (a body only for GET/HEAD)."""
+    def _redirect(exchange: _Exchange, method: str, location: str, uri: str, status: int = 301) -> None:
+        """Go's ``http.Redirect`` (301 unless ``status``), keeping the query (a body only for GET/HEAD)."""
         query = uri.partition("?")[2]
         target = location + ("?" + query if query else "")
         exchange.request.setHeader(b"location", target.encode("latin-1"))
         if method == "GET":
-            body = f'<a href="{target}">Moved Permanently</a>.\n\n'.encode("latin-1")
-            exchange.send(301, body, b"text/html; charset=utf-8")
+            text = "Moved Permanently" if status == 301 else "Temporary Redirect"
+            body = f'<a href="{target}">{text}</a>.\n\n'.encode("latin-1")
+            exchange.send(status, body, b"text/html; charset=utf-8")
         else:
-            exchange.start(301, TEXT_PLAIN, length=0)
-            exchange.request.responseHeaders.removeHeader(b"content-type")
-            exchange.request.defaultContentType = None
+            exchange.start(status, None, length=0)
             exchange.finish()
 
     def _ps(self) -> list[dict[str, Any]]:
-        """``GET /engines/ps``: warm runners, then loading ones (Go's BackendStatus, omitempty)."""
+        """``GET /engines/ps``: warm runners, then loading ones (Go's BackendStatus, omitempty), each with
+        its ``keep_alive`` when one was configured (``/engines/_configure``, Ollama's ``keep_alive``)."""
+        entries = []
+        for entry, _ in self._ps_rows():
+            keep_alive = self._configs.get(normalize_model_name(entry["model_name"]), {}).get("keep_alive")
+            if keep_alive is not None:
+                entry["keep_alive"] = _keep_alive_json(keep_alive)
+            entries.append(entry)
+        return entries
+
+    def _ps_rows(self) -> list[tuple[dict[str, Any], float | None]]:
+        """The ``/engines/ps`` entries, each with its last use (None while in use or loading)."""
         if self._state is not None:
-            return self._state.ps()
-        entries: list[dict[str, Any]] = []
+            return self._state._ps_rows()
+        rows: list[tuple[dict[str, Any], float | None]] = []
         for loading in (False, True):
             for runner, info in self._runners.items():
                 if (runner in self._loads) != loading or (not loading and runner not in self._warm):
@@ -1952,8 +2097,113 @@ class FakeDMR:
                     entry["in_use"] = True
                 if loading:
                     entry["loading"] = True
-                entries.append(entry)
+                rows.append((entry, info.last_used if idle else None))
+        return rows
+
+    def _model_key(self, ref: str) -> str:
+        """DMR's ``ResolveID``: the model a reference names (its normalised id here), else the reference."""
+        return normalize_model_name(self._find_model(ref) or ref)
+
+    def _evict(self, model: str, backend: str = "", mode: str | None = None) -> tuple[int, bool]:
+        """Unload the idle runners of ``model`` (a ``_model_key``) on ``backend`` ("" any) in ``mode``
+        (None: any); return (runners unloaded, whether one is still there: in use or loading)."""
+        state = self._state
+        if state is not None:  # one resident entry per model, whatever its modes
+            if backend and backend != "llama.cpp":
+                return 0, False
+            if model in state._loading:
+                return 0, True
+            res = state._resident.get(model)
+            if res is None or (mode is not None and res.mode != mode):
+                return 0, False
+            return (1, False) if state.unload(model) else (0, True)
+        unloaded, active = 0, False
+        for runner, info in list(self._runners.items()):
+            if runner[1] != model or (mode is not None and runner[0] != mode) or (backend and info.backend != backend):
+                continue
+            if runner in self._loads or info.references or runner not in self._warm:
+                active = active or runner in self._loads or bool(info.references)
+                continue
+            self._warm.discard(runner)
+            del self._runners[runner]
+            unloaded += 1
+        return unloaded, active
+
+    def _unload(self, models: Sequence[str] | None, backend: str = "") -> int:
+        """DMR's ``POST /engines/unload``: idle runners of ``models`` (None: of every model) go; the
+        number unloaded.  ``all`` forgets every runner configuration, a named model only its
+        ``backend``'s (so none when ``backend`` is "")."""
+        if models is None:
+            self._configs.clear()
+            keys = {runner[1] for runner in self._runners}
+            if self._state is not None:
+                keys = set(self._state._resident)
+            return sum(self._evict(key)[0] for key in keys)
+        unloaded = 0
+        for model in models:
+            key = self._model_key(model)
+            if backend == "llama.cpp":
+                self._configs.pop(key, None)
+            unloaded += self._evict(key, backend)[0]
+        return unloaded
+
+    def _configure_runner(self, model: str, config: dict[str, Any]) -> str:
+        """DMR's ``setRunnerConfig`` for the completion runner of ``model``: an unchanged configuration
+        does nothing; a new one unloads the idle runner (it reloads with it) and replaces the old one
+        whole, unless the runner is in use ("runner already active", returned)."""
+        key = self._model_key(model)
+        if self._configs.get(key) == config:
+            return ""
+        if self._evict(key, mode="completion")[1]:
+            return "runner already active"
+        self._configs[key] = config
+        return ""
+
+    def _config_entries(self) -> list[dict[str, Any]]:
+        """``GET /engines/_configure``: the stored configurations of models the fake has."""
+        entries = []
+        for key, config in self._configs.items():
+            found = self._find_model(key)
+            if found is None:
+                continue
+            shown: dict[str, Any] = {}
+            for name in ("context-size", "runtime-flags", "speculative", "keep_alive", "vllm", "llamacpp"):
+                if name in config:
+                    shown[name] = _keep_alive_json(config[name]) if name == "keep_alive" else config[name]
+            entries.append({"Backend": "llama.cpp", "Model": found, "ModelID": self._digest(found),
+                            "Mode": "completion", "Config": shown})
         return entries
+
+    def _engines_unload(self, exchange: _Exchange, body: bytes) -> None:
+        try:
+            request = _go_decode(body, _UNLOAD_REQUEST, whole=True) or {}
+        except _GoDecodeError:
+            exchange.send_error(400, "invalid request")
+            return
+        models = None if request.get("all") else request.get("models") or []
+        exchange.send_json({"unloaded_runners": self._unload(models, request.get("backend", ""))})
+
+    def _engines_configure(self, exchange: _Exchange, backend: str | None, body: bytes) -> None:
+        """``POST /engines[/{backend}]/_configure``: 202 once stored (the fake does not preload)."""
+        if backend is not None and backend not in KNOWN_BACKENDS:
+            exchange.send_error(404, "backend not found")
+            return
+        try:
+            request = _go_decode(body, _CONFIGURE_REQUEST, whole=True) or {}
+        except _GoDecodeError:
+            exchange.send_error(400, "invalid request")
+            return
+        config = {name: request[name] for name in ("context-size", "runtime-flags", "speculative", "vllm",
+                                                   "llamacpp") if name in request}
+        keep_alive = request.get("keep_alive")
+        if isinstance(keep_alive, str) and _parse_keep_alive(keep_alive) is not None:
+            config["keep_alive"] = _parse_keep_alive(keep_alive)
+        refused = self._configure_runner(request.get("model", ""), config)
+        if refused:
+            exchange.send_error(409, refused)
+        else:
+            exchange.start(202, None, length=0)
+            exchange.finish()
 
     # -- model list --------------------------------------------------------
 
@@ -1966,10 +2216,20 @@ class FakeDMR:
         return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": "docker"}
 
     @staticmethod
-    def _native_model(model_id: str) -> dict[str, Any]:
-        digest = hashlib.sha256(normalize_model_name(model_id).encode()).hexdigest()
-        config = {"format": "gguf"}
-        return {"id": f"sha256:{digest}", "tags": [model_id], "created": MODEL_CREATED, "config": config}
+    def _digest(model_id: str) -> str:
+        """A fake model's id in DMR's store (``sha256:`` + 64 hex digits)."""
+        return "sha256:" + hashlib.sha256(normalize_model_name(model_id).encode()).hexdigest()
+
+    @classmethod
+    def _native_model(cls, model_id: str) -> dict[str, Any]:
+        """DMR's ``/models`` object: id, the one tag (the listed name), created, ``types.Config``."""
+        return {"id": cls._digest(model_id), "tags": [model_id], "created": MODEL_CREATED, "config": dict(MODEL_CONFIG)}
+
+    @staticmethod
+    def _model_details(model_id: str) -> dict[str, Any]:
+        """Ollama's ``details`` (DMR's ``ModelDetails``) of a fake model."""
+        return {"format": "gguf", "family": MODEL_CONFIG["architecture"], "families": [MODEL_CONFIG["architecture"]],
+                "parameter_size": MODEL_CONFIG["parameters"], "quantization_level": MODEL_CONFIG["quantization"]}
 
     async def _answer_models(self, exchange: _Exchange, name: str | None) -> None:
         """List (``name`` is None) or get one model, after ``models_delay``."""
@@ -1982,6 +2242,279 @@ class FakeDMR:
             exchange.send_json(self._model_object(found))
         else:
             exchange.send_error(404, _model_not_found(name))
+
+    # -- management API (/models, what the docker model CLI uses) -------------------------------------------
+
+    def _route_models(self, exchange: _Exchange, method: str, path: str, recorded: RecordedRequest) -> None:
+        """DMR's models handler under ``/models/``: GET one model (404 ``model not found``); the writes
+        (``POST /models/create``, ``DELETE /models/{name}``, ``DELETE /models/purge``, ``POST
+        /models/{name}/tag|repackage``) change ``models`` like DMR's store, a push fails; anything
+        else ``not found``."""
+        rest = unquote(path[len("/models/"):])
+        if method == "GET":
+            found = self._find_model(rest) if rest else None
+            if found is None:
+                exchange.send_error(404, "model not found")
+            else:
+                exchange.send_json(self._native_model(found))
+        elif method == "POST" and rest == "create":
+            self._models_create(exchange, recorded)
+        elif method == "DELETE" and rest == "purge":
+            self._unload(None)
+            self.models.clear()
+            exchange.start(200, None, length=0)
+            exchange.finish()
+        elif method == "DELETE":
+            found = self._find_model(rest) if rest else None
+            if found is None:
+                exchange.send_error(404, "error while deleting model: model not found")
+                return
+            self._unload([found])
+            self.models.remove(found)
+            exchange.send_json([{"Untagged": found}, {"Deleted": self._digest(found)}])
+        elif method == "POST":
+            model, _, action = rest.rpartition("/")
+            if action in ("push", "repackage"):
+                self._models_push_or_repackage(exchange, action, model, recorded.body)
+                return
+            if action != "tag":
+                exchange.send_error(404, f"unknown action {_go_quote(action)}")
+                return
+            query = parse_qs(recorded.uri.partition("?")[2])
+            repo, tag = query.get("repo", [""])[0], query.get("tag", [""])[0]
+            if not repo or not tag:
+                exchange.send_error(400, "missing repo or tag query parameter")
+            elif self._find_model(model) is None:
+                exchange.send_error(404, "model not found")
+            else:
+                target = f"{repo}:{tag}"
+                if self._find_model(target) is None:
+                    self.models.append(target)
+                exchange.send_json({"message": f"Model tagged successfully with {_go_quote(target)}",
+                                    "target": target}, 201)
+        else:
+            exchange.send_error(404, "not found")
+
+    def _models_push_or_repackage(self, exchange: _Exchange, action: str, model: str, body: bytes) -> None:
+        """``POST /models/{name}/push`` (the fake has no registry: a model it has fails with a 500) and
+        ``…/repackage {"target"}`` (the target joins ``models``, 201)."""
+        if action == "push":
+            exchange.request.setHeader(b"cache-control", b"no-cache")
+            try:
+                if body.strip():
+                    _go_decode(body, ("struct", "models.ModelPushRequest", {"bearer-token": "string"}), whole=True)
+            except _GoDecodeError:
+                exchange.send_error(400, "invalid request body")
+                return
+            if self._find_model(model) is None:
+                exchange.send_error(404, "Model not found")
+            else:
+                exchange.send_error(500, "error while pushing model: the fake DMR has no registry")
+            return
+        try:
+            request = _go_decode(body, ("struct", "models.RepackageRequest", {"target": "string",
+                                                                              "context_size": "int"})) or {}
+        except _GoDecodeError as error:
+            exchange.send_error(400, f"invalid request body: {error}")
+            return
+        target = request.get("target", "")
+        if not target:
+            exchange.send_error(400, "target is required")
+        elif self._find_model(model) is None:
+            exchange.send_error(404, f"get model '{_go_quote(model)}': model not found")
+        else:
+            if self._find_model(target) is None:
+                self.models.append(target)
+            exchange.send_json({"message": f"Model repackaged successfully as {_go_quote(target)}", "source": model,
+                                "target": target}, 201)
+
+    def _models_create(self, exchange: _Exchange, recorded: RecordedRequest) -> None:
+        """``POST /models/create {"from"}``: a "pull" that adds the model (a known one is cached),
+        answered with DMR's one progress line (JSON if ``Accept: application/json``, else HTML-escaped
+        text/plain)."""
+        try:
+            request = _go_decode(recorded.body, _MODEL_CREATE_REQUEST) or {}
+        except _GoDecodeError:
+            exchange.send_error(400, "invalid request body")
+            return
+        model = request.get("from", "")
+        exchange.request.setHeader(b"cache-control", b"no-cache")
+        if not _valid_reference(_reference(model)):
+            exchange.send_error(400, "Invalid model reference")
+            return
+        found = self._find_model(model)
+        message = f"Using cached model: {MODEL_CONFIG['size']}" if found else "Model pulled successfully"
+        if found is None:
+            self.models.append(model.strip())
+        line = _go_json({"type": "success", "message": message, "total": 0, "layer": {"size": 0, "current": 0},
+                         "mode": "pull"}) + b"\n"
+        as_json = recorded.headers.get("accept", [""])[-1] == "application/json"
+        exchange.start(200, JSON_GO if as_json else b"text/plain")
+        exchange.write(line if as_json else _go_html_escape(line))
+        exchange.finish()
+
+    # -- Ollama API (/api/*, DMR's pkg/ollama) ---------------------------------------------------------------
+
+    def _route_ollama(self, exchange: _Exchange, method: str, path: str, recorded: RecordedRequest) -> None:
+        """DMR's Ollama handler: its own ServeMux (404 ``404 page not found``, 405 with Allow), request
+        bodies decoded like Go (400 ``Invalid request: …``), the model ``name``, else ``model``."""
+        op = path[len("/api/"):]
+        allowed = OLLAMA_ROUTES.get(op)
+        if allowed is None:
+            exchange.send_error(404, "404 page not found")
+        elif method not in allowed:
+            exchange.send_405(allowed)
+        elif op == "version":
+            exchange.send_json({"version": OLLAMA_VERSION})
+        elif op == "tags":
+            tags = [{"name": m, "model": m, "modified_at": _go_time(MODEL_CREATED), "size": 0,
+                     "digest": self._digest(m), "details": self._model_details(m)} for m in self.models]
+            exchange.send(200, _go_json({"models": tags}) + b"\n", JSON_GO)
+        elif op == "ps":
+            exchange.send(200, _go_json({"models": self._ollama_ps()}) + b"\n", JSON_GO)
+        else:
+            try:
+                request = _go_decode(recorded.body, OLLAMA_REQUESTS[op]) or {}
+            except _GoDecodeError as error:
+                exchange.send_error(400, f"Invalid request: {error}")
+                return
+            model = request.get("name") or request.get("model") or ""
+            if op == "show":
+                found = self._find_model(model)
+                if found is None:
+                    exchange.send_error(404, "Model not found: " + _model_not_found(model))
+                else:
+                    exchange.send(200, _go_json({"details": self._model_details(found)}) + b"\n", JSON_GO)
+            elif op == "chat":
+                self._ollama_chat(exchange, request, model)
+            elif op == "generate":
+                self._ollama_generate(exchange, request, model)
+            elif op == "pull":
+                self._ollama_pull(exchange, model)
+            else:
+                self._ollama_delete(exchange, model)
+
+    def _ollama_ps(self) -> list[dict[str, Any]]:
+        """``/api/ps``: one entry per running runner, named by the model's tag; ``expires_at`` = last use
+        + keep-alive while idle (Go's zero time in use, loading, or with keep-alive forever)."""
+        models = []
+        for entry, last_used in self._ps_rows():
+            ref = entry["model_name"]
+            found = self._find_model(ref)
+            if found is None:  # DMR cannot read the model any more (deleted)
+                models.append({"name": ref, "model": ref, "size": 0, "digest": ref, "expires_at": GO_ZERO_TIME})
+                continue
+            keep_alive = self._configs.get(normalize_model_name(found), {}).get("keep_alive", KEEP_ALIVE_DEFAULT)
+            expires = GO_ZERO_TIME if last_used is None or keep_alive < 0 else _go_time(last_used + keep_alive)
+            models.append({"name": found, "model": found, "size": 0, "digest": self._digest(found),
+                           "expires_at": expires})
+        return models
+
+    def _ollama_configure(self, model: str, options: dict[str, Any] | None, think: Any, keep_alive: str) -> None:
+        """DMR's ``configureModel``: ``options.num_ctx``, a boolean ``think`` and ``keep_alive`` (or a string
+        ``options.keep_alive``) become the model's whole runner configuration (see ``_configure_runner``);
+        failures are only logged by DMR, so ignored here."""
+        options = options or {}
+        if not keep_alive and isinstance(options.get("keep_alive"), str):
+            keep_alive = options["keep_alive"]
+        budget = (-1 if think else 0) if isinstance(think, bool) else None
+        if options.get("num_ctx") is None and budget is None and not keep_alive:
+            return
+        config: dict[str, Any] = {}
+        if options.get("num_ctx") is not None:
+            config["context-size"] = _go_int32(options["num_ctx"])
+        if keep_alive and _parse_keep_alive(keep_alive) is not None:
+            config["keep_alive"] = _parse_keep_alive(keep_alive)
+        if budget is not None:
+            config["llamacpp"] = {"reasoning-budget": budget}
+        self._configure_runner(model, config)
+
+    def _ollama_infer(
+        self, exchange: _Exchange, kind: str, model: str, stream: bool, openai: dict[str, Any],
+        options: dict[str, Any] | None,
+    ) -> None:
+        """Send the chat completion DMR makes to the fake's own ``/engines/v1/chat/completions`` path
+        (its checks, knobs and ``state``), its answer going through an ``_OllamaWriter``."""
+        for name, target in OLLAMA_OPTIONS.items():
+            if options and name in options:
+                openai[target] = options[name]
+        exchange.ollama = _OllamaWriter(self, exchange, kind, model, stream)
+        self._check_inference(exchange, None, "chat/completions", _dumps(openai))
+
+    def _ollama_chat(self, exchange: _Exchange, request: dict[str, Any], model: str) -> None:
+        self._ollama_configure(model, request.get("options"), request.get("think"), request.get("keep_alive", ""))
+        stream = request.get("stream") is not False  # absent or null: true
+        openai: dict[str, Any] = {"model": model, "messages": _openai_messages(request.get("messages") or []),
+                                  "stream": stream}
+        if request.get("tools"):
+            openai["tools"] = request["tools"]
+        self._ollama_infer(exchange, "chat", model, stream, openai, request.get("options"))
+
+    def _ollama_generate(self, exchange: _Exchange, request: dict[str, Any], model: str) -> None:
+        """``/api/generate``: ``prompt`` as one user message; an empty prompt unloads the model (keep_alive
+        absent or zero: 200 ``{}``, which Go sniffs as text/plain) or only configures it (200 ``{}`` JSON)."""
+        prompt, keep_alive = request.get("prompt", ""), request.get("keep_alive", "")
+        if not prompt and keep_alive in ("", "0", "0s", "0m"):
+            self._unload([model])
+            exchange.send(200, b"{}", TEXT_PLAIN)
+            return
+        self._ollama_configure(model, request.get("options"), request.get("think"), keep_alive)
+        if not prompt:
+            exchange.send(200, b"{}", JSON_GO)
+            return
+        stream = request.get("stream") is not False
+        openai = {"model": model, "messages": _openai_messages([{"role": "user", "content": prompt}]),
+                  "stream": stream}
+        self._ollama_infer(exchange, "generate", model, stream, openai, request.get("options"))
+
+    def _ollama_pull(self, exchange: _Exchange, model: str) -> None:
+        """``/api/pull``: always a stream (``application/x-ndjson``); a model the fake has answers one
+        ``success`` line (DMR's "Using cached model"), another is "downloaded" (a ``pulling <digest>``
+        line at 0 and at 100 %, then ``success``) and joins ``models``; an invalid reference is a 500
+        ``{"error": …}`` before any line."""
+        exchange.request.setHeader(b"cache-control", b"no-cache")
+        reference = _reference(model)
+        if not _valid_reference(reference):
+            message = (f"Failed to pull model: error while pulling model: reading model from registry: invalid "
+                       f"model reference {_go_quote(reference)}: invalid reference {_go_quote(reference)}: "
+                       "invalid reference format")
+            exchange.start(500, JSON_GO)
+            exchange.write(_go_json({"error": message}) + b"\n")
+            exchange.finish()
+            return
+        exchange.run(self._ollama_pull_lines(exchange, model.strip()))
+
+    async def _ollama_pull_lines(self, exchange: _Exchange, model: str) -> None:
+        found = self._find_model(model)
+        lines: list[dict[str, Any]] = []
+        if found is None:
+            digest = self._digest(model)
+            status = f"pulling {digest[len('sha256:'):][:12]}"
+            lines += [{"status": status, "digest": digest, "total": MODEL_BYTES},  # omitempty: no "completed": 0
+                      {"status": status, "digest": digest, "total": MODEL_BYTES, "completed": MODEL_BYTES}]
+        lines.append({"status": "success"})
+        exchange.start(200, NDJSON)
+        for index, line in enumerate(lines):
+            if index:
+                await exchange.sleep(self.chunk_delay)
+            if line["status"] == "success" and found is None and self._find_model(model) is None:
+                self.models.append(model)
+            exchange.write(_go_json(line) + b"\n")
+            if 0 < self.ollama_truncate_after <= index + 1:
+                exchange.cut()
+                return
+        exchange.finish()
+
+    def _ollama_delete(self, exchange: _Exchange, model: str) -> None:
+        """``DELETE /api/delete``: unload, then delete the model from ``models`` (200 ``{}``); a model the
+        fake does not have is DMR's 500."""
+        self._unload([model])
+        found = self._find_model(model)
+        if found is None:
+            exchange.send_error(500, "Failed to delete model: error while deleting model: model not found")
+            return
+        self.models.remove(found)
+        exchange.send(200, b"{}", JSON_GO)
 
     # -- inference -----------------------------------------------------------
 
@@ -2136,7 +2669,7 @@ class FakeDMR:
             self._images(exchange, payload)
         elif payload.get("stream") is True:
             await self._stream(exchange, endpoint, payload)
-        elif endpoint == "chat/completions" and self.big_body > 0:
+        elif endpoint == "chat/completions" and self.big_body > 0 and exchange.ollama is None:
             await self._first_token(exchange)
             exchange.start(200, b"application/octet-stream", length=self.big_body, server=True)
             _BigBodyProducer(self, exchange, self.big_body).start()
@@ -2699,6 +3232,580 @@ class FakeDMR:
             self._store(plan, final)
             self._answered(exchange, text)
         exchange.finish()
+
+
+# -- DMR's Ollama layer and Go's encoding/json, as the fake needs them -------------------------------------------
+
+
+def _go_json(obj: Any, *, sort_keys: bool = False) -> bytes:
+    """Compact JSON as Go's ``json.Marshal`` writes it: ``<``, ``>``, ``&``, U+2028 and U+2029 escaped."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                         ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text.encode("utf-8")
+
+
+_HTML_SIGNATURES = (b"<!DOCTYPE HTML", b"<HTML", b"<HEAD", b"<SCRIPT", b"<IFRAME", b"<H1", b"<DIV", b"<FONT",
+                    b"<TABLE", b"<A", b"<STYLE", b"<TITLE", b"<B", b"<BODY", b"<BR", b"<P", b"<!--")
+_BINARY_BYTES = frozenset(range(0x00, 0x09)) | {0x0B} | frozenset(range(0x0E, 0x1B)) | frozenset(range(0x1C, 0x20))
+
+
+def _go_sniff(body: bytes) -> bytes | None:
+    """The Content-Type Go's server picks for a body written without one (``http.DetectContentType``,
+    its text, HTML and XML cases); None for an empty body (Go then sends no Content-Type)."""
+    if not body:
+        return None
+    head = body[:512].lstrip(b"\t\n\x0c\r ")
+    upper = head.upper()
+    for signature in _HTML_SIGNATURES:
+        if upper.startswith(signature) and len(head) > len(signature) and head[len(signature)] in b" >":
+            return b"text/html; charset=utf-8"
+    if head.startswith(b"<?xml"):
+        return b"text/xml; charset=utf-8"
+    if any(byte in _BINARY_BYTES for byte in body[:512]):
+        return b"application/octet-stream"
+    return TEXT_PLAIN
+
+
+def _go_html_escape(data: bytes) -> bytes:
+    """Go's ``html.EscapeString``."""
+    for char, escape in ((b"&", b"&amp;"), (b"'", b"&#39;"), (b"<", b"&lt;"), (b">", b"&gt;"), (b'"', b"&#34;")):
+        data = data.replace(char, escape)
+    return data
+
+
+def _go_char(char: str) -> str:
+    """Go's ``quoteChar``: how its JSON syntax errors quote the offending byte."""
+    if char == "'":
+        return "'\\''"
+    if char == '"':
+        return "'\"'"
+    escapes = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f", "\\": "\\\\"}
+    if char in escapes:
+        return f"'{escapes[char]}'"
+    if 0x20 <= ord(char) < 0x7F:
+        return f"'{char}'"
+    return "'\\x%02x'" % char.encode("utf-8")[0]
+
+
+class _GoDecodeError(Exception):
+    """What Go's JSON decoding reports (DMR prefixes it, e.g. ``Invalid request: ``)."""
+
+
+_GoType = Any
+"""A Go type for ``_go_decode``: ``"string"``, ``"bool"``, ``"int"``, ``"any"``, ``"keepalive"`` (Ollama's
+``OllamaKeepAlive``), ``("slice", go name, element)``, ``("map", go name)`` or ``("struct", go name, {json
+name: type})``."""
+
+_OLLAMA_FUNCTION_CALL: _GoType = ("struct", "ollama.FunctionCall", {"index": "int", "name": "string",
+                                                                     "arguments": "any"})
+_OLLAMA_TOOL_CALLS: _GoType = ("slice", "[]ollama.ToolCall", ("struct", "ollama.ToolCall", {
+    "id": "string", "type": "string", "function": _OLLAMA_FUNCTION_CALL}))
+_OLLAMA_MESSAGES: _GoType = ("slice", "[]ollama.Message", ("struct", "ollama.Message", {
+    "role": "string", "content": "string", "images": ("slice", "[]string", "string"),
+    "tool_calls": _OLLAMA_TOOL_CALLS, "tool_call_id": "string", "thinking": "string"}))
+_OLLAMA_TOOLS: _GoType = ("slice", "[]ollama.Tool", ("struct", "ollama.Tool", {
+    "type": "string", "function": ("struct", "ollama.ToolFunction", {
+        "name": "string", "description": "string", "parameters": ("map", "map[string]interface {}")})}))
+_GO_MAP: _GoType = ("map", "map[string]interface {}")
+OLLAMA_REQUESTS: dict[str, _GoType] = {
+    "chat": ("struct", "ollama.ChatRequest", {
+        "name": "string", "model": "string", "messages": _OLLAMA_MESSAGES, "tools": _OLLAMA_TOOLS, "stream": "bool",
+        "think": "any", "keep_alive": "keepalive", "options": _GO_MAP}),
+    "generate": ("struct", "ollama.GenerateRequest", {
+        "name": "string", "model": "string", "prompt": "string", "stream": "bool", "think": "any",
+        "keep_alive": "keepalive", "options": _GO_MAP}),
+    "show": ("struct", "ollama.ShowRequest", {"name": "string", "model": "string", "verbose": "bool"}),
+    "pull": ("struct", "ollama.PullRequest", {"name": "string", "model": "string", "insecure": "bool",
+                                              "stream": "bool"}),
+    "delete": ("struct", "ollama.DeleteRequest", {"name": "string", "model": "string"}),
+}
+"""DMR's Ollama request types (``pkg/ollama/api.go``): fields not listed are ignored, like Go does."""
+_ENGINE_MESSAGE: _GoType = ("struct", "struct", {"content": "string", "reasoning_content": "string",
+                                                 "tool_calls": _OLLAMA_TOOL_CALLS})
+_ENGINE_ANSWER: _GoType = ("struct", "ollama.openAIChatResponse", {
+    "choices": ("slice", "[]struct", ("struct", "struct", {"message": _ENGINE_MESSAGE}))})
+_ENGINE_CHUNK: _GoType = ("struct", "ollama.openAIChatStreamChunk", {
+    "choices": ("slice", "[]struct", ("struct", "struct", {"delta": _ENGINE_MESSAGE}))})
+_ENGINE_ERROR: _GoType = ("struct", "ollama.openAIErrorResponse", {"error": ("struct", "struct", {
+    "message": "string", "type": "string", "code": "any"})})
+_UNLOAD_REQUEST: _GoType = ("struct", "scheduling.UnloadRequest", {
+    "all": "bool", "backend": "string", "models": ("slice", "[]string", "string")})
+_CONFIGURE_REQUEST: _GoType = ("struct", "scheduling.ConfigureRequest", {
+    "model": "string", "mode": "string", "raw-runtime-flags": "string", "context-size": "int",
+    "runtime-flags": ("slice", "[]string", "string"), "speculative": _GO_MAP, "keep_alive": "any", "vllm": _GO_MAP,
+    "llamacpp": ("struct", "inference.LlamaCppConfig", {"reasoning-budget": "int"})})
+_MODEL_CREATE_REQUEST: _GoType = ("struct", "models.ModelCreateRequest", {"from": "string", "bearer-token": "string"})
+
+
+def _go_decode(body: bytes, go_type: _GoType, *, whole: bool = False) -> Any:
+    """Decode ``body`` into ``go_type`` like Go: ``json.NewDecoder(r.Body).Decode`` (the first JSON value,
+    anything after it ignored) or, with ``whole``, ``json.Unmarshal`` (nothing may follow).
+
+    Returns the value with struct fields under their JSON names (matched case-insensitively, like Go;
+    unknown ones dropped, nulls left out); raises ``_GoDecodeError`` with Go's message (syntax errors, the
+    first type mismatch in document order, ``OllamaKeepAlive``'s own error).
+    """
+    text = body.decode("utf-8", "replace")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    if start == len(text):
+        raise _GoDecodeError("unexpected end of JSON input" if whole else "EOF")
+    try:
+        value, end = json.JSONDecoder(parse_constant=_reject_constant).raw_decode(text, start)
+    except json.JSONDecodeError as error:
+        raise _GoDecodeError(_go_syntax_error(text, error, whole)) from None
+    except ValueError:  # NaN, Infinity (Go has no such literals)
+        raise _GoDecodeError(_go_constant_error(text)) from None
+    if whole and text[end:].strip(" \t\r\n"):
+        rest = end + len(text[end:]) - len(text[end:].lstrip(" \t\r\n"))
+        raise _GoDecodeError(f"invalid character {_go_char(text[rest])} after top-level value")
+    root = go_type[1].rpartition(".")[2] if isinstance(go_type, tuple) else ""
+    return _go_value(value, go_type, root, [])
+
+
+def _go_syntax_error(text: str, error: json.JSONDecodeError, whole: bool) -> str:
+    """Go's message for the syntax error Python's decoder found (``encoding/json`` of Go 1.27)."""
+    pos, msg = error.pos, error.msg
+    eof = "unexpected end of JSON input" if whole else "unexpected EOF"
+    if pos >= len(text) or msg.startswith("Unterminated string"):
+        return eof
+    char = text[pos]
+    if msg.startswith("Invalid control character"):
+        return f"invalid character {_go_char(char)} in string"
+    if msg.startswith("Invalid \\escape") or msg.startswith("Invalid \\u"):
+        return f"invalid escape sequence `{text[pos:pos + 2]}` in string"
+    if msg.startswith("Expecting property name"):
+        return f"invalid character {_go_char(char)} looking for beginning of object key string"
+    if msg.startswith("Expecting ':'"):
+        return f"invalid character {_go_char(char)} after object key"
+    if msg.startswith("Expecting ','"):
+        where = "object key:value pair" if _go_container_at(text, pos) == "{" else "array element"
+        return f"invalid character {_go_char(char)} after {where}"
+    if char in "tfn":
+        literal = {"t": "true", "f": "false", "n": "null"}[char]
+        for index, expected in enumerate(literal):
+            if pos + index >= len(text):
+                return eof
+            if text[pos + index] != expected:
+                return f"invalid character {_go_char(text[pos + index])} in literal {literal} (expecting '{expected}')"
+    if char == "-":
+        if pos + 1 >= len(text):
+            return eof
+        return f"invalid character {_go_char(text[pos + 1])} in numeric literal"
+    return f"invalid character {_go_char(char)} looking for beginning of value"
+
+
+def _go_constant_error(text: str) -> str:
+    """Go's error at the first ``NaN`` / ``Infinity`` / ``-Infinity`` outside a string."""
+    in_string = escaped = False
+    for pos, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == "-" and text[pos + 1:pos + 2] == "I":
+            return "invalid character 'I' in numeric literal"
+        elif char in "NI":
+            return f"invalid character '{char}' looking for beginning of value"
+    return "invalid character 'N' looking for beginning of value"
+
+
+def _go_container_at(text: str, pos: int) -> str:
+    """The innermost ``{`` or ``[`` open at ``pos`` of a JSON text (strings skipped)."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for char in text[:pos]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append(char)
+        elif char in "}]" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
+
+
+def _go_type_error(value: Any, go_name: str, root: str, path: list[str | int]) -> _GoDecodeError:
+    kind = _go_kind(value)
+    if go_name == "int" and isinstance(value, float):
+        kind += " " + json.dumps(value)
+    if not path:
+        return _GoDecodeError(f"json: cannot unmarshal {kind} into Go value of type {go_name}")
+    where = root + "." + ".".join(str(part) for part in path)
+    if isinstance(path[-1], int):
+        return _GoDecodeError(f"json: cannot unmarshal {kind} into {where} of type {go_name}")
+    return _GoDecodeError(f"json: cannot unmarshal {kind} into Go struct field {where} of type {go_name}")
+
+
+def _go_value(value: Any, go_type: _GoType, root: str, path: list[str | int]) -> Any:
+    """``value`` checked against ``go_type`` (see ``_go_decode``)."""
+    if value is None or go_type == "any":
+        return value
+    if go_type == "keepalive":  # OllamaKeepAlive.UnmarshalJSON: a string, or seconds
+        if isinstance(value, str):
+            return value
+        if _is_number(value):
+            return "-1" if value < 0 else "0" if value == 0 else _go_duration(float(value))
+        raise _GoDecodeError(f"keep_alive must be a string or number, got {_go_json(value).decode()}")
+    if isinstance(go_type, str):
+        valid = {"string": isinstance(value, str), "bool": isinstance(value, bool), "int": _is_int(value)}[go_type]
+        if not valid:
+            raise _go_type_error(value, go_type, root, path)
+        return value
+    kind, go_name = go_type[0], go_type[1]
+    if kind == "slice":
+        if not isinstance(value, list):
+            raise _go_type_error(value, go_name, root, path)
+        return [_go_value(item, go_type[2], root, [*path, index]) for index, item in enumerate(value)]
+    if not isinstance(value, dict):
+        raise _go_type_error(value, go_name, root, path)
+    if kind == "map":
+        return value
+    fields: dict[str, _GoType] = go_type[2]
+    folded = {name.lower(): name for name in fields}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = key if key in fields else folded.get(key.lower())
+        if name is None:
+            continue
+        decoded = _go_value(item, fields[name], root, [*path, name])
+        if decoded is None:
+            out.pop(name, None)
+        else:
+            out[name] = decoded
+    return out
+
+
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _parse_go_duration(text: str) -> float | None:
+    """Go's ``time.ParseDuration`` in seconds, or None when Go would refuse it."""
+    sign = -1.0 if text.startswith("-") else 1.0
+    rest = text[1:] if text[:1] in ("-", "+") else text
+    if rest == "0":
+        return 0.0
+    if not rest:
+        return None
+    total, pos = 0.0, 0
+    while pos < len(rest):
+        match = _DURATION_PART.match(rest, pos)
+        if match is None:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return sign * total
+
+
+def _parse_keep_alive(text: str) -> float | None:
+    """DMR's ``inference.ParseKeepAlive`` in seconds (negative: forever), or None if invalid."""
+    if text == "-1":
+        return -1.0
+    seconds = _parse_go_duration(text)
+    if seconds is None:
+        return None
+    return -1.0 if seconds < 0 else seconds
+
+
+def _go_duration(seconds: float) -> str:
+    """Go's ``time.Duration.String()`` (``5m0s``, ``1.5s``, ``500ms``, ``1h0m0s``)."""
+    nanos = round(seconds * 1e9)
+    if nanos == 0:
+        return "0s"
+    sign, nanos = ("-" if nanos < 0 else ""), abs(nanos)
+
+    def fraction(value: int, size: int) -> str:
+        whole, part = divmod(value, size)
+        digits = str(part).rjust(len(str(size)) - 1, "0").rstrip("0") if part else ""
+        return f"{whole}.{digits}" if digits else str(whole)
+
+    if nanos < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if nanos >= size:
+                return sign + fraction(nanos, size) + unit
+    hours, rest = divmod(nanos, 3600 * 10**9)
+    minutes, rest = divmod(rest, 60 * 10**9)
+    secs = fraction(rest, 10**9) + "s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{secs}"
+    if minutes:
+        return f"{sign}{minutes}m{secs}"
+    return sign + secs
+
+
+def _keep_alive_json(seconds: float) -> str:
+    """How DMR's ``KeepAlive`` marshals: ``"-1"`` for forever, else the duration."""
+    return "-1" if seconds < 0 else _go_duration(seconds)
+
+
+def _go_int32(value: Any) -> int:
+    """DMR's ``convertToInt32`` of ``options.num_ctx`` (a number, or a string starting with one; else 0)."""
+    if _is_number(value):
+        return int(value)
+    if isinstance(value, str):
+        match = re.match(r"\s*([+-]?\d+)", value)
+        return int(match.group(1)) if match else 0
+    return 0
+
+
+def _data_uri(image: str) -> str:
+    """DMR's ``ensureDataURIPrefix``: raw base64 images become data URIs (MIME guessed from the prefix)."""
+    image = image.strip()
+    if image.startswith(("data:", "http://", "https://")):
+        return image
+    mime = "image/png" if image.startswith("iVBOR") else "image/gif" if image.startswith("R0lG") else "image/jpeg"
+    return f"data:{mime};base64,{image}"
+
+
+def _openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DMR's ``convertMessages``: Ollama chat messages as OpenAI ones (images as ``image_url`` parts,
+    tool-call arguments as JSON strings)."""
+    out = []
+    for message in messages:
+        message = message or {}  # a null message: Go's zero Message
+        converted: dict[str, Any] = {"role": message.get("role", "")}
+        content, images = message.get("content", ""), message.get("images") or []
+        if images:
+            parts: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
+            parts += [{"type": "image_url", "image_url": {"url": _data_uri(image or "")}} for image in images]
+            converted["content"] = parts
+        else:
+            converted["content"] = content
+        calls = []
+        for call in message.get("tool_calls") or []:
+            call = call or {}
+            function = dict(call.get("function") or {})
+            if isinstance(function.get("arguments"), dict):
+                function["arguments"] = _go_json(function["arguments"], sort_keys=True).decode()
+            calls.append({"id": call.get("id", ""), "type": call.get("type") or "function",
+                          "function": {"name": function.get("name", ""), "arguments": function.get("arguments")}})
+        if calls:
+            converted["tool_calls"] = calls
+        if message.get("tool_call_id"):
+            converted["tool_call_id"] = message["tool_call_id"]
+        out.append(converted)
+    return out
+
+
+def _ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DMR's ``convertToolCallsToOllamaFormat``: no ``type``, ``index`` = position, JSON-object arguments parsed."""
+    out = []
+    for index, call in enumerate(calls):
+        call = call or {}
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                arguments = parsed
+        out.append({"id": call.get("id", ""),
+                    "function": {"index": index, "name": function.get("name", ""), "arguments": arguments}})
+    return out
+
+
+def _engine_error_message(body: bytes) -> str:
+    """The ``error.message`` of an OpenAI-shaped error body (``json.Unmarshal`` must succeed), else ""."""
+    try:
+        decoded = _go_decode(body, _ENGINE_ERROR, whole=True)
+    except _GoDecodeError:
+        return ""
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    return str(error.get("message") or "") if isinstance(error, dict) else ""
+
+
+_REFERENCE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REFERENCE = re.compile(rf"(?:{_REFERENCE_COMPONENT}(?::[0-9]+)?/)?{_REFERENCE_COMPONENT}(?:/{_REFERENCE_COMPONENT})*"
+                        r":[\w][\w.-]{0,127}")
+
+
+def _reference(model: str) -> str:
+    """The reference DMR's registry client would pull for ``model`` ("" stays "")."""
+    return normalize_model_name(model) if model.strip() else ""
+
+
+def _valid_reference(reference: str) -> bool:
+    """Whether a normalised reference is a valid OCI reference (name lower-case, ``:tag``)."""
+    return _REFERENCE.fullmatch(reference) is not None
+
+
+class _OllamaWriter:
+    """DMR's Ollama answer writers (``pkg/ollama``) between the fake's engine and the client.
+
+    The engine answers the chat completion DMR made of an ``/api/chat`` or ``/api/generate``
+    request exactly as it answers ``/engines/v1/chat/completions``; this writer turns that into
+    what DMR sends:
+
+    * not streaming (DMR's ``responseRecorder``): the whole answer is collected, then a 200
+      becomes one Ollama object (+ newline, ``application/json``), a body that does not parse
+      ``500 Failed to parse response``, and an error keeps its status with ``{"error": message}``
+      if the engine sent an OpenAI error, else its raw body, Content-Type sniffed by Go (so
+      ``text/plain; charset=utf-8``, none when empty), without the engine's other headers;
+    * streaming (``streamingChatResponseWriter`` / ``streamingGenerateResponseWriter``): a 200
+      gets ``Content-Type: application/json`` (the engine's Server header kept, plus llama.cpp's
+      ``X-Accel-Buffering: no`` on an event stream) and one Ollama object + ``\\n`` per ``data:``
+      line, ``[DONE]`` giving the final ``done: true`` line; a non-200 keeps its status and headers
+      but no byte of the body: DMR's own plain-text errors (``http.Error``, no length) end as an
+      empty chunked body, an engine's answer keeps its Content-Length, so the connection closes
+      short of it (what Go does), as it does for a 200 that declared a length.
+
+    ``FakeDMR.ollama_truncate_after`` cuts the stream after that many lines.
+    """
+
+    def __init__(self, fake: FakeDMR, exchange: _Exchange, kind: str, model: str, stream: bool) -> None:
+        self.fake = fake
+        self.exchange = exchange
+        self.kind = kind  # "chat" or "generate"
+        self.model = model  # echoed as sent
+        self.stream = stream
+        self.status = 200
+        self.length: int | None = None
+        self.body = bytearray()  # not streaming: the engine's answer
+        self.pending = b""  # streaming: an incomplete line
+        self.sent = 0  # body bytes written to the client
+        self.lines = 0
+        self.over = False  # cut: nothing more goes out
+
+    def start(self, status: int, content_type: bytes | None, length: int | None, server: bool | bytes) -> None:
+        request = self.exchange.request
+        self.status, self.length = status, length
+        plain = request.responseHeaders.hasHeader(b"x-content-type-options")  # a Go http.Error
+        if not self.stream:  # the recorder's headers never reach the client
+            request.responseHeaders.removeHeader(b"x-content-type-options")
+            return
+        if status == 200:
+            if content_type == EVENT_STREAM:
+                request.setHeader(b"x-accel-buffering", b"no")
+            self.exchange._start(200, JSON_GO, length=length, server=server)
+        else:
+            self.length = None if plain else length
+            self.exchange._start(status, content_type, length=self.length, server=server)
+
+    def write(self, data: bytes) -> None:
+        if self.over:
+            return
+        if not self.stream:
+            self.body += data
+            return
+        if self.status != 200 or not data:
+            self.exchange._write(b"")  # DMR flushes: the headers go out
+            return
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            out = self._translate(line.strip())
+            if out is None:
+                continue
+            self.exchange._write(out)
+            self.sent += len(out)
+            self.lines += 1
+            if 0 < self.fake.ollama_truncate_after <= self.lines:
+                self.cut()
+                return
+
+    def finish(self) -> None:
+        if self.over:
+            return
+        if not self.stream:
+            self._answer()
+        elif self.length is not None and self.sent < self.length:
+            self.cut()  # Go closes a connection whose handler wrote less than its Content-Length
+        else:
+            self.exchange._finish()
+
+    def cut(self) -> None:
+        self.over = True
+        self.exchange._cut()
+
+    def _now(self) -> str:
+        return _go_time(self.fake._reactor.seconds())
+
+    def _translate(self, line: bytes) -> bytes | None:
+        """One engine SSE line as DMR's streaming writer turns it into an Ollama line (or None)."""
+        if not line.startswith(b"data: "):
+            return None
+        data = line[len(b"data: "):]
+        obj: dict[str, Any] = {"model": self.model, "created_at": self._now()}
+        if data == b"[DONE]":
+            if self.kind == "chat":
+                obj["message"] = {"role": "", "content": ""}
+            obj["done"] = True
+            return _go_json(obj) + b"\n"
+        try:
+            chunk = _go_decode(data, _ENGINE_CHUNK, whole=True) or {}
+        except _GoDecodeError:
+            return None  # DMR logs "Failed to parse OpenAI chat stream chunk" and skips it
+        choices = chunk.get("choices") or []
+        delta = (choices[0] or {}).get("delta") or {} if choices else {}
+        content, thinking = delta.get("content", ""), delta.get("reasoning_content", "")
+        if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if delta.get("tool_calls"):
+                message["tool_calls"] = _ollama_tool_calls(delta["tool_calls"])
+            if thinking:
+                message["thinking"] = thinking
+            obj["message"] = message
+        else:
+            if content:
+                obj["response"] = content
+            if thinking:
+                obj["thinking"] = thinking
+        obj["done"] = False
+        return _go_json(obj) + b"\n"
+
+    def _answer(self) -> None:
+        """DMR's ``convertChatResponse`` / ``convertGenerateResponse`` of the recorded answer."""
+        exchange, body = self.exchange, bytes(self.body)
+        if self.status != 200:
+            message = _engine_error_message(body)
+            out = _go_json({"error": message}) + b"\n" if message else body
+            exchange._start(self.status, _go_sniff(out), length=len(out))
+        else:
+            try:
+                answer = _go_decode(body, _ENGINE_ANSWER, whole=True) or {}
+            except _GoDecodeError:
+                exchange.request.setHeader(b"x-content-type-options", b"nosniff")
+                out = b"Failed to parse response\n"
+                exchange._start(500, TEXT_PLAIN, length=len(out))
+                exchange._write(out)
+                exchange._finish()
+                return
+            choices = answer.get("choices") or []
+            said = (choices[0] or {}).get("message") or {} if choices else None
+            obj: dict[str, Any] = {"model": self.model, "created_at": self._now()}
+            if self.kind == "chat":
+                reply: dict[str, Any] = {"role": "", "content": ""}
+                if said is not None:
+                    reply = {"role": "assistant", "content": said.get("content", "")}
+                    if said.get("tool_calls"):
+                        reply["tool_calls"] = _ollama_tool_calls(said["tool_calls"])
+                    if said.get("reasoning_content"):
+                        reply["thinking"] = said["reasoning_content"]
+                obj["message"] = reply
+            else:
+                if said is not None and said.get("content"):
+                    obj["response"] = said["content"]
+                if said is not None and said.get("reasoning_content"):
+                    obj["thinking"] = said["reasoning_content"]
+            obj["done"] = True
+            out = _go_json(obj) + b"\n"
+            exchange._start(200, JSON_GO, length=len(out))
+        exchange._write(out)
+        exchange._finish()
 
 
 @dataclass

@@ -54,6 +54,7 @@ from .schema import (
     EndpointConfig,
     IPNetwork,
     LoggingConfig,
+    LostRequestsConfig,
     ProxyConfig,
     RateLimitConfig,
     RequestLimits,
@@ -424,6 +425,7 @@ def parse_config(document: object, source: str = "<config>", environ: Mapping[st
         busy_threshold=prx.duration("busy_threshold", 5.0, minimum=0.001),
         response_affinity=response_affinity,
         affinity=parse_affinity(prx),
+        lost_requests=parse_lost_requests(prx.section("lost_requests")),
     )
     prx.finish()
 
@@ -534,6 +536,17 @@ def _check_sources(section: Section, config: AffinityConfig, names: Mapping[str,
         raise section.error(
             "key_sources", f"is empty but enabled is true; list at least one of {', '.join(names)} (or set enabled: false)"
         )
+    section.finish()
+    return config
+
+
+def parse_lost_requests(section: Section) -> LostRequestsConfig:
+    """``proxy.lost_requests``: the once-only retry of a request an upstream lost before answering."""
+    config = LostRequestsConfig(
+        retry=section.boolean("retry", True),
+        hang_after=section.duration("hang_after", 5.0, minimum=0.01),
+        hang_factor=section.number("hang_factor", 20.0, minimum=1.0),
+    )
     section.finish()
     return config
 

@@ -190,6 +190,20 @@ class ResponseAffinityConfig:
 
 
 @dataclass(frozen=True)
+class LostRequestsConfig:
+    """
+    ``proxy.lost_requests``: retrying, once, a request the upstream lost
+    before any byte of an answer -- an empty 502, or no headers for far
+    longer than that endpoint takes lately (``hang_factor`` x its recent
+    median, at least ``hang_after``), its model being loaded there.
+    """
+
+    retry: bool = True
+    hang_after: float = 5.0
+    hang_factor: float = 20.0
+
+
+@dataclass(frozen=True)
 class AffinityConfig:
     """
     ``proxy.affinity`` (or Olla's ``proxy.sticky_sessions``): send a session's
@@ -219,7 +233,7 @@ class AffinityConfig:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """How requests are sent upstream: balancing, the four timeouts, pool, breaker, session and response affinity."""
+    """How requests are sent upstream: balancing, the four timeouts, pool, breaker, affinity, lost-request retries."""
 
     load_balancer: str = "priority"
     connection_timeout: float = 10.0
@@ -233,6 +247,7 @@ class ProxyConfig:
     busy_threshold: float = 5.0
     response_affinity: ResponseAffinityConfig = field(default_factory=ResponseAffinityConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    lost_requests: LostRequestsConfig = field(default_factory=LostRequestsConfig)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ RUNNER_MODES = {"embeddings": "embedding", "rerank": "reranking", "score": "rera
                 "images/generations": "image-generation"}
 
 
+#: How many recent head times an endpoint keeps per kind (streamed or not), and needs before it judges a hang.
+HEAD_SAMPLES = 32
+MIN_HEAD_SAMPLES = 4
+
+
 def runner_key(route: str, model_key: str) -> str:
     """The key ``/engines/ps`` knows the runner serving ``route`` for ``model_key`` by (its mode, unless completion)."""
     mode = RUNNER_MODES.get(route)
@@ -84,6 +89,7 @@ class EndpointState:
         self._unloads: dict[str, int] = {}  # model key -> times /engines/ps showed it unloaded after it was loaded
         self.prefill_pending = 0  # prompt characters sent here whose first token has not come back yet
         self.prefilling = 0  # requests sent here whose first token has not come back yet
+        self._head_times: dict[bool, deque[float]] = {True: deque(maxlen=HEAD_SAMPLES), False: deque(maxlen=HEAD_SAMPLES)}
 
     # -- configuration
 
@@ -114,6 +120,18 @@ class EndpointState:
         """The attempt failed before a usable response (connect, reset, timeout, bad headers)."""
         self.failure_count += 1
         self.breaker.on_failure()
+
+    def record_head_time(self, streamed: bool, seconds: float) -> None:
+        """An answer's headers came ``seconds`` after its request went out, its model loaded here (``streamed``: SSE)."""
+        self._head_times[streamed].append(seconds)
+
+    def usual_head_time(self, streamed: bool) -> float | None:
+        """The median of the recent head times of such requests here (``None`` until there are a few)."""
+        samples = self._head_times[streamed]
+        if len(samples) < MIN_HEAD_SAMPLES:
+            return None
+        ordered = sorted(samples)
+        return ordered[len(ordered) // 2]
 
     def record_response(self, status: int) -> None:
         """The attempt got a response: a 5xx counts against the breaker, anything else closes it."""

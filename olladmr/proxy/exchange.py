@@ -114,7 +114,7 @@ class Exchange:
     __slots__ = (
         "host", "request", "call", "config", "phase", "remaining", "decision", "failures",
         "_pending", "_relay", "_slot", "_deadline", "_placement", "_prefill", "record",
-        "_waited", "_wait_from", "_sent_at", "_head_at",
+        "_waited", "_wait_from", "_sent_at", "_head_at", "_lost", "_hang", "_loaded_at_send",
     )
 
     def __init__(self, host: ExchangeHost, request: Request, call: ProxyCall) -> None:
@@ -138,6 +138,9 @@ class Exchange:
         self._wait_from: float | None = None
         self._sent_at = call.arrived
         self._head_at: float | None = None
+        self._lost = 0  # retries of a request an upstream lost (an empty 502, a hang before headers): at most one
+        self._hang: IDelayedCall | None = None
+        self._loaded_at_send = False
         client = request.getClientAddress()
         self.record = ExchangeRecord(
             request_id=call.request_id,
@@ -353,8 +356,11 @@ class Exchange:
         else:
             body = body_producer(request.content)
         self._sent_at = self.host.clock.seconds()
+        key = self.call.model_key
+        self._loaded_at_send = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is True
         d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh)
         self._pending = d
+        self._watch_for_hang(endpoint)
         d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
 
     def _waiting(self) -> None:
@@ -400,12 +406,13 @@ class Exchange:
 
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
-        self._waited += self.host.clock.seconds() - self._sent_at  # (the upstream's time, not olladmr's)
+        self._stop_hang_watch()
         self._prefilled()
         if self.phase is Phase.DONE or failure.check(CancelledError):
-            # We cancelled it (the client left, or a deadline): whatever Twisted
+            # We cancelled it (the client left, a deadline, a hang): whatever Twisted
             # reports says nothing about the endpoint.
             return
+        self._waited += self.host.clock.seconds() - self._sent_at  # (the upstream's time, not olladmr's)
         err = failure.value
         if not isinstance(err, UpstreamFailure):
             log.failure("unexpected upstream failure", failure)
@@ -436,10 +443,13 @@ class Exchange:
 
     def _got_response(self, response: IResponse, endpoint: EndpointState) -> None:
         self._pending = None
+        self._stop_hang_watch()
         self._head_at = self.host.clock.seconds()
         if self.phase is Phase.DONE:
             response.deliverBody(_Discard())
             return
+        if response.code < 300 and self._loaded_at_send:
+            endpoint.record_head_time(self.call.streamed, self._head_at - self._sent_at)
         size = getattr(response, "head_size", None)
         if size is None:
             size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
@@ -457,6 +467,13 @@ class Exchange:
             return
         if response.code == 503 and self._has_alternative():
             self._check_503(response, endpoint)
+            return
+        if response.code == 502 and self._may_retry_lost() and response.length in (0, UNKNOWN_LENGTH):
+            if response.length == 0:
+                response.deliverBody(_Discard())
+                self._lost_answer(endpoint, "answered an empty 502")
+            else:
+                self._check_503(response, endpoint)  # (read it: an empty 502 is a lost request, any other passes)
             return
         self._relay_response(response, endpoint)
 
@@ -477,7 +494,10 @@ class Exchange:
         self._pending = None
         if self.phase is Phase.DONE:
             return
-        if LOADING_MARKER in body:
+        if response.code == 502 and not body.strip():
+            self._lost_answer(endpoint, "answered an empty 502")
+            return
+        if response.code == 503 and LOADING_MARKER in body:
             self._waited += self.host.clock.seconds() - self._sent_at
             self._prefilled()
             self._release()
@@ -485,7 +505,7 @@ class Exchange:
             log.info("{endpoint} is loading the model; trying another endpoint", endpoint=endpoint.name)
             self._next()
             return
-        endpoint.record_response(503)
+        endpoint.record_response(response.code)
         self._start_response(response, endpoint)
         self.request.write(body)
         self.request.finish()
@@ -506,6 +526,60 @@ class Exchange:
 
     def _has_alternative(self) -> bool:
         return any(ep.routable for ep in self.remaining)
+
+    # -- lost requests: an empty 502, or a hang before any header
+
+    def _may_retry_lost(self) -> bool:
+        return self.config.proxy.lost_requests.retry and self._lost == 0
+
+    def _watch_for_hang(self, endpoint: EndpointState) -> None:
+        """
+        Give up on this attempt if its headers take far longer than this
+        endpoint's usually do -- only while its model is loaded there (a
+        cold load is not a hang) and no lost request was retried yet.
+        """
+        if not self._loaded_at_send or not self._may_retry_lost():
+            return
+        usual = endpoint.usual_head_time(self.call.streamed)
+        if usual is None:
+            return
+        settings = self.config.proxy.lost_requests
+        limit = max(settings.hang_after, settings.hang_factor * usual)
+        if limit < self.config.proxy.response_header_timeout:
+            self._hang = self.host.clock.callLater(limit, self._hung, endpoint, limit, usual)
+
+    def _stop_hang_watch(self) -> None:
+        if self._hang is not None:
+            if self._hang.active():
+                self._hang.cancel()
+            self._hang = None
+
+    def _hung(self, endpoint: EndpointState, limit: float, usual: float) -> None:
+        self._hang = None
+        pending, self._pending = self._pending, None
+        if self.phase is not Phase.SENDING or pending is None:
+            return
+        pending.cancel()  # (its errback sees the cancellation and returns)
+        self._lost_answer(endpoint, f"sent no headers within {limit:.1f}s (usually {usual * 1000:.0f}ms)")
+
+    def _lost_answer(self, endpoint: EndpointState, what: str) -> None:
+        """
+        ``endpoint`` lost the request before any byte of an answer: retry it
+        once, on another endpoint that has the model, else on the same one
+        (a request bound to its Responses owner has no other).
+        """
+        self._lost += 1
+        self._waited += self.host.clock.seconds() - self._sent_at
+        self._prefilled()
+        self._release()
+        endpoint.record_failure()
+        self.failures.append(UpstreamFailure(endpoint.name, "lost_request", what))
+        self.record.failovers += 1
+        log.warn("request {request_id}: endpoint {endpoint} {what}; retrying it once",
+                 request_id=self.record.request_id, endpoint=endpoint.name, what=what)
+        if not self._has_alternative():
+            self.remaining.insert(0, endpoint)
+        self._next()
 
     # -- RELAYING
 
@@ -667,6 +741,7 @@ class Exchange:
         if self.phase is Phase.DONE:
             return
         self.phase = Phase.DONE
+        self._stop_hang_watch()
         if self._deadline is not None:
             if self._deadline.active():
                 self._deadline.cancel()
