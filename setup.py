@@ -24,6 +24,7 @@ setup(
             "pytest-twisted>=1.14.2",
             "openai>=1.40",
             "anthropic>=0.40",
+            "ollama>=0.4",
             "hypothesis>=6.100",
             "mypy>=1.10",
             "mypy-zope>=1.0",

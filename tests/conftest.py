@@ -99,6 +99,20 @@ class Daemon:
         return openai.OpenAI(base_url=self.base + prefix, api_key="not-needed", max_retries=0, timeout=20)
 
 
+async def raw_request(url: str, method: str = "GET", payload: Any = None) -> tuple[Any, bytes]:
+    """One request on a connection of its own (a JSON ``payload``, if any): the response and its whole body."""
+    import io
+    import json
+
+    from twisted.web.client import FileBodyProducer
+
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    body = FileBodyProducer(io.BytesIO(json.dumps(payload).encode())) if payload is not None else None
+    response = await agent.request(method.encode(), url.encode(), Headers({b"content-type": [b"application/json"]}),
+                                   body)
+    return response, await readBody(response)
+
+
 def config_for(*fakes: FakeDMR, **sections: Any) -> Any:
     """A Config with one endpoint per fake (names fake-0.., priorities descending)."""
     endpoints = []

@@ -22,8 +22,9 @@ POSTs, as its ``mode`` says:
   ``Content-Length`` nor chunked framing, delimited by closing;
 * ``truncated_chunked``: a chunked SSE stream of two events, cut before the
   last chunk and ``[DONE]`` (``cut_mid_chunk``: cut in the middle of a chunk);
-* ``empty_502`` / ``empty_502_chunked``: what a real DMR answers when it lost a
-  request: a 502 with no body (``Content-Length: 0``, or an empty chunked body);
+* ``empty_502`` / ``empty_502_chunked`` / ``empty_500``: what a real DMR answers when
+  it lost a request: a 502 (or 500) with no body (``Content-Length: 0``, or an
+  empty chunked body); ``text_502``: a 502 that says something (an answer);
 * ``ok``: a valid chat completion (keep-alive).
 
 ``script``: modes for the next POSTs, one each, before ``mode`` applies again.
@@ -57,9 +58,13 @@ MODES = (
     "truncated_chunked",
     "empty_502",
     "empty_502_chunked",
+    "empty_500",
+    "text_502",
     "ok",
 )
 
+#: The modes that answer well-formed HTTP (the connection lives on).
+ANSWERS = ("ok", "empty_502", "empty_502_chunked", "empty_500", "text_502")
 MAX_REQUEST_HEAD = 256 * 1024
 
 
@@ -153,7 +158,7 @@ class _Conn(Protocol):
             if method == b"POST":
                 self.fake.posts += 1
                 mode = self.fake.script.pop(0) if self.fake.script else self.fake.mode
-                if mode in ("ok", "empty_502", "empty_502_chunked"):  # well-formed answers: the connection lives on
+                if mode in ANSWERS:  # well-formed answers: the connection lives on
                     self._answer(mode)
                     continue
                 self.misbehaving = True
@@ -210,8 +215,11 @@ class _Conn(Protocol):
     def _answer(self, mode: str) -> None:
         if mode == "ok":
             self._respond(200, b"application/json", COMPLETION)
-        elif mode == "empty_502":
-            self.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        elif mode == "text_502":
+            self._respond(502, b"text/plain; charset=utf-8", b"upstream went away\n")
+        elif mode in ("empty_502", "empty_500"):
+            status = b"502 Bad Gateway" if mode == "empty_502" else b"500 Internal Server Error"
+            self.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % status)
         else:
             self.write(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
 

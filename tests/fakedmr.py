@@ -43,7 +43,7 @@ import struct
 import uuid
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -3396,8 +3396,8 @@ def _go_syntax_error(text: str, error: json.JSONDecodeError, whole: bool) -> str
     return f"invalid character {_go_char(char)} looking for beginning of value"
 
 
-def _go_constant_error(text: str) -> str:
-    """Go's error at the first ``NaN`` / ``Infinity`` / ``-Infinity`` outside a string."""
+def _outside_strings(text: str) -> Iterator[tuple[int, str]]:
+    """(position, character) of every character of a JSON text outside its strings (quotes included in neither)."""
     in_string = escaped = False
     for pos, char in enumerate(text):
         if in_string:
@@ -3409,7 +3409,14 @@ def _go_constant_error(text: str) -> str:
                 in_string = False
         elif char == '"':
             in_string = True
-        elif char == "-" and text[pos + 1:pos + 2] == "I":
+        else:
+            yield pos, char
+
+
+def _go_constant_error(text: str) -> str:
+    """Go's error at the first ``NaN`` / ``Infinity`` / ``-Infinity`` outside a string."""
+    for pos, char in _outside_strings(text):
+        if char == "-" and text[pos + 1:pos + 2] == "I":
             return "invalid character 'I' in numeric literal"
         elif char in "NI":
             return f"invalid character '{char}' looking for beginning of value"
@@ -3419,18 +3426,8 @@ def _go_constant_error(text: str) -> str:
 def _go_container_at(text: str, pos: int) -> str:
     """The innermost ``{`` or ``[`` open at ``pos`` of a JSON text (strings skipped)."""
     stack: list[str] = []
-    in_string = escaped = False
-    for char in text[:pos]:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
+    for _, char in _outside_strings(text[:pos]):
+        if char in "{[":
             stack.append(char)
         elif char in "}]" and stack:
             stack.pop()

@@ -13,6 +13,7 @@ from support import headers, section
 from olladmr.config import Config, ConfigError, EndpointConfig, load_config, parse_config
 from olladmr.config.parse import OLLA_IGNORED, OLLA_KEY_SOURCES, parse_affinity, parse_auth, parse_cors, parse_rate_limits
 from olladmr.config.schema import (
+    LostRequestsConfig,
     AFFINITY_KEY_SOURCES,
     DEFAULT_EXPOSED_HEADERS,
     DEFAULT_PS_PATH,
@@ -616,6 +617,19 @@ def test_affinity_loaded_from_yaml(tmp_path: Path) -> None:
     )
     path.write_text("proxy:\n  affinity:\n    enabled: false\n")
     assert load_config(str(path), {}).proxy.affinity.enabled is False
+
+
+def test_lost_requests_settings_and_their_mistakes() -> None:
+    """proxy.lost_requests: defaults, the example file's values, and each mistake named by its key path."""
+    example = load_config(str(Path(__file__).parent.parent / "config.example.yaml"), {})
+    assert example.proxy.lost_requests == LostRequestsConfig()
+    given = parse_config({"proxy": {"lost_requests": {"retry": False, "hang_after": "2s", "hang_factor": 8}}}, "c.yaml")
+    assert given.proxy.lost_requests == LostRequestsConfig(retry=False, hang_after=2.0, hang_factor=8.0)
+    for value, key in (({"hang_factor": 0.5}, "hang_factor"), ({"retry": "yes please"}, "retry"),
+                       ({"hang_after": "soon"}, "hang_after"), ({"nope": 1}, "nope")):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"proxy": {"lost_requests": value}}, "c.yaml")
+        assert str(caught.value).startswith(f"c.yaml: proxy.lost_requests.{key}"), str(caught.value)
 
 
 # --------------------------------------------------------------------------

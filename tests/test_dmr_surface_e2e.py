@@ -182,7 +182,7 @@ async def test_distinct_conversations_under_an_alias_spread(daemon_factory, fake
                         model_aliases={"my-model": ["ai/smollm2", "ai/llama3.2"]})
     daemon = await daemon_factory(config)
     for fake, model in ((a, "ai/smollm2"), (b, "ai/llama3.2")):  # each endpoint has its real model loaded
-        response, _ = await daemon.post_json(f"/olla/dmr/engines/v1/chat/completions", {**CHAT, "model": model})
+        response, _ = await daemon.post_json("/olla/dmr/engines/v1/chat/completions", {**CHAT, "model": model})
         assert response.code == 200 and response.headers.getRawHeaders(b"x-olla-endpoint")[0].decode() == fake.name
     for state in daemon.parts.fleet:
         await daemon.parts.health.check(state)  # (its /engines/ps read now)

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from test_fakedmr import fake, http  # noqa: F401  (the same fixtures: a fresh fake, a treq client)
 from fakedmr import (
     GO_ZERO_TIME, MODEL_BYTES, OLLAMA_REQUESTS, BackendState, FakeDMR, _go_decode, _GoDecodeError, _go_duration,
     _OllamaWriter, _openai_messages, _parse_keep_alive,
@@ -28,22 +26,6 @@ from fakedmr import (
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 CHAT_BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "hi there"}]}
 GENERATE_BODY = {"model": "ai/smollm2", "prompt": "hi there"}
-
-
-@pytest_twisted.async_yield_fixture
-async def fake() -> AsyncIterator[FakeDMR]:
-    """A fresh fake DMR (shadows conftest's, so these tests need only fakedmr)."""
-    server = FakeDMR()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def http() -> AsyncIterator[HTTPClient]:
-    """A treq client whose connections close after each response."""
-    yield HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-    await deferLater(reactor, 0)  # a reactor turn, so closing client sockets finish closing
 
 
 async def call(

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,7 +28,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -39,15 +37,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from fakedmr import GO_ZERO_TIME, BackendState, FakeDMR
+from realdmr import AVAILABLE, MISSING, RealDMRs
 
-REALDMR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "realdmr", "dmr"))
-START = os.path.join(REALDMR, "start.sh")
 PORT_ENV = "FAKEDMR_REAL_PORT"
 TIMEOUT = 30.0  # a cold load takes ~0.5 s; the real DMR occasionally hangs (retried once)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not os.access(START, os.X_OK), reason=f"no real DMR bundle at {REALDMR}"),
+    pytest.mark.skipif(not AVAILABLE, reason=MISSING),
 ]
 
 HEADERS = ("content-type", "allow", "location", "x-content-type-options", "server", "x-accel-buffering",
@@ -310,27 +307,15 @@ def differences(step: Step, real: Answer, fake: Answer) -> list[str]:
     return [f"{step}: {key}: real {want[key]!r} != fake {got.get(key)!r}" for key in want if want[key] != got.get(key)]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _script(name: str, port: int, env: dict[str, str], *args: str) -> None:
-    subprocess.run(["bash", os.path.join(REALDMR, name), str(port), *args], env=env, check=True, timeout=180,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 @pytest_twisted.async_yield_fixture
 async def real(tmp_path: Any) -> AsyncIterator[str]:
     """A real DMR from the bundle (its state under ``tmp_path``), stopped and purged afterwards."""
-    port = int(os.environ.get(PORT_ENV) or _free_port())
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    dmr = RealDMRs(1, str(tmp_path), [int(os.environ[PORT_ENV])] if os.environ.get(PORT_ENV) else None)
     try:
-        await threads.deferToThread(_script, "start.sh", port, env)
-        yield f"http://127.0.0.1:{port}"
+        await dmr.start()
+        yield dmr.urls[0]
     finally:
-        await threads.deferToThread(_script, "stop.sh", port, env, "--purge")
+        await dmr.stop()
 
 
 @pytest_twisted.ensureDeferred

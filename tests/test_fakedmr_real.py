@@ -22,8 +22,6 @@ import json
 import os
 from io import BytesIO
 import random
-import socket
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +36,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from realdmr import REALDMR, START, RealDMRs
 from fakedmr import ANSWER_WORDS, BackendState, FakeDMR, Machine, normalize_model_name
 
-REALDMR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "realdmr", "dmr"))
-START = os.path.join(REALDMR, "start.sh")
 MODEL = "ai/small"
 CHAT = "/engines/v1/chat/completions"
 TENANTS, HEAD, TASK, TOOL = 2, 1000, 150, 100  # characters (= tokens on ai/small)
@@ -225,38 +222,12 @@ class Summary:
                    [error for t in turns for error in t.errors])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class RealFleet:
-    """Real DMRs from the bundle on free ports, their state under ``statedir``."""
+class RealFleet(RealDMRs):
+    """Real DMRs from the bundle on free ports, their state under ``statedir``; their probes of a lone prefill."""
 
     def __init__(self, count: int, statedir: str) -> None:
-        self.ports = [_free_port() for _ in range(count)]
-        self.env = {**os.environ, "TMPDIR": statedir}
-        self.started: list[int] = []
+        super().__init__(count, statedir)
         self.probes: list[float] = []  # seconds: the fastest lone cold prefill of HEAD characters, per run
-
-    @property
-    def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in self.ports]
-
-    def _script(self, name: str, *args: str) -> None:
-        subprocess.run(["bash", os.path.join(REALDMR, name), *args], env=self.env, check=True, timeout=180,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    async def start(self) -> None:
-        for port in self.ports:
-            self.started.append(port)
-            await threads.deferToThread(self._script, "start.sh", str(port))
-
-    async def stop(self) -> None:
-        for port in self.started:
-            await threads.deferToThread(self._script, "stop.sh", str(port), "--purge")
-        self.started.clear()
 
     async def fresh(self) -> None:
         """Unload every engine (their caches go; a DMR still holding a hung request is restarted instead),
@@ -266,8 +237,8 @@ class RealFleet:
             await _json(agent, "POST", url + "/engines/unload", {"all": True})
         for port, url in zip(self.ports, self.urls):
             if not await _until(agent, url, lambda ps: ps == [], "unload", 5.0, fail=False):
-                await threads.deferToThread(self._script, "stop.sh", str(port))
-                await threads.deferToThread(self._script, "start.sh", str(port))
+                await threads.deferToThread(self.script, "stop.sh", str(port))
+                await threads.deferToThread(self.script, "start.sh", str(port))
                 await _until(agent, url, lambda ps: ps == [], "a restarted DMR with nothing loaded")
             await _json(agent, "POST", url + "/engines/_configure",
                         {"model": MODEL, "runtime-flags": ["--threads", "1"], "keep_alive": "-1"})

@@ -1,6 +1,6 @@
 """
 Requests a DMR loses before any byte of an answer are retried once (issue 20):
-an empty 502 (``Content-Length: 0`` or an empty chunked body), or no headers
+an empty 502 or 500 (``Content-Length: 0`` or an empty chunked body), or no headers
 for far longer than the endpoint usually takes with its model loaded.  Never
 twice, never after an answer started, never when ``proxy.lost_requests.retry``
 is off.  The upstream is :class:`fakebroken.BrokenUpstream`, scripted per POST.
@@ -35,7 +35,7 @@ def config(*upstreams: BrokenUpstream, **lost: Any) -> Any:
     return config_for(*upstreams, proxy={"lost_requests": lost} if lost else {})
 
 
-@pytest.mark.parametrize("mode", ["empty_502", "empty_502_chunked"])
+@pytest.mark.parametrize("mode", ["empty_502", "empty_502_chunked", "empty_500"])
 @pytest_twisted.ensureDeferred
 async def test_an_empty_502_is_retried_once_on_the_same_endpoint_when_it_is_the_only_one(daemon_factory, upstreams, mode):
     (only, _) = upstreams
@@ -112,3 +112,12 @@ async def test_a_stream_cut_after_its_first_byte_is_never_retried(daemon_factory
     response, body = await daemon.post_json(PATH, {**CHAT, "stream": True})
     assert response.code == 200 and b'"error"' in body and b"[DONE]" not in body
     assert only.posts == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_502_with_a_body_is_an_answer_and_passes_through(daemon_factory, upstreams):
+    (only, _) = upstreams
+    only.script = ["text_502"]
+    daemon = await daemon_factory(config(only))
+    response, body = await daemon.post_json(PATH, CHAT)
+    assert response.code == 502 and body == b"upstream went away\n" and only.posts == 1

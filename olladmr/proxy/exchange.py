@@ -74,6 +74,8 @@ MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
 MAX_503_BODY = 64 * 1024
 _SSE = b"text/event-stream"
 _STREAMS = {"anthropic": ANTHROPIC_STREAM, "responses": RESPONSES_STREAM}
+#: A real DMR's answers to a request it lost before any byte of an answer, when their body is empty.
+LOST_STATUSES = (500, 502)
 #: The routing reasons of a request bound to the endpoint holding its stored Responses API answer.
 BOUND = ("response_affinity", "response_located")
 
@@ -468,12 +470,12 @@ class Exchange:
         if response.code == 503 and self._has_alternative():
             self._check_503(response, endpoint)
             return
-        if response.code == 502 and self._may_retry_lost() and response.length in (0, UNKNOWN_LENGTH):
+        if response.code in LOST_STATUSES and self._may_retry_lost() and response.length in (0, UNKNOWN_LENGTH):
             if response.length == 0:
                 response.deliverBody(_Discard())
-                self._lost_answer(endpoint, "answered an empty 502")
+                self._lost_answer(endpoint, f"answered an empty {response.code}")
             else:
-                self._check_503(response, endpoint)  # (read it: an empty 502 is a lost request, any other passes)
+                self._check_503(response, endpoint)  # (read it: an empty one is a lost request, any other passes)
             return
         self._relay_response(response, endpoint)
 
@@ -494,8 +496,8 @@ class Exchange:
         self._pending = None
         if self.phase is Phase.DONE:
             return
-        if response.code == 502 and not body.strip():
-            self._lost_answer(endpoint, "answered an empty 502")
+        if response.code in LOST_STATUSES and not body.strip() and self._may_retry_lost():
+            self._lost_answer(endpoint, f"answered an empty {response.code}")
             return
         if response.code == 503 and LOADING_MARKER in body:
             self._waited += self.host.clock.seconds() - self._sent_at
