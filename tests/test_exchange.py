@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from olladmr.config import parse_config
 from olladmr.config.schema import Config
-from olladmr.failures import UpstreamFailure
+from olladmr.failures import HEADER_TIMEOUT, UpstreamFailure
 from olladmr.fleet.models import normalise_model
 from olladmr.fleet.responses import ResponseDirectory
 from olladmr.fleet.sessions import SessionRouter
@@ -118,6 +118,7 @@ class UpstreamCall:
     fresh: bool
     deferred: Deferred[Any] = field(init=False)
     cancelled: bool = False
+    header_timeout: float | None = None
 
     def header(self, name: bytes) -> bytes | None:
         values = header_values(self.headers, name)
@@ -159,8 +160,10 @@ class FakeUpstreamClient:
         body: IBodyProducer | None,
         *,
         fresh: bool = False,
+        header_timeout: float | None = None,
     ) -> Deferred[Any]:
         call = UpstreamCall(endpoint, method, url, headers, body, fresh)
+        call.header_timeout = header_timeout
 
         def cancel(_: Deferred[Any]) -> None:
             call.cancelled = True  # the real client aborts the connection; the Deferred fails with CancelledError
@@ -207,7 +210,8 @@ class Harness:
         return state
 
     def start(
-        self, request: FakeRequest | None = None, model: str | None = MODEL, request_id: str = "req-1"
+        self, request: FakeRequest | None = None, model: str | None = MODEL, request_id: str = "req-1",
+        streamed: bool = False,
     ) -> FakeRequest:
         """Proxy one chat-completions request (a fresh FakeRequest unless given)."""
         request = request or FakeRequest(body=b'{"model":"ai/smollm2","messages":[]}')
@@ -219,6 +223,7 @@ class Harness:
             model_key=normalise_model(model) if model is not None else None,
             arrived=self.clock.seconds(),
             request_id=request_id,
+            streamed=streamed,
         )
         self.proxy.handle(cast(Any, request), call)
         return request
@@ -1157,3 +1162,28 @@ def test_abort_cuts_the_client_connection() -> None:
     assert h.client.calls[0].cancelled
     assert h.recorder.record.outcome == CLIENT_DISCONNECTED
     h.assert_quiet()
+
+
+def test_a_streamed_request_gets_a_hang_limit_from_the_endpoints_usual_head_time() -> None:
+    """Once the endpoint has a few head times with its model loaded, a streamed attempt's header timeout is
+    hang_factor x their median (at least hang_after); a plain one keeps response_header_timeout; the limit expiring
+    is a lost request, retried once on the same endpoint, and the client gets the second answer."""
+    h = make(lost_requests={"hang_after": "1s", "hang_factor": 10})
+    ep = h.ep("a")
+    ep.note_served(MODEL)
+    for seconds in (0.2, 0.3, 0.25, 0.4):
+        ep.record_head_time(seconds)
+    h.start(FakeRequest(body=b'{"model":"ai/smollm2","messages":[]}'), request_id="plain")
+    assert h.client.calls[-1].header_timeout is None
+    h.client.calls[-1].deferred.callback(json_response(OK_BODY))
+    request = h.start(FakeRequest(body=b'{"model":"ai/smollm2","messages":[],"stream":true}'), streamed=True)
+    first = h.client.calls[-1]
+    assert first.header_timeout == pytest.approx(3.0)  # 10 x the median 0.3 s
+    h.clock.advance(3.0)
+    first.deferred.errback(UpstreamFailure("a", HEADER_TIMEOUT, "no response headers within 3s"))
+    second = h.client.calls[-1]
+    assert second is not first and second.endpoint == "a" and second.header_timeout is None  # (once only)
+    h.clock.advance(0.01)
+    second.deferred.callback(json_response(OK_BODY))
+    assert request.code == 200 and ep.failure_count == 1
+    assert float(request.header(b"x-olla-overhead-ms")) < 1.0  # the 3 s of the hang are not olladmr's

@@ -76,20 +76,36 @@ async def test_with_retry_off_an_empty_502_passes_through(daemon_factory, upstre
 
 @pytest_twisted.ensureDeferred
 async def test_a_hang_before_headers_is_cancelled_and_retried_once(daemon_factory, upstreams):
-    """After a few quick answers (the model is loaded there), a request that gets no headers for far longer is
-    cancelled (its connection closed) and sent again; the client sees one clean answer."""
+    """After a few quick streamed answers (the model is loaded there), a streamed request that gets no headers for
+    far longer is cancelled (its connection closed) and sent again; the client sees one clean answer."""
     (only, _) = upstreams
     daemon = await daemon_factory(config(only, hang_after="0.3s", hang_factor=5))
+    streamed = {**CHAT, "stream": True}
     for _ in range(5):  # (the first loads the model: the four after it are the endpoint's usual head times)
-        response, _ = await daemon.post_json(PATH, CHAT)
+        response, _ = await daemon.post_json(PATH, streamed)
         assert response.code == 200
     only.script = ["stall_headers"]
-    response, body = await daemon.post_json(PATH, CHAT)
+    response, body = await daemon.post_json(PATH, streamed)
     assert response.code == 200 and json.loads(body)["choices"]
     assert only.posts == 7
     await eventually(lambda: only.open_posts == 0, 5, "the stalled upstream request closed")
     stats = daemon.parts.fleet.get(only.name)
     assert stats is not None and stats.failure_count == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_answer_is_never_judged_a_hang(daemon_factory, upstreams):
+    """A non-streamed answer's headers wait for the whole answer: however long, it is not cut (here: 504 at
+    response_header_timeout, as before), even after many quick answers."""
+    (only, _) = upstreams
+    daemon = await daemon_factory(config_for(only, proxy={"response_header_timeout": "0.8s",
+                                                          "lost_requests": {"hang_after": "0.1s", "hang_factor": 1}}))
+    for _ in range(5):
+        response, _ = await daemon.post_json(PATH, CHAT)
+        assert response.code == 200
+    only.script = ["stall_headers"]
+    response, body = await daemon.post_json(PATH, CHAT)
+    assert response.code == 504 and only.posts == 6
 
 
 @pytest_twisted.ensureDeferred

@@ -35,7 +35,7 @@ RUNNER_MODES = {"embeddings": "embedding", "rerank": "reranking", "score": "rera
                 "images/generations": "image-generation"}
 
 
-#: How many recent head times an endpoint keeps per kind (streamed or not), and needs before it judges a hang.
+#: How many recent head times (of streamed answers) an endpoint keeps, and needs before it judges a hang.
 HEAD_SAMPLES = 32
 MIN_HEAD_SAMPLES = 4
 
@@ -89,7 +89,8 @@ class EndpointState:
         self._unloads: dict[str, int] = {}  # model key -> times /engines/ps showed it unloaded after it was loaded
         self.prefill_pending = 0  # prompt characters sent here whose first token has not come back yet
         self.prefilling = 0  # requests sent here whose first token has not come back yet
-        self._head_times: dict[bool, deque[float]] = {True: deque(maxlen=HEAD_SAMPLES), False: deque(maxlen=HEAD_SAMPLES)}
+        self._head_times: deque[float] = deque(maxlen=HEAD_SAMPLES)  # of streamed answers, model loaded
+        self._usual_head_time: float | None = None
 
     # -- configuration
 
@@ -121,17 +122,18 @@ class EndpointState:
         self.failure_count += 1
         self.breaker.on_failure()
 
-    def record_head_time(self, streamed: bool, seconds: float) -> None:
-        """An answer's headers came ``seconds`` after its request went out, its model loaded here (``streamed``: SSE)."""
-        self._head_times[streamed].append(seconds)
+    def record_head_time(self, seconds: float) -> None:
+        """A streamed answer's headers came ``seconds`` after its request went out, its model loaded here."""
+        samples = self._head_times
+        samples.append(seconds)
+        count = len(samples)
+        if count >= MIN_HEAD_SAMPLES and (count < HEAD_SAMPLES or self.request_count % MIN_HEAD_SAMPLES == 0):
+            ordered = sorted(samples)  # (every few answers once the window is full: a median moves slowly)
+            self._usual_head_time = ordered[count // 2]
 
-    def usual_head_time(self, streamed: bool) -> float | None:
-        """The median of the recent head times of such requests here (``None`` until there are a few)."""
-        samples = self._head_times[streamed]
-        if len(samples) < MIN_HEAD_SAMPLES:
-            return None
-        ordered = sorted(samples)
-        return ordered[len(ordered) // 2]
+    def usual_head_time(self) -> float | None:
+        """The median of the recent head times of streamed answers here (``None`` until there are a few)."""
+        return self._usual_head_time
 
     def record_response(self, status: int) -> None:
         """The attempt got a response: a 5xx counts against the breaker, anything else closes it."""

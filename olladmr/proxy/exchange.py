@@ -141,7 +141,7 @@ class Exchange:
         self._sent_at = call.arrived
         self._head_at: float | None = None
         self._lost = 0  # retries of a request an upstream lost (an empty 502, a hang before headers): at most one
-        self._hang: IDelayedCall | None = None
+        self._hang: tuple[float, float] | None = None  # this attempt's hang limit and the usual head time
         self._loaded_at_send = False
         client = request.getClientAddress()
         self.record = ExchangeRecord(
@@ -360,9 +360,10 @@ class Exchange:
         self._sent_at = self.host.clock.seconds()
         key = self.call.model_key
         self._loaded_at_send = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is True
-        d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh)
+        self._hang = self._hang_limit(endpoint)
+        d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh,
+                                     header_timeout=self._hang[0] if self._hang is not None else None)
         self._pending = d
-        self._watch_for_hang(endpoint)
         d.addCallbacks(self._got_response, self._got_failure, callbackArgs=(endpoint,), errbackArgs=(endpoint, fresh))
 
     def _waiting(self) -> None:
@@ -408,7 +409,7 @@ class Exchange:
 
     def _got_failure(self, failure: Failure, endpoint: EndpointState, fresh: bool) -> None:
         self._pending = None
-        self._stop_hang_watch()
+        hang, self._hang = self._hang, None
         self._prefilled()
         if self.phase is Phase.DONE or failure.check(CancelledError):
             # We cancelled it (the client left, a deadline, a hang): whatever Twisted
@@ -416,6 +417,9 @@ class Exchange:
             return
         self._waited += self.host.clock.seconds() - self._sent_at  # (the upstream's time, not olladmr's)
         err = failure.value
+        if hang is not None and isinstance(err, UpstreamFailure) and err.kind == HEADER_TIMEOUT:
+            self._lost_answer(endpoint, f"sent no headers within {hang[0]:.1f}s (usually {hang[1] * 1000:.0f}ms)")
+            return
         if not isinstance(err, UpstreamFailure):
             log.failure("unexpected upstream failure", failure)
             self._release()
@@ -445,13 +449,13 @@ class Exchange:
 
     def _got_response(self, response: IResponse, endpoint: EndpointState) -> None:
         self._pending = None
-        self._stop_hang_watch()
+        self._hang = None
         self._head_at = self.host.clock.seconds()
         if self.phase is Phase.DONE:
             response.deliverBody(_Discard())
             return
-        if response.code < 300 and self._loaded_at_send:
-            endpoint.record_head_time(self.call.streamed, self._head_at - self._sent_at)
+        if response.code < 300 and self._loaded_at_send and self.call.streamed:
+            endpoint.record_head_time(self._head_at - self._sent_at)
         size = getattr(response, "head_size", None)
         if size is None:
             size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
@@ -534,35 +538,22 @@ class Exchange:
     def _may_retry_lost(self) -> bool:
         return self.config.proxy.lost_requests.retry and self._lost == 0
 
-    def _watch_for_hang(self, endpoint: EndpointState) -> None:
+    def _hang_limit(self, endpoint: EndpointState) -> tuple[float, float] | None:
         """
-        Give up on this attempt if its headers take far longer than this
-        endpoint's usually do -- only while its model is loaded there (a
-        cold load is not a hang) and no lost request was retried yet.
+        How long this attempt of a streamed request may wait for headers
+        before it counts as lost (far longer than this endpoint's usually
+        take), with that usual time -- only while its model is loaded there
+        (a cold load is not a hang) and no lost request was retried yet;
+        ``None``: ``proxy.response_header_timeout`` alone.
         """
-        if not self._loaded_at_send or not self._may_retry_lost():
-            return
-        usual = endpoint.usual_head_time(self.call.streamed)
+        if not self.call.streamed or not self._loaded_at_send or not self._may_retry_lost():
+            return None  # (a plain answer's headers wait for the whole answer: its time says nothing of a hang)
+        usual = endpoint.usual_head_time()
         if usual is None:
-            return
+            return None
         settings = self.config.proxy.lost_requests
         limit = max(settings.hang_after, settings.hang_factor * usual)
-        if limit < self.config.proxy.response_header_timeout:
-            self._hang = self.host.clock.callLater(limit, self._hung, endpoint, limit, usual)
-
-    def _stop_hang_watch(self) -> None:
-        if self._hang is not None:
-            if self._hang.active():
-                self._hang.cancel()
-            self._hang = None
-
-    def _hung(self, endpoint: EndpointState, limit: float, usual: float) -> None:
-        self._hang = None
-        pending, self._pending = self._pending, None
-        if self.phase is not Phase.SENDING or pending is None:
-            return
-        pending.cancel()  # (its errback sees the cancellation and returns)
-        self._lost_answer(endpoint, f"sent no headers within {limit:.1f}s (usually {usual * 1000:.0f}ms)")
+        return (limit, usual) if limit < self.config.proxy.response_header_timeout else None
 
     def _lost_answer(self, endpoint: EndpointState, what: str) -> None:
         """
@@ -743,7 +734,6 @@ class Exchange:
         if self.phase is Phase.DONE:
             return
         self.phase = Phase.DONE
-        self._stop_hang_watch()
         if self._deadline is not None:
             if self._deadline.active():
                 self._deadline.cancel()

@@ -42,7 +42,7 @@ class ProxyCall:
     forward_credentials: bool = True  # False while olladmr checks API keys itself
     api: str = "openai"  # "openai", "anthropic", "responses" or "ollama": error shapes and how its streams end
     model_member: str = "model"  # the body member naming the model (DMR's Ollama API reads "name" first)
-    streamed: bool = False  # the client asked for a stream (its head times are judged apart from plain answers)
+    streamed: bool = False  # the client asked for a stream (only its head time says whether an upstream hangs)
     ndjson: bool = False  # an Ollama API stream (one JSON object a line, labelled application/json by DMR)
     alias: Alias | None = None  # the model is an alias of these real models
     response_id: str | None = None  # bound to the endpoint holding this stored Responses API answer
