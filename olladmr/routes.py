@@ -252,6 +252,19 @@ def canonical_path(path: bytes) -> bytes:
     return path
 
 
+def translator_stats() -> dict[str, object]:
+    """Olla's ``/internal/stats/translators`` document with no translators: olladmr translates nothing."""
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "translators": [],
+        "summary": {
+            "overall_success_rate": "0%", "overall_passthrough_rate": "0%", "total_translators": 0,
+            "active_translators": 0, "total_requests": 0, "total_passthrough": 0, "total_translations": 0,
+            "total_streaming": 0, "total_non_streaming": 0,
+        },
+    }
+
+
 def internal_error_answer(request: IRequest, failure: Failure) -> bytes:
     """A bug in olladmr: logged with its traceback, answered 500 JSON (never an HTML traceback)."""
     log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
@@ -696,23 +709,6 @@ class OllaApp:
         """A DMR write (runners, backends): never forwarded."""
         raise not_forwarded(f"{request.method.decode('latin-1')} {request.path.decode('latin-1')[len('/olla/dmr'):]}")
 
-    @app.route("/internal/stats/translators", methods=ALL_METHODS)
-    def stats_translators(self, request: OllaRequest) -> bytes:
-        """Olla's translator statistics: olladmr translates nothing (DMR speaks every API itself), so none."""
-        _allow(request, "GET")
-        return _json(
-            request,
-            {
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                "translators": [],
-                "summary": {
-                    "overall_success_rate": "0%", "overall_passthrough_rate": "0%", "total_translators": 0,
-                    "active_translators": 0, "total_requests": 0, "total_passthrough": 0, "total_translations": 0,
-                    "total_streaming": 0, "total_non_streaming": 0,
-                },
-            },
-        )
-
     # -- catalogue and status
 
     @app.route("/olla/models", methods=ALL_METHODS)
@@ -730,55 +726,33 @@ class OllaApp:
             raise not_found(f"model {model_id!r} was not found on any endpoint", "model_not_found")
         return _json(request, entry)
 
-    @app.route("/olla/anthropic/v1/models", methods=ALL_METHODS)
-    def anthropic_models(self, request: OllaRequest) -> bytes:
-        """The models in Anthropic's list shape (``data``, ``has_more``, ``first_id``, ``last_id``)."""
-        _allow(request, "GET")
-        return _json(request, self._catalogue.anthropic_list())
-
-    @app.route("/internal/health", methods=ALL_METHODS)
-    def health(self, request: OllaRequest) -> bytes:
-        _allow(request, "GET")
-        return _json(request, {"status": "healthy"})
-
     @app.route("/internal/ready", methods=ALL_METHODS)
     def ready(self, request: OllaRequest) -> bytes:
         _allow(request, "GET")
         ready, reason = self._status.readiness()
         return _json(request, {"status": "ready" if ready else "not_ready", "reason": reason}, 200 if ready else 503)
 
-    @app.route("/internal/status", methods=ALL_METHODS)
-    def status(self, request: OllaRequest) -> bytes:
-        _allow(request, "GET")
-        return _json(request, self._status.service())
+    # The read-only documents: one GET each, answered as JSON from the part that owns it.
+    for _document, _read in (
+        ("/internal/health", lambda self: {"status": "healthy"}),
+        ("/internal/status", lambda self: self._status.service()),
+        ("/internal/status/endpoints", lambda self: self._status.endpoints()),
+        ("/internal/status/models", lambda self: self._status.models()),
+        ("/internal/stats/models", lambda self: self._status.model_stats()),  # Olla's per-model statistics
+        ("/internal/stats/sticky", lambda self: self._sessions.stats()),  # Olla's session-affinity statistics
+        ("/internal/stats/translators", lambda self: translator_stats()),  # Olla's: none, DMR speaks every API
+        ("/internal/process", lambda self: self._process.snapshot()),  # memory, GC, threads, uptime, versions
+        ("/olla/anthropic/v1/models", lambda self: self._catalogue.anthropic_list()),  # Anthropic's list shape
+    ):
+        app.route(_document, methods=ALL_METHODS, endpoint=f"document:{_document}")(
+            lambda self, request, _read=_read: self.document(request, _read)
+        )
+    del _document, _read
 
-    @app.route("/internal/status/endpoints", methods=ALL_METHODS)
-    def status_endpoints(self, request: OllaRequest) -> bytes:
+    def document(self, request: OllaRequest, read: Callable[[OllaApp], object]) -> bytes:
+        """``GET`` one of the read-only documents above."""
         _allow(request, "GET")
-        return _json(request, self._status.endpoints())
-
-    @app.route("/internal/status/models", methods=ALL_METHODS)
-    def status_models(self, request: OllaRequest) -> bytes:
-        _allow(request, "GET")
-        return _json(request, self._status.models())
-
-    @app.route("/internal/stats/models", methods=ALL_METHODS)
-    def stats_models(self, request: OllaRequest) -> bytes:
-        """Olla's per-model statistics."""
-        _allow(request, "GET")
-        return _json(request, self._status.model_stats())
-
-    @app.route("/internal/stats/sticky", methods=ALL_METHODS)
-    def stats_sticky(self, request: OllaRequest) -> bytes:
-        """Olla's session-affinity statistics: sessions, hits, misses, repins, spills, evictions."""
-        _allow(request, "GET")
-        return _json(request, self._sessions.stats())
-
-    @app.route("/internal/process", methods=ALL_METHODS)
-    def process(self, request: OllaRequest) -> bytes:
-        """The process itself: memory, garbage collection, threads, uptime, versions."""
-        _allow(request, "GET")
-        return _json(request, self._process.snapshot())
+        return _json(request, read(self))
 
     @app.route("/internal/reload", methods=ALL_METHODS)
     def reload(self, request: OllaRequest) -> bytes:
