@@ -70,7 +70,9 @@ from fakedmr import BackendState, FakeDMR, normalize_model_name  # noqa: E402
 from olladmr.build import Daemon, build  # noqa: E402
 from olladmr.config import parse_config  # noqa: E402
 from olladmr.fleet.models import normalise_model  # noqa: E402
-from olladmr.proxy.upstream import BytesProducer  # noqa: E402
+from io import BytesIO  # noqa: E402
+
+from twisted.web.client import FileBodyProducer  # noqa: E402
 
 CHAT = "/olla/dmr/engines/v1/chat/completions"
 MODELS = ("ai/smollm2", "ai/llama3.2", "ai/qwen3")
@@ -312,7 +314,7 @@ class Rig:
         url = f"http://127.0.0.1:{self.ports[via]}{CHAT}".encode()
         result = TurnResult(conversation.index, turn, conversation.model, via, reactor.seconds())
         try:
-            d = self.agent.request(b"POST", url, JSON_HEADERS.copy(), BytesProducer(body))
+            d = self.agent.request(b"POST", url, JSON_HEADERS.copy(), FileBodyProducer(BytesIO(body)))
             d.addTimeout(TURN_TIMEOUT, reactor)
             response = await d
             result.status = response.code
@@ -364,7 +366,7 @@ class Rig:
             for model in MODELS:
                 body = json.dumps({"model": model, "messages": [{"role": "user", "content": "warm up"}]}).encode()
                 d = self.agent.request(b"POST", f"{fake.url}/engines/v1/chat/completions".encode(),
-                                       JSON_HEADERS.copy(), BytesProducer(body))
+                                       JSON_HEADERS.copy(), FileBodyProducer(BytesIO(body)))
                 d.addTimeout(TURN_TIMEOUT, reactor)
                 warmups.append(d.addCallback(readBody))
         await defer.gatherResults(warmups, consumeErrors=True)

@@ -46,7 +46,9 @@ from fakedmr import FakeDMR  # noqa: E402
 from olladmr.build import build  # noqa: E402
 from olladmr.config import parse_config  # noqa: E402
 from olladmr.fleet.responses import ResponseDirectory  # noqa: E402
-from olladmr.proxy.upstream import BytesProducer  # noqa: E402
+from io import BytesIO  # noqa: E402
+
+from twisted.web.client import FileBodyProducer  # noqa: E402
 
 PATH = "/olla/dmr/engines/v1/responses"
 
@@ -58,7 +60,7 @@ async def turn(agent: Agent, port: int, previous: str | None, text: str) -> tupl
     started = time.perf_counter()
     response = await agent.request(
         b"POST", f"http://127.0.0.1:{port}{PATH}".encode(), Headers({b"content-type": [b"application/json"]}),
-        BytesProducer(json.dumps(body).encode()),
+        FileBodyProducer(BytesIO(json.dumps(body).encode())),
     )
     data = await readBody(response)
     elapsed = time.perf_counter() - started

@@ -7,10 +7,10 @@ A leaf: used by the proxy and the health monitor alike.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Protocol as TypingProtocol, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -50,7 +50,13 @@ class _CappedReader(Protocol):
             self._done.errback(reason)
 
 
-def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+class Delivers(TypingProtocol):
+    """Anything that delivers a body to a protocol: an ``IResponse``, or the proxy path's upstream response."""
+
+    def deliverBody(self, protocol: IProtocol) -> None: ...
+
+
+def read_body(response: IResponse | Delivers, limit: int) -> Deferred[bytes]:
     """Read a whole (small) response body, failing past ``limit`` bytes."""
     reader: _CappedReader
 

@@ -26,12 +26,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from olladmr.config import parse_config
 from olladmr.config.schema import Config
 from olladmr.failures import HEADER_TIMEOUT, UpstreamFailure
+from olladmr.proxy.upstream import Body
 from olladmr.fleet.models import normalise_model
 from olladmr.fleet.responses import ResponseDirectory
 from olladmr.fleet.sessions import SessionRouter
@@ -60,9 +61,10 @@ MODEL = "ai/smollm2"
 
 class FakeResponse:
     """
-    An ``IResponse`` whose body the test delivers by hand: :meth:`chunk`
-    calls the body protocol's ``dataReceived``, :meth:`end` its
-    ``connectionLost`` (``ResponseDone`` unless told otherwise).
+    A :class:`~olladmr.proxy.upstream.ProxiedResponse` whose body the test
+    delivers by hand: :meth:`chunk` calls the body protocol's
+    ``dataReceived``, :meth:`end` its ``connectionLost`` (``ResponseDone``
+    unless told otherwise).
     """
 
     version = (b"HTTP", 1, 1)
@@ -77,9 +79,15 @@ class FakeResponse:
         self.code = code
         self.phrase = phrase
         self.headers = Headers(headers or {})
+        self.pairs = [(name, value) for name, values in (headers or {}).items() for value in values]
+        self.head_size = sum(len(name) + len(value) for name, value in self.pairs)
         self.length = length
         self.transport = FakeUpstreamTransport()
         self.protocol: Protocol | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
 
     def deliverBody(self, protocol: Protocol) -> None:
         assert self.protocol is None, "deliverBody called twice"
@@ -114,7 +122,7 @@ class UpstreamCall:
     method: bytes
     url: bytes
     headers: HeaderPairs
-    body: IBodyProducer | None
+    body: Body
     fresh: bool
     deferred: Deferred[Any] = field(init=False)
     cancelled: bool = False
@@ -128,6 +136,8 @@ class UpstreamCall:
         """What the body producer writes."""
         if self.body is None:
             return b""
+        if isinstance(self.body, bytes):
+            return self.body
         parts: list[bytes] = []
 
         @implementer(IConsumer)
@@ -157,7 +167,7 @@ class FakeUpstreamClient:
         method: bytes,
         url: bytes,
         headers: HeaderPairs,
-        body: IBodyProducer | None,
+        body: Body,
         *,
         fresh: bool = False,
         header_timeout: float | None = None,

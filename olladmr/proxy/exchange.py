@@ -36,7 +36,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from .._twisted_compat import put_header
@@ -64,7 +65,7 @@ from .relay import (
     UsageTail,
 )
 from .rewrite import rewrite_model
-from .upstream import BytesProducer, UpstreamClient, body_producer
+from .upstream import Body, ProxiedResponse, Upstream, request_body
 
 log = Logger()
 
@@ -96,7 +97,10 @@ class ExchangeHost(TypingProtocol):
     """What an exchange needs from the proxy that runs it (:class:`~olladmr.proxy.proxy.Proxy`)."""
 
     fleet: Fleet
-    client: UpstreamClient
+
+    @property
+    def client(self) -> Upstream: ...
+
     clock: IReactorTime
     config: Config
     balancer: Balancer
@@ -346,17 +350,17 @@ class Exchange:
         )
         url = config.url.encode() + self.call.upstream_path
         real = self.decision.names.get(endpoint.name) if self.decision is not None else None
-        body: IBodyProducer | None
+        body: Body
         if real is not None and request.content is not None:  # a model alias: this endpoint's name for it
             request.content.seek(0)
             try:
-                body = BytesProducer(rewrite_model(request.content.read(), real, self.call.model_member))
+                body = rewrite_model(request.content.read(), real, self.call.model_member)
                 self.record.model = real
             except ValueError:  # routes validated it as JSON: not expected; send it as it came
                 log.failure("could not rewrite the model of request {request_id}", request_id=self.call.request_id)
-                body = body_producer(request.content)
+                body = request_body(request.content)
         else:
-            body = body_producer(request.content)
+            body = request_body(request.content)
         self._sent_at = self.host.clock.seconds()
         key = self.call.model_key
         self._loaded_at_send = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is True
@@ -447,7 +451,7 @@ class Exchange:
             return
         self._fail(self._error_for(err))
 
-    def _got_response(self, response: IResponse, endpoint: EndpointState) -> None:
+    def _got_response(self, response: ProxiedResponse, endpoint: EndpointState) -> None:
         self._pending = None
         self._hang = None
         self._head_at = self.host.clock.seconds()
@@ -456,9 +460,7 @@ class Exchange:
             return
         if response.code < 300 and self._loaded_at_send and self.call.streamed:
             endpoint.record_head_time(self._head_at - self._sent_at)
-        size = getattr(response, "head_size", None)
-        if size is None:
-            size = sum(len(name) + sum(len(v) for v in values) for name, values in response.headers.getAllRawHeaders())
+        size = response.head_size
         if size > MAX_UPSTREAM_HEADER_BYTES:
             response.deliverBody(_Discard())
             self._release()
@@ -485,7 +487,7 @@ class Exchange:
 
     # -- CHECKING
 
-    def _check_503(self, response: IResponse, endpoint: EndpointState) -> None:
+    def _check_503(self, response: ProxiedResponse, endpoint: EndpointState) -> None:
         # DMR builds before v1.0.11 could answer llama.cpp's 503 "Loading
         # model" while a runner starts: nothing was generated, so trying
         # another endpoint is safe.  Any other 503 is passed through.
@@ -496,7 +498,7 @@ class Exchange:
             self._got_503_body, self._got_503_failure, callbackArgs=(response, endpoint), errbackArgs=(endpoint,)
         )
 
-    def _got_503_body(self, body: bytes, response: IResponse, endpoint: EndpointState) -> None:
+    def _got_503_body(self, body: bytes, response: ProxiedResponse, endpoint: EndpointState) -> None:
         self._pending = None
         if self.phase is Phase.DONE:
             return
@@ -576,8 +578,8 @@ class Exchange:
 
     # -- RELAYING
 
-    def _start_response(self, response: IResponse, endpoint: EndpointState) -> bool:
-        """Write status and headers; returns whether the body is an event stream."""
+    def _start_response(self, response: ProxiedResponse, endpoint: EndpointState) -> bool:
+        """Set the status and headers (the placement's: :meth:`_placement_headers`); whether the body is SSE."""
         request = self.request
         now = self.host.clock.seconds()
         self.record.headers_at = now
@@ -585,13 +587,12 @@ class Exchange:
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         out.removeHeader(b"server")
-        pairs = getattr(response, "pairs", None)
-        if pairs is not None and isinstance(out, ResponseHeaders):
-            out.take_upstream(pairs)  # passed through as the upstream sent them, no Headers round-trip
-        else:
+        if isinstance(out, ResponseHeaders):
+            out.take_upstream(response.pairs)  # passed through as the upstream sent them, no Headers round-trip
+        else:  # (a test's plain Headers)
             copy_response_headers(response.headers, out)
-        if response.length is not UNKNOWN_LENGTH:
-            # Twisted's client takes Content-Length out of the headers; give it back.
+        if isinstance(response.length, int):  # (else UNKNOWN_LENGTH)
+            # The client takes Content-Length out of the headers; give it back.
             put_header(out, b"content-length", b"%d" % response.length)
         if self.call.response_headers:
             add_response_headers(out, self.call.response_headers)
@@ -609,8 +610,21 @@ class Exchange:
         if self.decision is not None:
             for name, value in self.decision.headers().items():
                 put_header(out, name, value)
+        self._placement_headers(out, response.code, endpoint)
+        first = response.header(b"content-type")
+        if first and first.lower().startswith(_SSE):
+            put_header(out, b"cache-control", b"no-cache")
+            put_header(out, b"x-accel-buffering", b"no")
+            return True
+        return False
+
+    def _placement_headers(self, out: Headers, code: int, endpoint: EndpointState) -> None:
+        """
+        The answer is from ``endpoint``: tell the session router where this
+        session was served (its pin and verdict) and say so in the headers.
+        """
         session = self.call.session
-        if session is not None and self._placement is not None and response.code < 300:
+        if session is not None and self._placement is not None and code < 300:
             placement = self._placement
             verdict = self.host.sessions.served(session, placement, endpoint)
             put_header(out, b"x-olla-sticky-session", verdict.encode())
@@ -621,23 +635,13 @@ class Exchange:
                     placement.matched.get(endpoint.name, 0) // CHARS_PER_TOKEN, session.blocks.chars // CHARS_PER_TOKEN))
             if session.session_id is not None:
                 put_header(out, b"x-olla-session-id", session.session_id)
-        elif self.call.affinity_reported and (session is None or response.code < 300):
+        elif self.call.affinity_reported and (session is None or code < 300):
             put_header(out, b"x-olla-sticky-session", b"disabled")
             key = self.call.model_key
             cold = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is False
             put_header(out, b"x-olla-placement", b"cold" if cold else b"balance")
-        if pairs is not None:
-            first = response.header(b"content-type")  # type: ignore[attr-defined]  # (our wire's response)
-        else:
-            values = response.headers.getRawHeaders(b"content-type")
-            first = values[0] if values else None
-        if first and first.lower().startswith(_SSE):
-            put_header(out, b"cache-control", b"no-cache")
-            put_header(out, b"x-accel-buffering", b"no")
-            return True
-        return False
 
-    def _relay_response(self, response: IResponse, endpoint: EndpointState) -> None:
+    def _relay_response(self, response: ProxiedResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
         if response.code < 300 and self.call.model_key is not None:
             endpoint.note_served(self._runner(endpoint, self.call.model_key))  # its runner is loaded there now

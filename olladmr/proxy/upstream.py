@@ -1,7 +1,9 @@
 """
 The upstream HTTP client of the proxy path: one persistent connection
 pool, requests sent on the lean connections of :mod:`olladmr.proxy.wire`,
-and the request body producers.
+what the proxy path reads of a response and needs of a client (the
+``ProxiedResponse`` and ``Upstream`` protocols, which the tests' fakes
+implement too), and request bodies (``bytes``, or a producer).
 
 No cookie jar shared between users, no content decoding, no response
 buffering.  (Health checks and model discovery use treq on a pool of their
@@ -13,14 +15,14 @@ failing over is safe.
 from __future__ import annotations
 
 import io
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, FileBodyProducer
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 
 from .. import __version__
 from .._twisted_compat import agent_endpoint, agent_host_header
@@ -34,6 +36,48 @@ USER_AGENT = f"olladmr/{__version__}".encode()
 _BODY_METHODS = frozenset({b"POST", b"PUT"})  # sent with ``Content-Length: 0`` when bodiless, as Agent does
 
 
+class ProxiedResponse(Protocol):
+    """
+    What the proxy path reads of an upstream response (the lean client's
+    :class:`~olladmr.proxy.wire.UpstreamResponse`, and the tests' fakes):
+    the status, the end-to-end header pairs as sent, their size, one header,
+    the framing's length, and the body, delivered to a protocol.
+    """
+
+    code: int
+    phrase: bytes
+    length: int | object  # ``twisted.web.iweb.UNKNOWN_LENGTH`` when the body is delimited otherwise
+    pairs: HeaderPairs
+    head_size: int
+
+    @property
+    def headers(self) -> Headers: ...
+
+    def header(self, name: bytes) -> bytes | None: ...
+
+    def deliverBody(self, protocol: IProtocol) -> None: ...
+
+
+#: A request body: in memory, or produced (a spooled client body).
+Body = bytes | IBodyProducer | None
+
+
+class Upstream(Protocol):
+    """What the proxy path needs of its upstream client (:class:`UpstreamClient`, and the tests' fakes)."""
+
+    def request(
+        self,
+        endpoint: str,
+        method: bytes,
+        url: bytes,
+        headers: HeaderPairs,
+        body: Body,
+        *,
+        fresh: bool = False,
+        header_timeout: float | None = None,
+    ) -> Deferred[ProxiedResponse]: ...
+
+
 class _Target:
     """One upstream origin, parsed once: pool key, client endpoint, Host header."""
 
@@ -44,28 +88,6 @@ class _Target:
         self.key = (uri.scheme, uri.host, uri.port)
         self.endpoint = agent_endpoint(agent, uri)
         self.host = agent_host_header(agent, uri)
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one go."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Unclosable:
@@ -87,13 +109,12 @@ class _Unclosable:
         pass
 
 
-def body_producer(content: IO[bytes] | None) -> IBodyProducer | None:
-    """A fresh producer over the client's (already received) body, from its start."""
+def request_body(content: IO[bytes] | None) -> Body:
+    """The client's (already received) body to send upstream: its bytes when in memory, else a fresh producer."""
     if content is None:
         return None
     if isinstance(content, io.BytesIO):
-        body = content.getvalue()
-        return BytesProducer(body) if body else None
+        return content.getvalue() or None
     content.seek(0, 2)
     if content.tell() == 0:
         return None
@@ -131,11 +152,11 @@ class UpstreamClient:
         method: bytes,
         url: bytes,
         headers: HeaderPairs,
-        body: IBodyProducer | None,
+        body: Body,
         *,
         fresh: bool = False,
         header_timeout: float | None = None,
-    ) -> Deferred[IResponse]:
+    ) -> Deferred[ProxiedResponse]:
         """
         Send one request; the Deferred fires with the response once its
         headers arrive, or fails with :class:`UpstreamFailure`.  Cancelling
@@ -151,8 +172,8 @@ class UpstreamClient:
         payload: bytes | IBodyProducer | None
         if body is None:
             payload, length = None, (0 if method in _BODY_METHODS else None)
-        elif isinstance(body, BytesProducer):
-            payload, length = body.body, body.length
+        elif isinstance(body, bytes):
+            payload, length = body, len(body)
         else:
             payload, length = body, body.length
             if not isinstance(length, int):
@@ -182,7 +203,7 @@ class UpstreamClient:
             return Failure(classify(endpoint, result, reused=reused))
 
         d.addBoth(settled)
-        return d  # type: ignore[return-value]
+        return cast("Deferred[ProxiedResponse]", d)  # (Deferred is invariant: the wire's response is one)
 
     def close(self) -> Deferred[None]:
         return self.pool.close()
