@@ -24,7 +24,8 @@ from .config.files import load_config
 from .config.schema import Config
 from .lean import check_tls
 from .edge.gate import Gate
-from .edge.site import EdgeLimits, OllaSite
+from .edge.channel import EdgeLimits
+from .edge.site import OllaSite
 from .fleet.aliases import Aliases
 from .fleet.catalogue import Catalogue
 from .fleet.health import HealthMonitor, health_client

@@ -442,6 +442,54 @@ def test_global_reactor_imported_only_by_tap() -> None:
         pytest.fail(_report("global reactor imported outside olladmr/tap.py:", findings), pytrace=False)
 
 
+def private_channel_overrides(classes: Iterable[type]) -> list[str]:
+    """``Class.name`` for every underscored name of Twisted's ``HTTPChannel`` that one of ``classes`` defines."""
+    from twisted.web.http import HTTPChannel
+
+    theirs = {name for base in HTTPChannel.__mro__ for name in vars(base)
+              if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))}
+    return [f"{cls.__module__}.{cls.__qualname__}.{name}" for cls in classes if issubclass(cls, HTTPChannel)
+            for name in vars(cls) if name in theirs]
+
+
+def _olladmr_classes() -> list[type]:
+    import importlib
+    import inspect
+
+    found = []
+    for name, module in package_modules().items():
+        if module.path == COMPAT_MODULE or name == "olladmr.tap":
+            continue
+        loaded = importlib.import_module(name)
+        found += [value for _, value in inspect.getmembers(loaded, inspect.isclass) if value.__module__ == name]
+    return found
+
+
+def test_no_override_of_private_http_channel_methods_outside_compat() -> None:
+    """No HTTPChannel subclass outside the compatibility module overrides one of Twisted's underscored names."""
+    classes = _olladmr_classes()
+    from twisted.web.http import HTTPChannel
+
+    assert any(issubclass(c, HTTPChannel) for c in classes)  # (the server's channel is among them: not vacuous)
+    findings = private_channel_overrides(classes)
+    if findings:
+        pytest.fail(_report(f"overrides of private HTTPChannel names outside {COMPAT_MODULE}:", findings),
+                    pytrace=False)
+
+
+def test_private_channel_override_finder_finds_one() -> None:
+    from twisted.web.http import HTTPChannel
+
+    class Sneaky(HTTPChannel):
+        def _finishRequestBody(self, data: bytes) -> None:  # one of Twisted's own private methods
+            pass
+
+        def _mine(self) -> None:  # a private name of our own: fine
+            pass
+
+    assert private_channel_overrides([Sneaky]) == [f"{Sneaky.__module__}.{Sneaky.__qualname__}._finishRequestBody"]
+
+
 def test_allowlist_entries_are_still_used() -> None:
     """Every PRIVATE_ALLOWLIST entry still matches a use in the tree, so the allowlist cannot go stale."""
     used = {(f.path, f.what) for m in package_modules().values() for f in find_private_attributes(m, frozenset())}

@@ -13,7 +13,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from olladmr.config import parse_config
-from olladmr.edge.site import EdgeLimits, OllaChannel, OllaSite
+from olladmr.edge.channel import EdgeLimits, OllaChannel
+from olladmr.edge.site import OllaSite
 from olladmr.proxy.headers import ResponseHeaders
 
 
