@@ -107,7 +107,7 @@ def accept_one_at_a_time(port: Any) -> bool:
         finally:
             port.numberAccepts = 1
 
-    port.doRead = doRead  # type: ignore[method-assign]
+    port.doRead = doRead  # type: ignore[method-assign]  # (the point: a wrapper around this port's own)
     return True
 
 

@@ -171,8 +171,7 @@ def _parse_body(request: OllaRequest, wanted: frozenset[str] = _MODEL_ONLY, memb
     has it as ``model``.
     """
     if request.body_too_large:
-        # Site.buildProtocol sets ``channel.site``; Twisted's HTTPChannel does not declare it.
-        raise too_large(request.channel.site.limits.max_body_size)  # type: ignore[attr-defined]
+        raise too_large(request.body_limit)
     content = request.content
     assert content is not None  # set when the headers arrived
     content.seek(0)

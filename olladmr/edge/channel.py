@@ -27,7 +27,7 @@ import re
 from typing import Any, Callable, Protocol, cast
 
 import httptools
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -393,7 +393,7 @@ class OllaChannel(HTTPChannel):
         """Stop reading while too much of the waiting requests is held (again, if Twisted resumed it meanwhile)."""
         if self._held > self.HOLD and self.transport is not None:
             self._paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            cast(IPushProducer, self.transport).pauseProducing()  # (a TCP or TLS connection)
 
     def on_message_complete(self) -> None:
         if self._upgrade_body:
@@ -438,7 +438,7 @@ class OllaChannel(HTTPChannel):
             self._starting = False
         if self._paused and self._held <= self.HOLD and self.transport is not None:
             self._paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            cast(IPushProducer, self.transport).resumeProducing()
         self._hold_back()  # Twisted's requestDone resumed reading: not while too much waits
         self._arm()
 

@@ -67,11 +67,13 @@ class OllaRequest(server.Request):
     def parseCookies(self) -> None:
         """Nothing: olladmr reads no cookies (Twisted parses them for every request)."""
 
-    def _limit(self) -> int:
+    @property
+    def body_limit(self) -> int:
+        """``server.request_limits.max_body_size`` for this request."""
         return self._olla_site.limits.max_body_size if self._olla_site else 50 * 1024**2
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit():
+        if length is not None and length > self.body_limit:
             self._refuse_body()
             return
         super().gotLength(length)
@@ -80,7 +82,7 @@ class OllaRequest(server.Request):
         if self.body_too_large:
             return
         self._body_seen += len(data)
-        if self._body_seen > self._limit():
+        if self._body_seen > self.body_limit:
             self._refuse_body()
             return
         super().handleContentChunk(data)
@@ -97,7 +99,7 @@ class OllaRequest(server.Request):
             reject(
                 413,
                 "request_too_large",
-                f"request body is larger than the limit of {self._limit()} bytes (server.request_limits.max_body_size)",
+                f"request body is larger than the limit of {self.body_limit} bytes (server.request_limits.max_body_size)",
             )
 
     def process(self) -> None:
@@ -153,6 +155,7 @@ class OllaSite(server.Site):
         # Each channel is built with this site's limits, clock, send queue and request ids (it never looks the
         # site up); Twisted's Site.buildProtocol then sets what it sets on every channel.  Plain HTTP/1.1: no
         # HTTP/2 negotiation wrapper, which HTTPFactory types ``protocol`` as.
+        # (type: HTTPFactory declares ``protocol`` as the HTTP/2 wrapper's factory)
         self.protocol = partial(OllaChannel, limits, clock, self.sends, self.new_request_id)  # type: ignore[assignment]
 
     @property

@@ -14,7 +14,7 @@ ever fails, the JSON is re-serialised instead.
 from __future__ import annotations
 
 import json
-from json.decoder import scanstring  # type: ignore[attr-defined]
+from json.decoder import scanstring  # type: ignore[attr-defined]  # (public in json.decoder, absent from its stub)
 from typing import Any
 
 _DECODER = json.JSONDecoder()

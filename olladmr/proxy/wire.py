@@ -19,11 +19,18 @@ made through the same client endpoints ``Agent`` uses (TCP, or TLS for
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterable
+from typing import Any, Hashable, Iterable, cast
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,12 +113,12 @@ class _BodyTransport:
     def pauseProducing(self) -> None:
         if self.active and not self.paused and self._connection.transport is not None:
             self.paused = True
-            self._connection.transport.pauseProducing()  # type: ignore[attr-defined]
+            cast(IPushProducer, self._connection.transport).pauseProducing()  # (a TCP or TLS connection)
 
     def resumeProducing(self) -> None:
         if self.active and self.paused and self._connection.transport is not None:
             self.paused = False
-            self._connection.transport.resumeProducing()  # type: ignore[attr-defined]
+            cast(IPushProducer, self._connection.transport).resumeProducing()
 
     def stopProducing(self) -> None:
         if self.active:
@@ -251,7 +258,7 @@ class UpstreamConnection(Protocol):
             self._sent = False
             self._producer = body
             transport.write(head)  # the producer writes to the transport itself: no queue in between
-            transport.registerProducer(body, True)  # type: ignore[attr-defined]
+            cast(IConsumer, transport).registerProducer(body, True)
             body.startProducing(transport).addCallbacks(self._body_sent, self._body_failed)
         return d
 
@@ -259,7 +266,7 @@ class UpstreamConnection(Protocol):
         self._sent = True
         self._producer = None
         if self.transport is not None and not self.lost:
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            cast(IConsumer, self.transport).unregisterProducer()
 
     def _body_failed(self, failure: Failure) -> None:
         self._producer = None
@@ -361,12 +368,12 @@ class UpstreamConnection(Protocol):
             self._producer = None
             producing.stopProducing()
             if self.transport is not None:
-                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+                cast(IConsumer, self.transport).unregisterProducer()
         if response is not None:
             paused = response.transport.paused
             response.body_end(_DONE)
             if paused and self.transport is not None:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+                cast(IPushProducer, self.transport).resumeProducing()
         self.busy = False
         if self.lost:
             return
@@ -386,7 +393,7 @@ class UpstreamConnection(Protocol):
     def _abort(self) -> None:
         self._pool.forget(self)  # not handed out again while the abort completes
         if self.transport is not None and not self.lost:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def _protocol_error(self, error: BaseException) -> None:
         self._error = Failure(error)
@@ -512,7 +519,7 @@ class ConnectionPool:
 
     def connect(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[UpstreamConnection]:
         """A new connection to ``key`` through ``endpoint``."""
-        return endpoint.connect(self.factory(key))  # type: ignore[return-value]
+        return endpoint.connect(self.factory(key))  # type: ignore[return-value]  # (connect's Deferred is untyped: it fires with the protocol built)
 
 
 def send_on(
