@@ -17,8 +17,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
+
+_log = Logger()
 
 
 Dialect = Literal["openai", "anthropic", "ollama"]
@@ -100,6 +105,24 @@ def prepare_error(request: IRequest, error: ClientError, dialect: Dialect = OPEN
     for name, value in error.headers.items():
         headers.setRawHeaders(name, [value])
     return body
+
+
+def answer_error(request: IRequest, failure: Failure) -> bytes:
+    """
+    The one place a failure met while admitting or routing a request
+    becomes its answer (status, headers, body), in the route's dialect:
+    a :class:`ClientError` as itself, werkzeug refusing the URL or Host as
+    a 400 (or its own status), anything else as a bug -- logged with its
+    traceback, answered 500 JSON, never an HTML traceback.
+    """
+    error = failure.value
+    if not isinstance(error, ClientError):
+        if isinstance(error, HTTPException):
+            error = ClientError(error.code or 400, error.description or error.name, code="bad_request")
+        else:
+            _log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
+            error = internal_error()
+    return prepare_error(request, error, dialect_for_path(request.path))
 
 
 def write_error(request: Request, error: ClientError, dialect: Dialect = OPENAI) -> None:

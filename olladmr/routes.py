@@ -18,7 +18,7 @@ import platform
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, cast
+from typing import Any, Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
 import twisted
@@ -29,16 +29,15 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .edge.gate import Gate
+from .edge.gate import Gate, GateResource
 from .edge.site import OllaRequest
 from .errors import (
     ClientError,
+    answer_error,
     bad_request,
     dialect_for_path,
-    internal_error,
     method_not_allowed,
     not_forwarded,
     not_found,
@@ -58,7 +57,6 @@ from .ops.metrics import CONTENT_TYPE, Metrics
 from .ops.process import ProcessStats
 from .ops.status import StatusReport
 from .proxy.affinity import RESPONSE_ID
-from .proxy.headers import add_response_headers
 from .proxy.proxy import Proxy
 from .proxy.record import ProxyCall
 from .ops.lifecycle import ReloadResult
@@ -264,12 +262,6 @@ def translator_stats() -> dict[str, object]:
     }
 
 
-def internal_error_answer(request: IRequest, failure: Failure) -> bytes:
-    """A bug in olladmr: logged with its traceback, answered 500 JSON (never an HTML traceback)."""
-    log.failure("internal error handling {method} {path}", failure, method=request.method, path=request.path)
-    return prepare_error(request, internal_error(), dialect_for_path(request.path))
-
-
 def _check_routable(request: OllaRequest) -> None:
     """What Klein/werkzeug would refuse outside its error handling: answer it as JSON first."""
     method = request.method.decode("latin-1")
@@ -284,34 +276,20 @@ def _check_routable(request: OllaRequest) -> None:
 
 class IndexedRoutes(Resource):
     """
-    The route tree's front door: the gate first, then the routes.  The
-    model-routed POSTs (the hot path) are found by one dict lookup on the
-    exact path; every other request goes through Klein.  Errors are
-    answered in the dialect of the route (Anthropic's on the Messages
-    routes, OpenAI's elsewhere).
+    The route tree behind the gate: the model-routed POSTs (the hot path)
+    are found by one dict lookup on the exact path; every other request goes
+    through Klein.  A failure is answered by :func:`~olladmr.errors.answer_error`.
     """
 
     isLeaf = True
 
-    def __init__(self, app: OllaApp, gate: Gate, klein_resource: Resource) -> None:
+    def __init__(self, app: OllaApp, klein_resource: Resource) -> None:
         super().__init__()
         self._app = app
-        self._gate = gate
         self._klein = klein_resource
 
     def render(self, request: OllaRequest) -> Any:
-        headers = request.responseHeaders
-        path = request.path
-        if path.startswith(b"/olla/d"):
-            request.path = canonical_path(path)
         try:
-            admission = self._gate.admit(request)
-            request.admission = admission
-            if admission.headers:
-                add_response_headers(headers, admission.headers)
-            if admission.preflight is not None:
-                request.setResponseCode(admission.preflight)
-                return b""
             spec = POST_ROUTES.get(request.path)
             if spec is None or request.method != b"POST":
                 _check_routable(request)
@@ -319,13 +297,8 @@ class IndexedRoutes(Resource):
                     request.resource_path()  # Klein reads prepath and postpath
                 return self._klein.render(request)
             return self._app.post(request, spec).render(request)
-        except HTTPException as exc:  # werkzeug refusing the URL or Host while binding
-            error = ClientError(exc.code or 400, exc.description or exc.name, code="bad_request")
-            return prepare_error(request, error, dialect_for_path(request.path))
-        except ClientError as error:
-            return prepare_error(request, error, dialect_for_path(request.path))
         except Exception:
-            return internal_error_answer(request, Failure())
+            return answer_error(request, Failure())
 
 
 class ProxyResource(Resource):
@@ -405,19 +378,19 @@ class OllaApp:
         self._view_of = view
 
     def resource(self, gate: Gate) -> Resource:
-        """The root resource: the gate and the Klein route tree behind an exact-path index for the hot routes."""
-        return IndexedRoutes(self, gate, self.app.resource())
+        """The root resource: the gate, then the Klein route tree behind an exact-path index for the hot routes."""
+        return GateResource(gate, IndexedRoutes(self, self.app.resource()), canonical_path)
 
     # -- errors
 
     @app.handle_errors(ClientError)
     def _client_error(self, request: IRequest, failure: Failure) -> bytes:
-        return prepare_error(request, cast(ClientError, failure.value), dialect_for_path(request.path))
+        return answer_error(request, failure)
 
     @app.handle_errors(Exception)
     def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
         """Registered last: Klein tries error handlers in order."""
-        return internal_error_answer(request, failure)
+        return answer_error(request, failure)
 
     def _no_route(self, request: OllaRequest) -> ClientError:
         path = request.path.decode("latin-1")

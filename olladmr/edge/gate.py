@@ -21,10 +21,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from typing import Any, Callable
+
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ..config.schema import Config, RateLimitConfig, ServerConfig
+from ..errors import answer_error
+from ..proxy.headers import add_response_headers
 from .auth import Authenticator, admin_unauthorized, unauthorized
 from .clientaddr import client_address
 from .cors import Cors
@@ -185,3 +191,35 @@ class Gate:
         if not extra:
             return self._open
         return Admission(extra, self._open.forward_credentials)
+
+
+class GateResource(Resource):
+    """
+    The front door: one pass per request -- its path made canonical
+    (``canonical``: DMR's aliases), the gate's :class:`Admission` (recorded
+    on the request for the routes, its headers on the answer; a CORS
+    preflight answered here), then the routes.  A refusal is answered by
+    :func:`~olladmr.errors.answer_error`, as every routing failure is.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gate: Gate, routes: Resource, canonical: Callable[[bytes], bytes]) -> None:
+        super().__init__()
+        self._gate = gate
+        self._routes = routes
+        self._canonical = canonical
+
+    def render(self, request: Any) -> Any:
+        request.path = self._canonical(request.path)
+        try:
+            admission = self._gate.admit(request)
+        except Exception:
+            return answer_error(request, Failure())
+        request.admission = admission
+        if admission.headers:
+            add_response_headers(request.responseHeaders, admission.headers)
+        if admission.preflight is not None:
+            request.setResponseCode(admission.preflight)
+            return b""
+        return self._routes.render(request)
