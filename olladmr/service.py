@@ -18,7 +18,7 @@ import os
 import signal
 from typing import Any, Protocol, Sequence, cast
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IFileDescriptor, IListeningPort
@@ -64,8 +64,14 @@ def with_backlog(description: str) -> str:
     return description
 
 
-class Listener:
-    """Owns the listening port: binding (or adopting an inherited socket), pausing, resuming, closing."""
+class Listener(Service):
+    """
+    Owns the listening port: binding (or adopting an inherited socket),
+    pausing, resuming, closing.  As a child service it closes when the tree
+    stops; :class:`OllaService` closes it first, before the drain.
+    """
+
+    name = "listener"
 
     def __init__(
         self, reactor: Any, description: str, *, inherit: tuple[int, int] | None = None, shared: bool = False
@@ -113,6 +119,10 @@ class Listener:
         start = getattr(self.port, "startReading", None)
         if start is not None:
             start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.close()
 
     def close(self) -> Deferred[None] | None:
         """Stop listening (once)."""
@@ -169,12 +179,15 @@ class OllaService(MultiService):
         self._site = site
         self._fleet = fleet
         self._health = health
-        self._gate = gate
         self._inflight = inflight
-        self._upstream = upstream
         self._lifecycle = lifecycle
         self._log_control = log_control
         self._workers = workers
+        # Started in this order, stopped in the reverse: the pool closes and the listener (closed before the
+        # drain already) last; the health monitor, reloader and the rest first, after the drain.
+        listener.setServiceParent(self)
+        upstream.setServiceParent(self)
+        gate.setServiceParent(self)
         health.setServiceParent(self)
         for child in children:
             child.setServiceParent(self)
@@ -200,7 +213,6 @@ class OllaService(MultiService):
     def startService(self) -> None:
         self.listener.bind(self._site)
         super().startService()
-        self._gate.start()
         config = self._lifecycle.config
         if config.ignored:
             log.warn(
@@ -253,9 +265,7 @@ class OllaService(MultiService):
                 await drained
             except Exception:
                 log.warn("shutdown_timeout reached: aborting {count} requests", count=self._inflight.abort_all())
-        await _maybe(super().stopService())
-        self._gate.stop()
-        await self._upstream.close()
+        await _maybe(super().stopService())  # (the children: the gate's sweep, the upstream pool, ...)
         self._clear_exit_signal()
 
     def _clear_exit_signal(self) -> None:

@@ -36,7 +36,8 @@ def test_every_part_shares_one_fleet_clock_and_inflight_set() -> None:
     assert parts.proxy.clock is reactor and parts.health.clock is reactor and parts.site.clock is reactor
     assert parts.site.limits is parts.limits
     assert parts.service.listener is parts.listener
-    assert {child.name for child in parts.service} == {"health", "reloader", "process", "dashboard"}  # no worker pool for one process
+    assert {child.name for child in parts.service} == {  # no worker pool for one process
+        "listener", "upstream", "gate", "health", "reloader", "process", "dashboard"}
     assert parts.workers is None
 
 

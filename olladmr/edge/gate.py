@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from typing import Any, Callable
 
+from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -96,8 +97,14 @@ def share_of(limits: RateLimitConfig, processes: int) -> RateLimitConfig:
     )
 
 
-class Gate:
-    """Owns CORS, authentication, rate limiting and per-client concurrency for one service."""
+class Gate(Service):
+    """
+    Owns CORS, authentication, rate limiting and per-client concurrency for
+    one service; as a child service, it runs the rate limiter's sweep while
+    the service runs.
+    """
+
+    name = "gate"
 
     def __init__(self, server: ServerConfig, clock: IReactorTime, share: int = 1) -> None:
         self._clock = clock
@@ -125,12 +132,14 @@ class Gate:
         self.limiter.reconfigure(self._limits(config.server))
         self._apply(config.server)
 
-    def start(self) -> None:
+    def startService(self) -> None:
         """Start the rate limiter's periodic sweep."""
+        super().startService()
         self.limiter.start()
 
-    def stop(self) -> None:
+    def stopService(self) -> None:
         """Stop the sweep."""
+        super().stopService()
         self.limiter.stop()
 
     def admit(self, request: Request) -> Admission:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 from typing import IO, Any, Protocol, cast
 
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
@@ -122,13 +123,16 @@ def request_body(content: IO[bytes] | None) -> Body:
     return FileBodyProducer(_Unclosable(content))
 
 
-class UpstreamClient:
+class UpstreamClient(Service):
     """
     Owns the proxy path's connection pool and sends requests to endpoints
     (see :mod:`olladmr.proxy.wire`).  An ``Agent`` is kept only to build
     each origin's client endpoint (TCP, or TLS for ``https://``, with the
-    connect timeout) and ``Host`` value the way Twisted does.
+    connect timeout) and ``Host`` value the way Twisted does.  As a child
+    service, its pool closes when the service tree stops.
     """
+
+    name = "upstream"
 
     def __init__(self, reactor: Any, proxy: ProxyConfig, sends: SendQueue | None = None) -> None:
         self._reactor = reactor
@@ -206,4 +210,10 @@ class UpstreamClient:
         return cast("Deferred[ProxiedResponse]", d)  # (Deferred is invariant: the wire's response is one)
 
     def close(self) -> Deferred[None]:
+        """Close every pooled connection."""
         return self.pool.close()
+
+    def stopService(self) -> Deferred[None]:
+        """As a child service: the pool closes when the service tree stops (after the drain)."""
+        super().stopService()
+        return self.close()
