@@ -239,7 +239,8 @@ class Soak:
                 (b"POST", CHAT, b'{"model": 7}', 400),
                 (b"POST", CHAT, b'{"model": "ai/nope", "messages": []}', 404),
                 (b"GET", CHAT, None, 405),
-                (b"GET", "/olla/dmr/models", None, 404),
+                (b"GET", "/olla/dmr/metrics", None, 404),  # (DMR's per-engine metrics: not served)
+                (b"POST", "/olla/dmr/models/create", b"{}", 403),  # a model-management write: never forwarded
                 (b"POST", EMBED, b"[" * 20000, 400),
             ])
             code, body = await self.request(agent, method, path, payload)
