@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Collection
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.client import _HTTP11ClientFactory as _ClientFactory
 from twisted.web.http import HTTPChannel
@@ -149,12 +149,12 @@ def channel_busy(channel: HTTPChannel) -> bool:
     return bool(channel._handlingRequest)
 
 
-def clear_exit_signal(reactor: Any, signals: Collection[int]) -> bool:
+def clear_exit_signal(reactor: IReactorCore, signals: Collection[int]) -> bool:
     """
     Forget that the reactor was stopped by one of ``signals``, so twistd exits
     0 instead of re-raising the signal; returns whether it did.
     """
     if getattr(reactor, "_exitSignal", None) in signals:
-        reactor._exitSignal = None
+        setattr(reactor, "_exitSignal", None)  # (a private attribute of ReactorBase: this module's business)
         return True
     return False

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .reactors import IReactor
 from .config.files import load_config
 from .config.schema import Config
 from .lean import check_tls
@@ -82,7 +83,7 @@ class Daemon:
 def build(
     config: Config,
     *,
-    reactor: Any,
+    reactor: IReactor,
     listen: str | None = None,
     config_path: str | None = None,
     environ: Mapping[str, str] = os.environ,

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IFileDescriptor, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .reactors import IReactor
 from . import __version__
 from ._twisted_compat import accept_one_at_a_time, clear_exit_signal
 from .edge.gate import Gate
@@ -74,7 +75,7 @@ class Listener(Service):
     name = "listener"
 
     def __init__(
-        self, reactor: Any, description: str, *, inherit: tuple[int, int] | None = None, shared: bool = False
+        self, reactor: IReactor, description: str, *, inherit: tuple[int, int] | None = None, shared: bool = False
     ) -> None:
         self._reactor = reactor
         self.description = description
@@ -160,7 +161,7 @@ class OllaService(MultiService):
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: IReactor,
         listener: Listener,
         site: OllaSite,
         fleet: Fleet,

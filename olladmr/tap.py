@@ -18,13 +18,14 @@ import gc
 import os
 import platform
 import sys
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 from twisted.python import usage
 
 from .config.files import find_config, resolve_config
 from .config.reader import ConfigError
 from .lean import import_without_tls, needs_tls
+from .reactors import IReactor
 
 if TYPE_CHECKING:
     from .service import OllaService
@@ -102,12 +103,14 @@ def check(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -
     return 0, f"{where}: ok ({count}: {', '.join(names)})" if names else f"{where}: ok (no endpoints)"
 
 
-def _listen_problem(listen: str, reactor: Any = None) -> str | None:
+def _listen_problem(listen: str, reactor: IReactor | None = None) -> str | None:
     """Why ``--listen`` is not a server endpoint description, or ``None`` (parsing it binds nothing)."""
     from twisted.internet import endpoints
 
     if reactor is None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as installed
+
+        reactor = cast(IReactor, installed)  # (the installed reactor provides every interface IReactor names)
     try:
         endpoints.serverFromString(reactor, listen)
     except (ValueError, KeyError, TypeError) as exc:
@@ -140,7 +143,9 @@ def settle_gc() -> None:
         freeze()
 
 
-def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mapping[str, str] = os.environ) -> OllaService:
+def makeService(
+    options: Mapping[str, Any], reactor: IReactor | None = None, environ: Mapping[str, str] = os.environ
+) -> OllaService:
     """Build the service tree from parsed options (or exit with one line)."""
     _tune_pypy()
     explicit = options.get("config")
@@ -154,7 +159,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None, environ: Mappin
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
-        reactor = global_reactor
+        reactor = cast(IReactor, global_reactor)  # (the installed reactor provides every interface IReactor names)
     if listen:
         problem = _listen_problem(listen, reactor)
         if problem is not None:

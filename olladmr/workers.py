@@ -24,14 +24,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+
+from .reactors import IReactor
 
 log = Logger()
 
@@ -60,7 +64,7 @@ class WorkerPool(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         count: int,
         fd: Callable[[], int],
         family: Callable[[], int],
@@ -205,7 +209,7 @@ class _MasterWatch(LineOnlyReceiver):
 
 
 def watch_master(
-    reactor: Any, on_lost: Callable[[], None], on_health: Callable[[list[dict[str, Any]]], None] = lambda _: None
+    reactor: IReactor, on_lost: Callable[[], None], on_health: Callable[[list[dict[str, Any]]], None] = lambda _: None
 ) -> None:
     """Apply the master's health lines with ``on_health``; call ``on_lost`` when stdin (the pipe) closes."""
     from twisted.internet import stdio
@@ -213,9 +217,9 @@ def watch_master(
     stdio.StandardIO(_MasterWatch(on_lost, on_health), reactor=reactor)
 
 
-def adopt(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+def adopt(reactor: IReactor, fd: int, family: int, factory: Any) -> IListeningPort:
     """Listen on an inherited, already-bound socket."""
-    port = reactor.adoptStreamPort(fd, family, factory)
+    port = reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
     os.close(fd)  # adoptStreamPort duplicated it
     return port
 

@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from .. import __version__
+from ..reactors import IReactor
 from ..bodies import BodyTooLarge, read_body
 from .._twisted_compat import use_quiet_factory
 from ..config.schema import Config
@@ -61,7 +62,7 @@ class HTTPGetter(Protocol):
     ) -> Deferred[Any]: ...
 
 
-def health_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+def health_client(reactor: IReactor) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client on a small pool of its own, and that pool (close it on shutdown)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2

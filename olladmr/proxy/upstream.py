@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
 from .. import __version__
+from ..reactors import IReactor
 from .._twisted_compat import agent_endpoint, agent_host_header
 from ..config.schema import Config, ProxyConfig
 from ..failures import HEADER_TIMEOUT, UpstreamFailure, classify, was_cancelled
@@ -134,7 +135,7 @@ class UpstreamClient(Service):
 
     name = "upstream"
 
-    def __init__(self, reactor: Any, proxy: ProxyConfig, sends: SendQueue | None = None) -> None:
+    def __init__(self, reactor: IReactor, proxy: ProxyConfig, sends: SendQueue | None = None) -> None:
         self._reactor = reactor
         self.pool = ConnectionPool(reactor, proxy.max_idle_connections, proxy.idle_connection_timeout, sends)
         self._apply(proxy)
