@@ -571,22 +571,27 @@ class OllaApp:
 
         return Deferred.fromCoroutine(answer())
 
-    @app.route("/olla/dmr/api/tags", methods=ALL_METHODS)
-    def ollama_tags(self, request: OllaRequest) -> Deferred[bytes]:
-        """The models of every routable endpoint, one entry per tag, in DMR's Ollama shape."""
-        _allow(request, "GET")
-        return self._view(request, self._view_of.ollama_tags)
+    # The fleet's read-only documents, each merged from every routable endpoint (FleetView): DMR's Ollama list,
+    # loaded models and version, and what the docker model CLI reads (ls, ps, df, status, version).
+    for _fleet_path, _fleet_read in (
+        ("/olla/dmr/api/tags", lambda self: self._view_of.ollama_tags()),
+        ("/olla/dmr/api/ps", lambda self: self._view_of.ollama_ps()),
+        ("/olla/dmr/api/version", lambda self: self._view_of.version(__version__, "/api/version")),
+        ("/olla/dmr/models", lambda self: self._view_of.models()),
+        ("/olla/dmr/engines/ps", lambda self: self._view_of.engines_ps()),
+        ("/olla/dmr/engines/df", lambda self: self._view_of.engines_df()),
+        ("/olla/dmr/engines/status", lambda self: self._view_of.engines_status()),
+        ("/olla/dmr/version", lambda self: self._view_of.version(__version__)),
+    ):
+        app.route(_fleet_path, methods=ALL_METHODS, endpoint=f"fleet:{_fleet_path}")(
+            lambda self, request, _fleet_read=_fleet_read: self.fleet_document(request, _fleet_read)
+        )
+    del _fleet_path, _fleet_read
 
-    @app.route("/olla/dmr/api/ps", methods=ALL_METHODS)
-    def ollama_ps(self, request: OllaRequest) -> Deferred[bytes]:
-        """The models loaded anywhere in the fleet, each with the endpoints holding it."""
+    def fleet_document(self, request: OllaRequest, read: Callable[[OllaApp], Awaitable[Any]]) -> Deferred[bytes]:
+        """``GET`` one of the fleet's documents above."""
         _allow(request, "GET")
-        return self._view(request, self._view_of.ollama_ps)
-
-    @app.route("/olla/dmr/api/version", methods=ALL_METHODS)
-    def ollama_version(self, request: OllaRequest) -> Deferred[bytes]:
-        _allow(request, "GET")
-        return self._view(request, lambda: self._view_of.version(__version__, "/api/version"))
+        return self._view(request, lambda: read(self))
 
     @app.route("/olla/dmr/api/show", methods=ALL_METHODS)
     def ollama_show(self, request: OllaRequest) -> Resource:
@@ -625,12 +630,6 @@ class OllaApp:
         _allow(request, "DELETE")
         raise not_forwarded("/api/delete (it deletes a model from a DMR)")
 
-    @app.route("/olla/dmr/models", methods=ALL_METHODS)
-    def dmr_models(self, request: OllaRequest) -> Deferred[bytes]:
-        """What ``docker model ls`` reads: every model in the fleet, once per model ID."""
-        _allow(request, "GET")
-        return self._view(request, self._view_of.models)
-
     @app.route("/olla/dmr/models/<path:name>", methods=ALL_METHODS)
     def dmr_model(self, request: OllaRequest, name: str) -> Deferred[bytes]:
         """What ``docker model inspect`` reads; every write under ``/models/`` is refused."""
@@ -641,30 +640,6 @@ class OllaApp:
             raise not_forwarded("GET /models/.../export (a bulk download of a model)")
         _check_model_name(name)
         return self._view(request, lambda: self._view_of.model(name), f"model {name!r} was not found on any endpoint")
-
-    @app.route("/olla/dmr/engines/ps", methods=ALL_METHODS)
-    def engines_ps(self, request: OllaRequest) -> Deferred[bytes]:
-        """What ``docker model ps`` reads: the runners loaded anywhere in the fleet."""
-        _allow(request, "GET")
-        return self._view(request, self._view_of.engines_ps)
-
-    @app.route("/olla/dmr/engines/df", methods=ALL_METHODS)
-    def engines_df(self, request: OllaRequest) -> Deferred[bytes]:
-        """What ``docker model df`` reads: the fleet's disk use."""
-        _allow(request, "GET")
-        return self._view(request, self._view_of.engines_df)
-
-    @app.route("/olla/dmr/engines/status", methods=ALL_METHODS)
-    def engines_status(self, request: OllaRequest) -> Deferred[bytes]:
-        """What ``docker model status`` reads: each backend's status over the fleet."""
-        _allow(request, "GET")
-        return self._view(request, self._view_of.engines_status)
-
-    @app.route("/olla/dmr/version", methods=ALL_METHODS)
-    def dmr_version(self, request: OllaRequest) -> Deferred[bytes]:
-        """What ``docker model version`` reads: the fleet's DMR version (and olladmr's)."""
-        _allow(request, "GET")
-        return self._view(request, lambda: self._view_of.version(__version__))
 
     @app.route("/olla/dmr/engines/requests", methods=ALL_METHODS)
     def engines_requests(self, request: OllaRequest) -> bytes:
