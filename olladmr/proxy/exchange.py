@@ -16,7 +16,9 @@ An :class:`Exchange` is an explicit state machine over :class:`Phase`::
   connect timeout) goes back to ROUTING for another endpoint; a reset on a
   stale pooled connection is retried once on a fresh connection.
 * CHECKING: a 503 is read (64 KB at most) to tell DMR's "Loading model"
-  (fail over) from any other 503 (passed through).
+  (fail over) from any other 503 (passed through); so is a 502 or 500 of
+  unknown length, to tell a lost request (empty: retried once) from an
+  answer.
 * RELAYING: a :class:`~olladmr.proxy.relay.ResponseRelay` owns the body.
 * DONE: the record went to the observers; every later event is ignored.
 
@@ -121,6 +123,7 @@ class Exchange:
         "host", "request", "call", "config", "phase", "remaining", "decision", "failures",
         "_pending", "_relay", "_slot", "_deadline", "_placement", "_prefill", "record",
         "_waited", "_wait_from", "_sent_at", "_head_at", "_lost", "_hang", "_loaded_at_send",
+        "_runner_sent",
     )
 
     def __init__(self, host: ExchangeHost, request: Request, call: ProxyCall) -> None:
@@ -147,6 +150,7 @@ class Exchange:
         self._lost = 0  # retries of a request an upstream lost (an empty 502, a hang before headers): at most one
         self._hang: tuple[float, float] | None = None  # this attempt's hang limit and the usual head time
         self._loaded_at_send = False
+        self._runner_sent = ""  # the runner (/engines/ps key) of the model at the endpoint of the latest attempt
         client = request.getClientAddress()
         self.record = ExchangeRecord(
             request_id=call.request_id,
@@ -331,8 +335,13 @@ class Exchange:
         request = self.request
         config = endpoint.config
         endpoint.record_attempt()
-        if self.call.model_key is not None:
-            endpoint.note_routed(self._runner(endpoint, self.call.model_key))  # a load starts, unless loaded
+        key = self.call.model_key
+        if key is not None:
+            self._runner_sent = self._runner(endpoint, key)
+            self._loaded_at_send = endpoint.model_loaded(self._runner_sent) is True
+            endpoint.note_routed(self._runner_sent)  # a load starts, unless loaded
+        else:
+            self._loaded_at_send = False
         session = self.call.session
         if session is not None and session.blocks is not None and self.call.model_key is not None:
             self._prefilled()  # (a retry on a fresh connection: count its work once)
@@ -362,8 +371,6 @@ class Exchange:
         else:
             body = request_body(request.content)
         self._sent_at = self.host.clock.seconds()
-        key = self.call.model_key
-        self._loaded_at_send = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is True
         self._hang = self._hang_limit(endpoint)
         d = self.host.client.request(endpoint.name, self.call.method, url, headers, body, fresh=fresh,
                                      header_timeout=self._hang[0] if self._hang is not None else None)
@@ -372,6 +379,10 @@ class Exchange:
 
     def _waiting(self) -> None:
         self._wait_from = self.host.clock.seconds()
+
+    def _attempt_over(self) -> None:
+        """An attempt failed over: the time since it was sent was the upstream's, not olladmr's."""
+        self._waited += self.host.clock.seconds() - self._sent_at
 
     def _waited_until_now(self) -> None:
         if self._wait_from is not None:
@@ -419,7 +430,7 @@ class Exchange:
             # We cancelled it (the client left, a deadline, a hang): whatever Twisted
             # reports says nothing about the endpoint.
             return
-        self._waited += self.host.clock.seconds() - self._sent_at  # (the upstream's time, not olladmr's)
+        self._attempt_over()
         err = failure.value
         if hang is not None and isinstance(err, UpstreamFailure) and err.kind == HEADER_TIMEOUT:
             self._lost_answer(endpoint, f"sent no headers within {hang[0]:.1f}s (usually {hang[1] * 1000:.0f}ms)")
@@ -474,31 +485,33 @@ class Exchange:
             )
             return
         if response.code == 503 and self._has_alternative():
-            self._check_503(response, endpoint)
+            self._check_body(response, endpoint)
             return
         if response.code in LOST_STATUSES and self._may_retry_lost() and response.length in (0, UNKNOWN_LENGTH):
             if response.length == 0:
                 response.deliverBody(_Discard())
                 self._lost_answer(endpoint, f"answered an empty {response.code}")
             else:
-                self._check_503(response, endpoint)  # (read it: an empty one is a lost request, any other passes)
+                self._check_body(response, endpoint)  # (read it: an empty one is a lost request, any other passes)
             return
         self._relay_response(response, endpoint)
 
     # -- CHECKING
 
-    def _check_503(self, response: ProxiedResponse, endpoint: EndpointState) -> None:
+    def _check_body(self, response: ProxiedResponse, endpoint: EndpointState) -> None:
         # DMR builds before v1.0.11 could answer llama.cpp's 503 "Loading
-        # model" while a runner starts: nothing was generated, so trying
-        # another endpoint is safe.  Any other 503 is passed through.
+        # model" while a runner starts, and a DMR that lost a request answers
+        # an empty 502 or 500: nothing was generated, so trying another
+        # endpoint (or, for a lost one, this one again) is safe.  Any other
+        # answer is passed through.
         self.phase = Phase.CHECKING
         d = read_body(response, MAX_503_BODY)
         self._pending = d
         d.addCallbacks(
-            self._got_503_body, self._got_503_failure, callbackArgs=(response, endpoint), errbackArgs=(endpoint,)
+            self._got_checked_body, self._got_check_failure, callbackArgs=(response, endpoint), errbackArgs=(endpoint,)
         )
 
-    def _got_503_body(self, body: bytes, response: ProxiedResponse, endpoint: EndpointState) -> None:
+    def _got_checked_body(self, body: bytes, response: ProxiedResponse, endpoint: EndpointState) -> None:
         self._pending = None
         if self.phase is Phase.DONE:
             return
@@ -506,7 +519,7 @@ class Exchange:
             self._lost_answer(endpoint, f"answered an empty {response.code}")
             return
         if response.code == 503 and LOADING_MARKER in body:
-            self._waited += self.host.clock.seconds() - self._sent_at
+            self._attempt_over()
             self._prefilled()
             self._release()
             self.record.failovers += 1
@@ -520,7 +533,7 @@ class Exchange:
         self.record.bytes_sent = len(body)
         self._complete(OK)
 
-    def _got_503_failure(self, failure: Failure, endpoint: EndpointState) -> None:
+    def _got_check_failure(self, failure: Failure, endpoint: EndpointState) -> None:
         self._pending = None
         if self.phase is Phase.DONE or failure.check(CancelledError):
             return
@@ -564,7 +577,7 @@ class Exchange:
         (a request bound to its Responses owner has no other).
         """
         self._lost += 1
-        self._waited += self.host.clock.seconds() - self._sent_at
+        self._attempt_over()
         self._prefilled()
         self._release()
         endpoint.record_failure()
@@ -638,13 +651,13 @@ class Exchange:
         elif self.call.affinity_reported and (session is None or code < 300):
             put_header(out, b"x-olla-sticky-session", b"disabled")
             key = self.call.model_key
-            cold = key is not None and endpoint.model_loaded(self._runner(endpoint, key)) is False
+            cold = key is not None and endpoint.model_loaded(self._runner_sent) is False
             put_header(out, b"x-olla-placement", b"cold" if cold else b"balance")
 
     def _relay_response(self, response: ProxiedResponse, endpoint: EndpointState) -> None:
         endpoint.record_response(response.code)
         if response.code < 300 and self.call.model_key is not None:
-            endpoint.note_served(self._runner(endpoint, self.call.model_key))  # its runner is loaded there now
+            endpoint.note_served(self._runner_sent)  # its runner is loaded there now
         is_sse = self._start_response(response, endpoint)
         api = self.call.api
         watch = StreamWatch(_STREAMS.get(api, OPENAI_STREAM)) if is_sse else None
