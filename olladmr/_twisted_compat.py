@@ -111,16 +111,23 @@ def accept_one_at_a_time(port: Any) -> bool:
     return True
 
 
-def set_request_line(channel: HTTPChannel, method: bytes, path: bytes, version: bytes) -> None:
+class BadRequestHook:
     """
-    Record a parsed request line where ``HTTPChannel`` keeps it between its
-    line parser and ``allHeadersReceived`` (persistence reads the version)
-    and ``allContentReceived`` (which hands all three to
-    ``Request.requestReceived``).
+    For an ``HTTPChannel`` subclass: when Twisted's request parser refuses a
+    request (a malformed request line or header line, a bad or duplicate
+    ``Content-Length``, a broken chunk), it calls :meth:`bad_request` instead
+    of writing its bare ``400 Bad Request``.  Put it before ``HTTPChannel``
+    among the bases.
     """
-    channel._command = method
-    channel._path = path
-    channel._version = version
+
+    __slots__ = ()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.bad_request()
+
+    def bad_request(self) -> None:
+        """Answer the refused request and end the connection."""
+        raise NotImplementedError
 
 
 def put_header(headers: Headers, name: bytes, value: bytes) -> None:

@@ -189,11 +189,14 @@ def test_pipelined_requests_wait_their_turn_and_are_answered_in_order() -> None:
     assert wire.index(b"done /one") < wire.index(b"done /two") < wire.index(b"done /three")
 
 
+HOLD = 16 * 1024  # bytes of pipelined requests Twisted buffers before it stops reading
+
+
 def test_reading_pauses_while_a_large_pipelined_body_waits() -> None:
     """More than HOLD bytes of a waiting request stop the reading until the request before it is answered."""
     channel, transport, later = connect_later()
     channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
-    size = OllaChannel.HOLD + 10_000
+    size = HOLD + 10_000
     channel.dataReceived(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
     channel.dataReceived(b"x" * (size - 100))
     assert transport.producerState == "paused" and len(later.seen) == 1
@@ -217,7 +220,7 @@ def test_an_upgrade_request_keeps_its_body_and_the_connection_stays_http() -> No
 
 
 def test_any_token_method_is_parsed_and_versions_past_1_1_are_refused() -> None:
-    """A method llhttp does not know still reaches the resource; HTTP/2.0 in a request line is a JSON 400."""
+    """Any token is a method and reaches the resource; HTTP/2.0 in a request line is a JSON 400."""
     channel, transport, later = connect_later()
     channel.dataReceived(b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
     assert later.seen == [(b"BREW", b"/pot", b"")]
@@ -242,7 +245,7 @@ def test_many_bodiless_pipelined_requests_pause_the_reading_too() -> None:
     channel, transport, later = connect_later()
     channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     head = b"GET /q HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 2000 + b"\r\n\r\n"
-    for _ in range(OllaChannel.HOLD // len(head) + 2):
+    for _ in range(HOLD // len(head) + 2):
         channel.dataReceived(head)
     assert transport.producerState == "paused" and len(later.seen) == 1
 
@@ -391,3 +394,30 @@ def test_an_empty_own_header_shadows_the_upstream_line_everywhere() -> None:
     assert headers.getRawHeaders(b"x-a") == plain.getRawHeaders(b"x-a")  # as Twisted answers: not the upstream's
     assert headers.hasHeader(b"x-a") == plain.hasHeader(b"x-a")
     assert [values for name, values in headers.getAllRawHeaders() if name.lower() == b"x-a"] == [[]]
+
+
+def test_what_twisteds_parser_refuses_is_a_400_in_the_routes_dialect_and_never_served() -> None:
+    """A malformed header line, two lengths, a broken chunk: 400 JSON naming the part, the route's error shape."""
+    cases = [
+        (b"POST /olla/dmr/api/chat HTTP/1.1\r\nHost: x\r\nno colon\r\nContent-Length: 2\r\n\r\n{}", "header line"),
+        (b"POST /olla/dmr/engines/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+         b"Content-Length: 2\r\n\r\n{}", "Content-Length"),
+        (b"POST /olla/dmr/engines/v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"2\r\n{}\r\nzz\r\n", "chunked"),
+        (b"GET /olla/dmr/api/tags HTTP/1.1 extra\r\nHost: x\r\n\r\n", "request line"),
+        (b"GET /olla/dmr/api/tags HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n", "Transfer-Encoding"),
+    ]
+    for raw, part in cases:
+        channel, transport, clock, resource = connect()
+        channel.dataReceived(raw)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head, raw
+        error = json.loads(body)["error"]
+        if b"/api/" in raw:  # Ollama's routes: {"error": "..."}
+            assert isinstance(error, str) and part in error, (raw, error)
+        else:
+            assert error["code"] == "invalid_request" and part in error["message"], (raw, error)
+        assert resource.seen == []
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # what follows is never read
+        assert resource.seen == []
+        clock.advance(OllaChannel.LINGER)

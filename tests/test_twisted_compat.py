@@ -44,7 +44,6 @@ from olladmr._twisted_compat import (
     clear_exit_signal,
     accept_one_at_a_time,
     channel_busy,
-    set_request_line,
     use_quiet_factory,
     write_now,
 )
@@ -406,11 +405,11 @@ def test_accept_one_at_a_time_takes_one_connection_per_readable_event() -> None:
     assert accept_one_at_a_time(StringTransport()) is False
 
 
-# -- set_request_line / channel_busy  (HTTPChannel._command/_path/_version, _handlingRequest)
+# -- BadRequestHook / channel_busy  (HTTPChannel._respondToBadRequestAndDisconnect, _handlingRequest)
 
 
-class _Received(http.Request):
-    """Records what ``requestReceived`` was given instead of processing."""
+class _Held(http.Request):
+    """Records what ``requestReceived`` was given and answers nothing (the channel stays busy)."""
 
     got: list[tuple[bytes, bytes, bytes]] = []
 
@@ -418,31 +417,47 @@ class _Received(http.Request):
         type(self).got.append((command, path, version))
 
 
-def test_set_request_line_feeds_allheadersreceived_and_allcontentreceived() -> None:
-    """
-    HTTPChannel reads the request line that ``set_request_line`` records:
-    persistence from the version in ``allHeadersReceived``, and all three
-    handed to ``requestReceived`` by ``allContentReceived``, which also
-    marks the channel busy until ``requestDone``.
-    """
-    _Received.got = []
+class _Hooked(compat.BadRequestHook, HTTPChannel):
+    refused: list[bytes] = []
+
+    def bad_request(self) -> None:
+        type(self).refused.append(self.transport.value())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /x HTTP/2.0\r\n\r\n",  # the request line (only 1.0 and 1.1 have one)
+    b"GET /x HTTP/1.1\r\nno colon here\r\n\r\n",  # a header line
+    b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",  # two lengths
+    b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a broken chunk
+])
+def test_bad_request_hook_gets_what_twisted_refuses(raw: bytes) -> None:
+    """Every refusal of Twisted's parser goes through the hook, before anything was written, and nothing is served."""
+    _Hooked.refused = []
+    _Held.got = []
+    channel = _Hooked()
+    channel.requestFactory = _Held  # type: ignore[assignment]
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(raw)
+    assert _Hooked.refused == [b""]
+    assert _Held.got == [] and transport.value() == b""
+
+
+def test_channel_busy_from_a_whole_request_until_it_is_done() -> None:
+    """``allContentReceived`` marks the channel busy and ``requestDone`` clears it; a pipelined request waits."""
+    _Held.got = []
     channel = HTTPChannel()
-    channel.requestFactory = _Received  # type: ignore[assignment]
+    channel.requestFactory = _Held  # type: ignore[assignment]
     channel.makeConnection(StringTransport())
-    for version, persistent in ((b"HTTP/1.0", False), (b"HTTP/1.1", True)):
-        request = _Received(channel)
-        channel.requests.append(request)
-        set_request_line(channel, b"BREW", b"/pot?x=1", version)
-        channel.length = 0
-        channel.allHeadersReceived()
-        assert bool(channel.persistent) is persistent
-        assert channel_busy(channel) is False
-        channel.allContentReceived()
-        assert channel_busy(channel) is True
-        assert _Received.got[-1] == (b"BREW", b"/pot?x=1", version)
-        channel.persistent = True
-        channel.requestDone(request)
-        assert channel_busy(channel) is False
+    assert channel_busy(channel) is False
+    channel.dataReceived(b"BREW /pot?x=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert channel_busy(channel) is True
+    assert _Held.got == [(b"BREW", b"/pot?x=1", b"HTTP/1.1")]  # the second waits for the first's answer
+    channel.requestDone(channel.requests[0])
+    assert _Held.got[-1] == (b"GET", b"/next", b"HTTP/1.1")
+    assert channel_busy(channel) is True
 
 
 # -- clear_exit_signal  (ReactorBase._exitSignal)
