@@ -46,15 +46,22 @@ class ProcessStats(Service):
         self.last_pause: float | None = None
 
     def _hook(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        elif self._started is not None:
-            pause = time.perf_counter() - self._started
+        # A collection can start anywhere, also deep inside a recursion near Python's limit (json.loads on a
+        # deeply nested request body): there even a builtin's call raises RecursionError, which the collector
+        # would print to stderr as unraisable.  Such a pause goes untimed.
+        try:
+            if phase == "start":
+                self._started = time.perf_counter()
+            elif self._started is not None:
+                pause = time.perf_counter() - self._started
+                self._started = None
+                self.pauses += 1
+                self.pause_total += pause
+                if pause > self.pause_max:
+                    self.pause_max = pause
+                self.last_pause = pause
+        except RecursionError:
             self._started = None
-            self.pauses += 1
-            self.pause_total += pause
-            self.pause_max = max(self.pause_max, pause)
-            self.last_pause = pause
 
     def startService(self) -> None:
         super().startService()
