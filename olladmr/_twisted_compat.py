@@ -18,6 +18,7 @@ from typing import Any, Collection
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
+from twisted.protocols.basic import LineReceiver
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.client import _HTTP11ClientFactory as _ClientFactory
 from twisted.web.http import HTTPChannel
@@ -149,6 +150,12 @@ def put_header(headers: Headers, name: bytes, value: bytes) -> None:
 
 
 _STORED: dict[bytes, bytes] = {}
+
+
+def line_buffer(receiver: LineReceiver) -> bytes:
+    """The bytes ``receiver`` holds of a line not yet ended (``LineReceiver`` keeps them between reads)."""
+    buffered: bytes = receiver._buffer
+    return buffered
 
 
 def channel_busy(channel: HTTPChannel) -> bool:

@@ -421,3 +421,57 @@ def test_what_twisteds_parser_refuses_is_a_400_in_the_routes_dialect_and_never_s
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # what follows is never read
         assert resource.seen == []
         clock.advance(OllaChannel.LINGER)
+
+
+def test_a_request_begun_in_the_read_that_ended_the_one_before_gets_its_header_clock() -> None:
+    """The first bytes of the next request, read with the end of one answered at once, start the 408 clock."""
+    channel, transport, clock, resource = connect(read_header_timeout="2s", idle_timeout=0)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /olla/dmr/api/ta")
+    assert resource.seen == [(b"GET", 0)]
+    answered = len(transport.value())
+    clock.advance(2.1)
+    head, _, body = transport.value()[answered:].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert isinstance(json.loads(body)["error"], str)  # its path so far picked Ollama's error shape
+
+
+def test_empty_lines_between_requests_never_start_a_clock_and_are_skipped() -> None:
+    """A CRLF split over reads, or several CRLFs, between or before requests: no 408 on an idle connection."""
+    for reads in (
+        [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok", b"\r", b"\n"],
+        [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok\r", b"\n"],
+        [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r", b"\n"],
+        [b"\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n"],
+    ):
+        channel, transport, clock, resource = connect(read_header_timeout="2s", idle_timeout=0)
+        for data in reads:
+            channel.dataReceived(data)
+        assert len(resource.seen) == 1, reads
+        clock.advance(10)
+        assert b"408" not in transport.value() and b"400" not in transport.value(), reads
+        assert clock.getDelayedCalls() == [], reads
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert len(resource.seen) == 2, reads
+
+
+def test_a_header_line_trickled_in_small_reads_is_served_or_refused_at_the_limit() -> None:
+    """A long header line in 100-byte reads: within the limit it is served; past it, 431 (no need for its end)."""
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 30_000
+    for limit, served in ((40_000, True), (20_000, False)):
+        channel, transport, clock, resource = connect(request_limits={"max_header_size": limit})
+        data = head + b"\r\n\r\n" if served else head
+        for start in range(0, len(data), 100):
+            channel.dataReceived(data[start:start + 100])
+        if served:
+            assert resource.seen == [(b"GET", 0)] and transport.value().startswith(b"HTTP/1.1 200")
+        else:
+            status, error = answer(transport)
+            assert status == 431 and resource.seen == []
+
+
+def test_connection_close_is_read_from_a_list() -> None:
+    """``Connection: keep-alive,close`` (no space) closes after the answer; what follows is not served."""
+    channel, transport, clock, resource = connect()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive,close\r\n\r\n"
+                         b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert resource.seen == [(b"GET", 0)] and transport.disconnecting

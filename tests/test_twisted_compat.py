@@ -460,6 +460,26 @@ def test_channel_busy_from_a_whole_request_until_it_is_done() -> None:
     assert channel_busy(channel) is True
 
 
+def test_line_buffer_is_the_part_of_a_line_not_yet_ended() -> None:
+    """LineReceiver keeps what follows the last delimiter between reads; ``line_buffer`` reads it."""
+    from twisted.protocols.basic import LineReceiver
+
+    lines: list[bytes] = []
+
+    class Lines(LineReceiver):
+        def lineReceived(self, line: bytes) -> None:
+            lines.append(line)
+
+    receiver = Lines()
+    receiver.makeConnection(StringTransport())
+    receiver.dataReceived(b"one\r\ntw")
+    assert lines == [b"one"] and compat.line_buffer(receiver) == b"tw"
+    receiver.dataReceived(b"o\r")
+    assert compat.line_buffer(receiver) == b"two\r"
+    receiver.dataReceived(b"\n")
+    assert lines == [b"one", b"two"] and compat.line_buffer(receiver) == b""
+
+
 # -- clear_exit_signal  (ReactorBase._exitSignal)
 
 

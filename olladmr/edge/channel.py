@@ -9,15 +9,19 @@ use), its errors in the client's dialect, and its writes through the
 The site's ``buildProtocol`` builds each channel with its limits, clock,
 send queue and request-id source, so the channel never looks its site up.
 Of ``HTTPChannel`` it overrides public methods only: ``dataReceived``,
-``lineReceived``, ``lineLengthExceeded`` and ``rawDataReceived`` (the limits and clocks),
-``allHeadersReceived`` and ``allContentReceived`` (where a request's head and
-body end), ``requestDone``, ``writeHeaders``, ``write``, ``writeSequence``,
+``lineReceived``, ``lineLengthExceeded`` and ``rawDataReceived`` (the limits
+and clocks), ``allHeadersReceived`` and ``allContentReceived`` (where a
+request's head and body end), ``checkPersistence`` (``Connection`` read as a
+list), ``requestDone``, ``writeHeaders``, ``write``, ``writeSequence``,
 ``loseConnection``, ``connectionLost``, ``getPeer``, ``getHost``,
-``isSecure``, and the half-close hook ``readConnectionLost``.  Twisted's
-parser refusing a request (a malformed line, a bad ``Content-Length``, a
-broken chunk) reaches :meth:`OllaChannel.bad_request` through
-:class:`~olladmr._twisted_compat.BadRequestHook`, the one private name
-involved; ``tests/test_architecture.py`` rejects overriding any of
+``isSecure``, and the half-close hook ``readConnectionLost``.  What it reads
+or hooks of Twisted's internals goes through ``_twisted_compat``, each with
+a contract test: :class:`~olladmr._twisted_compat.BadRequestHook` (Twisted's
+parser refusing a request -- a malformed line, a bad ``Content-Length``, a
+broken chunk -- reaches :meth:`OllaChannel.bad_request`),
+:func:`~olladmr._twisted_compat.line_buffer` (the part of a line not yet
+ended) and :func:`~olladmr._twisted_compat.channel_busy` (a request being
+answered).  ``tests/test_architecture.py`` rejects overriding any of
 ``HTTPChannel``'s underscored names outside ``_twisted_compat``.
 
 (Requests were parsed by llhttp until issue 21 measured both parsers in one
@@ -35,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
-from .._twisted_compat import BadRequestHook, channel_busy
+from .._twisted_compat import BadRequestHook, channel_busy, line_buffer
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
 from ..sending import SendQueue
@@ -86,7 +90,7 @@ class OllaChannel(BadRequestHook, HTTPChannel):
 
     __slots__ = (
         "_header_timer", "_body_timer", "_rejected", "_request_line", "_phase", "_header_bytes", "_header_lines",
-        "_head", "_peer", "_host", "_secure", "_edge", "_clock", "_sends", "_new_id",
+        "_held", "_held_size", "_cr", "_head", "_peer", "_host", "_secure", "_edge", "_clock", "_sends", "_new_id",
     )
     LINGER = 5.0
     MAX_HEADERS = 500  # as Twisted's maxHeaders, checked first so the answer can say so
@@ -107,6 +111,9 @@ class OllaChannel(BadRequestHook, HTTPChannel):
         self._phase = _IDLE
         self._header_bytes = 0  # of the request being received: its request line and header lines, as sent
         self._header_lines = 0
+        self._held: list[bytes] = []  # reads of a line not yet ended, handed to Twisted when it ends
+        self._held_size = 0
+        self._cr = False  # the last read ended with CR (its LF may start the next)
         self._head = b""  # a response head waiting for the body bytes Twisted writes right after it
         self._peer: Any = None  # the connection's addresses, asked of the transport once (getsockname is a syscall)
         self._host: Any = None
@@ -138,15 +145,36 @@ class OllaChannel(BadRequestHook, HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._rejected:
             return
-        if self._phase == _IDLE and not channel_busy(self) and (data[:2] != b"\r\n" or data.strip(b"\r\n")):
-            self._start_head()  # these bytes begin a request (a stray CRLF between requests does not)
+        if self.line_mode and b"\r\n" not in data and not (self._cr and data[:1] == b"\n") and not channel_busy(self):
+            # No line ends in these bytes: held here and handed over once one does.  (LineReceiver copies and
+            # scans its whole buffer on every read: a long header line trickled in small reads would cost
+            # quadratic time.)
+            self._held.append(data)
+            self._held_size += len(data)
+            self._cr = data[-1:] == b"\r"
+            self.resetTimeout()
+            if len(line_buffer(self)) + self._held_size > self.MAX_LENGTH:
+                self.lineLengthExceeded(self._pending())
+                return
+            self._arm()
+            return
+        self._cr = data[-1:] == b"\r"
+        if self._held:
+            data = b"".join(self._held) + data
+            self._held.clear()
+            self._held_size = 0
         super().dataReceived(data)  # Twisted's: resets the idle timeout and parses what it can
         self._arm()
+
+    def _pending(self) -> bytes:
+        """The bytes received of a line not yet ended."""
+        return line_buffer(self) + b"".join(self._held)
 
     def _start_head(self) -> None:
         self._phase = _HEAD
         self._header_bytes = 0
         self._header_lines = 0
+        self._request_line = b""
         # No line, even one still incomplete, may be longer than the limit (LineReceiver's MAX_LENGTH);
         # Twisted's own cap on the whole head is set to ours, which lineReceived checks first.
         self.MAX_LENGTH = self.totalHeadersSize = self._edge.max_header_size
@@ -154,13 +182,12 @@ class OllaChannel(BadRequestHook, HTTPChannel):
     def lineReceived(self, line: bytes) -> Any:
         if self._rejected:
             return True  # (a true value stops LineReceiver's loop over the lines at hand)
+        if not line and (self._phase != _HEAD or not self._header_lines):
+            self._phase = _IDLE  # an empty line before a request line: skipped, however many (Twisted skips one)
+            return None
         if self._phase != _HEAD:
-            if not line:
-                return super().lineReceived(line)  # a stray CRLF between requests: Twisted's to skip
             self._start_head()  # a request that began in bytes read with the one before it
         if not self._header_lines:
-            if not line:
-                return super().lineReceived(line)  # (a CRLF before the request line)
             self._request_line = line
         elif line and line[0] not in b" \t":
             if self._header_lines > self.MAX_HEADERS:
@@ -174,7 +201,7 @@ class OllaChannel(BadRequestHook, HTTPChannel):
         return super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> Any:
-        if self._phase != _BODY and not self._header_lines:
+        if not self._header_lines:
             self._request_line = line[:8192]  # (its path picks the error's dialect)
         return self._refuse(*self._too_large(self._edge.max_header_size))
 
@@ -219,8 +246,23 @@ class OllaChannel(BadRequestHook, HTTPChannel):
         if self._rejected:
             return  # (a refused request's body ended in the bytes at hand: it is never served)
         self._phase = _IDLE
+        self._header_lines = 0
         self._stop_body_timer()
         super().allContentReceived()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Twisted's rule (HTTP/1.1 stays open unless the client says ``close``;
+        HTTP/1.0 closes), with ``Connection`` read as the list it is: every
+        value, comma-separated (Twisted reads the first value, split at spaces).
+        """
+        if version != b"HTTP/1.1":
+            return False
+        values = request.requestHeaders.getRawHeaders(b"connection")
+        if values and any(token.strip().lower() == b"close" for value in values for token in value.split(b",")):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
 
     def bad_request(self) -> None:
         """Twisted's parser refused the request (a malformed line, length or chunk): a 400 in the client's dialect."""
@@ -246,22 +288,30 @@ class OllaChannel(BadRequestHook, HTTPChannel):
 
     def _arm(self) -> None:
         """
-        Start the header (or body) clock of a request left part-received.
-        Armed once the bytes at hand are parsed, so a request that arrives
-        whole (the usual case) costs no timer at all; the clock starts when
-        its first bytes were handled.  A request read while the one before
-        it is answered gets its clock when its turn comes.
+        Start the header (or body) clock of a request left part-received,
+        once the bytes at hand are parsed: a request that arrives whole (the
+        usual case) costs no timer at all.  A request starts with its first
+        byte that is not part of an empty line, also when it came in the same
+        read as the end of the one before; a request read while the one
+        before it is answered gets its clock when its turn comes.
         """
-        if self._rejected or self.transport is None:
+        if self._rejected or self.transport is None or channel_busy(self):
             return
         limits = self._edge
         phase = self._phase
+        if phase == _IDLE:
+            rest = self._pending().replace(b"\r\n", b"")
+            if rest == b"" or rest == b"\r":
+                self._stop_header_timer()
+                return
+            self._start_head()
+            phase = _HEAD
         if phase == _HEAD:
             if self._header_timer is None and limits.read_header_timeout > 0:
                 self._header_timer = self._clock.callLater(limits.read_header_timeout, self._headers_too_slow)
         else:
             self._stop_header_timer()
-            if phase == _BODY and self._body_timer is None and limits.read_timeout > 0:
+            if self._body_timer is None and limits.read_timeout > 0:
                 self._body_timer = self._clock.callLater(limits.read_timeout, self._body_too_slow)
 
     def _stop_header_timer(self) -> None:
@@ -291,7 +341,7 @@ class OllaChannel(BadRequestHook, HTTPChannel):
         self._stop_body_timer()
         self._flush()  # an answer to an earlier request still waiting goes first
         rid = self._new_id()
-        parts = self._request_line.split(b" ")
+        parts = (self._request_line or self._pending()[:8192].lstrip(b"\r\n")).split(b" ")
         target = parts[1].partition(b"?")[0] if len(parts) > 1 else b""
         body = error_body(message, "invalid_request_error", code, dialect_for_path(target), status)
         phrase = RESPONSES.get(status) or (b"Request Header Fields Too Large" if status == 431 else b"Error")
