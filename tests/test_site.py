@@ -475,3 +475,11 @@ def test_connection_close_is_read_from_a_list() -> None:
     channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive,close\r\n\r\n"
                          b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
     assert resource.seen == [(b"GET", 0)] and transport.disconnecting
+
+
+def test_lines_ended_by_lf_alone_are_refused_at_once() -> None:
+    """``GET / HTTP/1.1\\nHost: x\\n\\n`` is a 400 at once, not a wait for a CRLF that never comes."""
+    channel, transport, clock, resource = connect()
+    channel.dataReceived(b"GET /olla/dmr/v1/models HTTP/1.1\nHost: x\n\n")
+    status, error = answer(transport)
+    assert status == 400 and "CRLF" in error["message"] and resource.seen == []

@@ -149,6 +149,9 @@ class OllaChannel(BadRequestHook, HTTPChannel):
             # No line ends in these bytes: held here and handed over once one does.  (LineReceiver copies and
             # scans its whole buffer on every read: a long header line trickled in small reads would cost
             # quadratic time.)
+            if b"\n" in data:  # (an LF not after a CR: a line's end that HTTP/1.1 does not have)
+                self._refuse(400, "invalid_request", "malformed HTTP request: a line ends with LF alone, not CRLF")
+                return
             self._held.append(data)
             self._held_size += len(data)
             self._cr = data[-1:] == b"\r"
