@@ -10,7 +10,7 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/olladmr_plugin.py"], "olladmr": ["ui/*.html", "ui/*.js", "ui/*.css"]},
     install_requires=[
-        "twisted[tls]>=25.5.0,<27",  # >=25.5: Site(parsePOSTFormSubmission=); <27: the suite is run on 25.5 and 26.10
+        "twisted[tls]>=26.4.0,<27",  # >=26.4: TLS with pyOpenSSL 26 (25.5 breaks on it); <27: the suite is run on 26.4 and 26.10
         "treq>=24.9.1",
         "klein>=24.8.0",
         "pyyaml>=6.0",

@@ -25,7 +25,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
 #: The Twisted releases the contract tests have been run against (setup.py pins below the next major).
-TESTED_TWISTED = ("25.5", "26.10")
+TESTED_TWISTED = ("26.4", "26.10")
 
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest_twisted
@@ -13,13 +14,38 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from olladmr.build import build
 
 
+def self_signed(name: str = "localhost") -> ssl.PrivateCertificate:
+    """
+    A self-signed certificate for ``name``, made with ``cryptography`` (Twisted's
+    ``KeyPair.selfSignedCert`` needs pyOpenSSL's ``X509Req``, which pyOpenSSL 26 removed).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    return ssl.PrivateCertificate.loadPEM(key_pem + cert.public_bytes(serialization.Encoding.PEM))
+
+
 @pytest_twisted.ensureDeferred
 async def test_https_listener(tmp_path, fake):
     """A self-signed certificate on an ssl: endpoint: the OpenAI routes answer over HTTPS."""
-    key = ssl.KeyPair.generate(size=2048)
-    cert = key.selfSignedCert(1, CN="localhost")
+    cert = self_signed()
     pem = tmp_path / "server.pem"
-    pem.write_bytes(key.dump(FILETYPE_PEM) + cert.dumpPEM())
+    pem.write_bytes(cert.dumpPEM())
     service = build(
         config_for(fake), reactor=reactor, listen=f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}"
     ).service
@@ -27,7 +53,7 @@ async def test_https_listener(tmp_path, fake):
     await service.serving
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
-        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert.dumpPEM()))
+        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert.dump(FILETYPE_PEM)))
         agent = Agent(reactor, contextFactory=policy, pool=pool)
         port = service.port.getHost().port
         response = await agent.request(b"GET", f"https://localhost:{port}/olla/dmr/engines/v1/models".encode())
@@ -48,13 +74,12 @@ async def test_an_https_upstream_is_health_checked_and_proxied_streams_included(
     """
     from fakedmr import FakeDMR
 
-    key = ssl.KeyPair.generate(size=2048)
-    cert = key.selfSignedCert(1, CN="localhost")
+    cert = self_signed()
     ca = tmp_path / "ca.pem"
-    ca.write_bytes(cert.dumpPEM())
+    ca.write_bytes(cert.dump(FILETYPE_PEM))
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # what OpenSSL's default verify paths read
     secure = FakeDMR(name="secure")
-    await secure.start(tls=ssl.CertificateOptions(privateKey=key.original, certificate=cert.original))
+    await secure.start(tls=ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original))
     try:
         assert secure.url.startswith("https://localhost:")
         daemon = await daemon_factory(config_for(secure))
