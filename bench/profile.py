@@ -37,9 +37,6 @@ def main() -> int:
     ap.add_argument("--python", default=None)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--no-spy", action="store_true", help="only measure CPU per request (no py-spy attached)")
-    ap.add_argument("--twisted-parser", action="store_true",
-                    help="parse requests with Twisted's own line parser (HTTPChannel.dataReceived) instead of llhttp: "
-                         "the comparison issue 21 asks for; everything after the parse is the same")
     ap.add_argument("--stream", action="store_true",
                     help="streaming requests (bench/sse_upstream.py, 2 events each) instead of nginx's fixed JSON")
     args = ap.parse_args()
@@ -60,7 +57,7 @@ def main() -> int:
             sse_port = int(sse.stdout.readline().split()[1])
         oport = bench.free_port()
         env = dict(os.environ, PYTHONPATH=str(bench.ROOT))
-        odmr = procs.start("olladmr", [py, "-c", (TWISTED_PARSER if args.twisted_parser else "") + RUN_TWISTD,
+        odmr = procs.start("olladmr", [py, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
                                        "-n", "--pidfile=", "olladmr", "--config",
                                        str(bench.write_olladmr_config(tmp, oport, static_port, sse_port))], env=env, cwd=bench.ROOT)
         bench.wait_until("olladmr", lambda: bench.hget(oport, "GET", bench.PREFIX + bench.MODELS_PATH)[0] == 200, 30, odmr, procs, "olladmr")
@@ -92,15 +89,6 @@ def main() -> int:
     finally:
         procs.stop_all()
     return 0
-
-
-RUN_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-# Twisted's line parser in place of llhttp's: OllaChannel's writes, limits after the parse and request
-# machinery stay; a request's head and body reach Twisted's allHeadersReceived/handleContentChunk by its own
-# lineReceived/headerReceived instead.  (Pipelining, the 431 bound on a partial line and the 408 clocks are
-# llhttp-side and absent here: wrk sends each request whole and one at a time.)
-TWISTED_PARSER = ("from twisted.web.http import HTTPChannel; from olladmr.edge.channel import OllaChannel; "
-                  "OllaChannel.dataReceived = HTTPChannel.dataReceived; ")
 
 
 class _StreamTarget(bench.Target):

@@ -42,6 +42,7 @@ from twisted.web.http_headers import Headers
 from .._twisted_compat import BadRequestHook, channel_busy, line_buffer
 from ..config.schema import Config, ServerConfig
 from ..errors import dialect_for_path, error_body
+from ..proxy.headers import connection_tokens
 from ..sending import SendQueue
 
 log = Logger()
@@ -261,8 +262,7 @@ class OllaChannel(BadRequestHook, HTTPChannel):
         """
         if version != b"HTTP/1.1":
             return False
-        values = request.requestHeaders.getRawHeaders(b"connection")
-        if values and any(token.strip().lower() == b"close" for value in values for token in value.split(b",")):
+        if b"close" in connection_tokens(request.requestHeaders):
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return True
